@@ -1,0 +1,185 @@
+"""Configuration: the one place where every field, its default and its check live.
+
+Experiment files in ``configs/`` call :func:`base_config` and override a few fields; the
+trainer calls :func:`validate` once, before anything is built, and :func:`resolved` to read
+method-dependent values (e.g. the meta learning rate, which the authors set per method).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# Every method the framework knows. ``metadrop`` and ``maml`` are the authors' two; the rest are
+# the paper's comparison methods (see README, "Methods").
+METHODS = (
+    'metadrop',          # MAML + learned input-dependent multiplicative noise (the paper)
+    'maml',              # noise path removed, phi frozen
+    'fixed_noise',       # non-learned multiplicative noise softplus(1 + eps) (noise-type study)
+    'indep_noise',       # learned input-independent multiplicative noise
+    'additive_noise',    # learned input-dependent additive noise
+    'vib',               # variational information bottleneck on the conv features
+    'infodrop',          # information dropout (Achille & Soatto 2018)
+    'mixup',             # manifold mixup of the support features in the inner loop
+    'metasgd',           # meta-learned per-parameter inner step sizes
+    'metasgd_metadrop',  # Meta-SGD + meta-dropout
+    'adv',               # MAML with adversarial training of the support inputs
+)
+DATASETS = ('omniglot', 'miniimagenet', 'synthetic')
+CONV_IMPLS = ('auto', 'xla', 'im2col')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with its default. Paper configs override a handful of them."""
+  c = ml_collections.ConfigDict()
+  c.name = 'custom'               # experiment name (results tables group runs by it)
+  c.seed = 0                      # root of every random number of a run (init, episodes, noise)
+  c.method = 'metadrop'           # one of METHODS
+
+  # ---- data -----------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'synthetic'       # one of DATASETS
+  c.data.source = 'auto'          # omniglot: 'tfds' | 'local'; miniimagenet: 'local' | 'npy' |
+                                  # 'ilsvrc'; 'auto' picks from data.path (see metadrop_jax.data)
+  c.data.path = ''                # where the user's copy lives (zip, folder or .npy directory)
+  c.data.ilsvrc_path = ''         # miniimagenet 'ilsvrc' source: the ILSVRC-2012 train folder
+  c.data.cache_dir = '~/.cache/metadrop_jax'  # prepared uint8 arrays + manifests
+  c.data.val_classes = 0          # omniglot: characters held out of the 1200 for validation
+  # synthetic data (tests, smoke runs): classes are random prototypes plus pixel noise
+  c.data.num_classes = {'train': 24, 'val': 8, 'test': 8}
+  c.data.images_per_class = 10
+  c.data.image_size = 8
+  c.data.channels = 1
+  c.data.synthetic_noise = 0.3
+  c.data.sampler = 'device'       # 'device': episodes drawn inside the jitted step; 'host': numpy
+
+  # ---- episodes -------------------------------------------------------------------------------
+  c.way = 5
+  c.shot = 1
+  c.query = 15                    # query examples per class
+
+  # ---- network --------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.channels = 32           # conv channels (64 Omniglot, 32 miniImageNet)
+  c.model.num_layers = 4          # conv blocks
+  c.model.bn_eps = 1e-3           # TF's batch_norm default
+  c.model.conv_impl = 'auto'      # 'xla' (lax.conv) | 'im2col' (patches @ kernel) | 'auto'
+  c.model.fuse_noise_conv = True  # compute theta and phi convs of a block as one conv
+  c.model.compute_dtype = 'float32'  # 'float32' | 'bfloat16' (params stay float32)
+
+  # ---- inner loop -----------------------------------------------------------------------------
+  c.inner_steps = 5
+  c.inner_lr = 0.01
+  c.train_mc_samples = 1          # MC samples of the perturbed support loss in meta-training
+  c.first_order = False           # drop second-order terms of the meta-gradient
+
+  # ---- outer loop -----------------------------------------------------------------------------
+  c.meta_batch = 4                # tasks per meta-iteration
+  c.meta_lr = config_dict.placeholder(float)  # None -> meta_lr_by_method[method]
+  c.meta_lr_by_method = ml_collections.ConfigDict({m: 1e-3 for m in METHODS})
+  c.grad_clip = 3.0               # element-wise clip of the meta-gradient, then Adam
+  c.num_steps = 60000             # meta-iterations
+
+  # ---- comparison-method knobs (ignored by metadrop / maml) -------------------------------------
+  c.methods = ml_collections.ConfigDict()
+  c.methods.fixed_noise_mean = 1.0     # fixed_noise: features * softplus(mean + eps)
+  c.methods.vib_beta = 1e-3            # vib / infodrop: weight of the KL term in the inner loss
+  c.methods.infodrop_max_alpha = 0.7   # infodrop: upper bound of the log-normal scale
+  c.methods.mixup_alpha = 2.0          # mixup: Beta(alpha, alpha) mixing coefficient
+  c.methods.metasgd_init_lr = -1.0     # metasgd: initial per-parameter step (<0: inner_lr)
+  c.methods.adv_norm = 'linf'          # adv: 'l1' | 'l2' | 'linf'
+  c.methods.adv_eps = 0.02             # adv: training radius
+  c.methods.adv_steps = 5              # adv: PGD steps during training
+
+  # ---- evaluation -----------------------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.seed = 0                 # test episodes depend on this only, so all methods see the same
+  c.eval.num_episodes = 1000      # meta-test episodes (paper: 1000)
+  c.eval.mc_samples = 30          # MC samples of the inner loss at meta-test (paper: 30)
+  c.eval.batch_tasks = 10         # episodes evaluated per compiled call
+  c.eval.val_episodes = 200       # validation episodes per periodic validation
+  c.eval.val_mc_samples = 1       # MC samples during periodic validation (cheap)
+
+  # ---- loop -----------------------------------------------------------------------------------
+  c.log_every = 100
+  c.val_every = 1000              # 0 disables periodic validation
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 2
+  c.max_steps_per_run = 0         # >0: stop (checkpointed) after this many steps of this process
+  c.max_minutes_per_run = 0.0     # >0: stop (checkpointed) after this wall time
+  c.progress_bar = True
+  return c
+
+
+def resolved(config: ml_collections.ConfigDict, name: str):
+  """Values that depend on the method: ``meta_lr``."""
+  if name == 'meta_lr':
+    return config.meta_lr if config.meta_lr is not None else config.meta_lr_by_method[config.method]
+  raise KeyError(name)
+
+
+def uses_noise_generator(method: str) -> bool:
+  """Whether phi (the noise generator) is part of the forward pass and the outer update."""
+  return method in ('metadrop', 'indep_noise', 'additive_noise', 'metasgd_metadrop', 'vib',
+                    'infodrop')
+
+
+class ConfigError(ValueError):
+  """A config that cannot run. The message says which field and how to fix it."""
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field once; raises ConfigError naming the field and the fix. Returns config."""
+  errors = []
+
+  def need(cond, msg):
+    if not cond:
+      errors.append(msg)
+
+  need(config.method in METHODS, f'method={config.method!r}: choose one of {METHODS}')
+  need(config.data.name in DATASETS, f'data.name={config.data.name!r}: choose one of {DATASETS}')
+  need(config.data.sampler in ('device', 'host'),
+       f"data.sampler={config.data.sampler!r}: choose 'device' or 'host'")
+  for f in ('way', 'shot', 'query', 'meta_batch', 'num_steps', 'train_mc_samples'):
+    need(isinstance(config[f], int) and config[f] >= 1, f'{f}={config[f]!r}: must be an integer >= 1')
+  need(config.way >= 2, f'way={config.way}: a classification task needs at least 2 classes')
+  need(isinstance(config.inner_steps, int) and config.inner_steps >= 0,
+       f'inner_steps={config.inner_steps!r}: must be an integer >= 0')
+  need(config.inner_lr >= 0, f'inner_lr={config.inner_lr}: must be >= 0')
+  lr = config.meta_lr if config.meta_lr is not None else config.meta_lr_by_method.get(config.method)
+  need(lr is not None and lr > 0, f'meta_lr={lr!r}: must be > 0 (set --config.meta_lr)')
+  need(config.grad_clip > 0, f'grad_clip={config.grad_clip}: must be > 0')
+  need(config.model.num_layers >= 1, f'model.num_layers={config.model.num_layers}: must be >= 1')
+  need(config.model.channels >= 1, f'model.channels={config.model.channels}: must be >= 1')
+  need(config.model.conv_impl in CONV_IMPLS,
+       f'model.conv_impl={config.model.conv_impl!r}: choose one of {CONV_IMPLS}')
+  need(config.model.compute_dtype in ('float32', 'bfloat16'),
+       f"model.compute_dtype={config.model.compute_dtype!r}: choose 'float32' or 'bfloat16'")
+  need(config.model.bn_eps > 0, f'model.bn_eps={config.model.bn_eps}: must be > 0')
+  ev = config.eval
+  for f in ('num_episodes', 'mc_samples', 'batch_tasks', 'val_episodes', 'val_mc_samples'):
+    need(isinstance(ev[f], int) and ev[f] >= 1, f'eval.{f}={ev[f]!r}: must be an integer >= 1')
+  for f in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
+    need(isinstance(config[f], int) and config[f] >= 1, f'{f}={config[f]!r}: must be an integer >= 1')
+  need(isinstance(config.val_every, int) and config.val_every >= 0,
+       f'val_every={config.val_every!r}: must be an integer >= 0 (0 disables validation)')
+  need(config.max_steps_per_run >= 0, 'max_steps_per_run: must be >= 0 (0 = no limit)')
+  need(config.max_minutes_per_run >= 0, 'max_minutes_per_run: must be >= 0 (0 = no limit)')
+  m = config.methods
+  need(m.adv_norm in ('l1', 'l2', 'linf'), f"methods.adv_norm={m.adv_norm!r}: 'l1', 'l2' or 'linf'")
+  need(m.adv_eps >= 0 and m.adv_steps >= 1, 'methods.adv_eps must be >= 0 and adv_steps >= 1')
+  need(m.mixup_alpha > 0, 'methods.mixup_alpha must be > 0')
+  need(0 < m.infodrop_max_alpha, 'methods.infodrop_max_alpha must be > 0')
+  if config.data.name == 'synthetic':
+    d = config.data
+    for split in ('train', 'val', 'test'):
+      n = d.num_classes.get(split, 0)
+      need(n >= config.way, f'data.num_classes.{split}={n}: synthetic split needs >= way={config.way} classes')
+    need(d.images_per_class >= config.shot + config.query,
+         f'data.images_per_class={d.images_per_class}: needs >= shot+query={config.shot + config.query}')
+    need(d.image_size >= 2 ** config.model.num_layers,
+         f'data.image_size={d.image_size}: {config.model.num_layers} max-pools need >= '
+         f'{2 ** config.model.num_layers} pixels (lower model.num_layers or raise image_size)')
+  if errors:
+    raise ConfigError('invalid config:\n  - ' + '\n  - '.join(errors))
+  return config

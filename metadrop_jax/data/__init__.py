@@ -1,0 +1,41 @@
+"""Data: each split of a data set as one uint8 array ``[classes, images, H, W, C]``.
+
+``load_split(data_config, split)`` is the only entry point the trainer uses. Episodes are drawn
+from these arrays by :mod:`metadrop_jax.episodes` (on device, inside the jitted step).
+Pixel values: uint8 in [0, 255]; the model sees ``x / 255`` (Omniglot: ink 1, background 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPLITS = ('train', 'val', 'test')
+
+
+def load_split(data_config, split: str):
+  """Returns uint8 ``[classes, images, H, W, C]`` for ``split``, or None if the data set has none.
+
+  Omniglot has a validation split only when ``data.val_classes > 0``.
+  """
+  if split not in SPLITS:
+    raise ValueError(f'split={split!r}: choose one of {SPLITS}')
+  name = data_config.name
+  if name == 'synthetic':
+    from metadrop_jax.data import synthetic
+    return synthetic.load_split(data_config, split)
+  if name == 'omniglot':
+    from metadrop_jax.data import omniglot
+    return omniglot.load_split(data_config, split)
+  if name == 'miniimagenet':
+    from metadrop_jax.data import miniimagenet
+    return miniimagenet.load_split(data_config, split)
+  raise ValueError(f'data.name={name!r}: choose omniglot, miniimagenet or synthetic')
+
+
+def image_shape(data_config) -> tuple[int, int, int]:
+  """(H, W, C) of the data set's images, known without loading anything."""
+  if data_config.name == 'omniglot':
+    return (28, 28, 1)
+  if data_config.name == 'miniimagenet':
+    return (84, 84, 3)
+  return (data_config.image_size, data_config.image_size, data_config.channels)

@@ -1,0 +1,200 @@
+"""Prepared-array cache: each data set is decoded once into ``<split>.npy`` files plus a manifest.
+
+Layout::
+
+    <cache_dir>/<dataset>-<key hash>/
+        manifest.json     # source kind, path and file fingerprints, shapes, preprocessing version
+        train.npy         # uint8 [classes, images, H, W, C]
+        val.npy           # (miniImageNet only; Omniglot's val is carved from train at load time)
+        test.npy
+
+The directory name hashes (dataset, source kind, resolved source path, preprocessing version), so
+a different source or a new preprocessing gets a fresh directory. Inside it the manifest must also
+match the source files' fingerprints (size + mtime of every source file), so a source file that was
+replaced in place triggers a rebuild. Writes are atomic: every file is written to a temporary name
+in the same directory and moved into place with ``os.replace``; the manifest is written last and
+removed first on a rebuild, so a directory without a matching manifest is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+MANIFEST = 'manifest.json'
+
+
+class DataError(ValueError):
+  """Data that is missing, corrupt or not what was expected. The message says what and how to fix."""
+
+
+def expand(path) -> Path:
+  return Path(os.path.expanduser(os.path.expandvars(str(path)))).resolve()
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while True:
+      b = f.read(chunk)
+      if not b:
+        break
+      h.update(b)
+  return h.hexdigest()
+
+
+def fingerprint(paths, sha256: bool = False) -> list[dict]:
+  """Size and mtime (and optionally sha256) of every file in ``paths`` (folders are walked).
+
+  Folders are fingerprinted by the sorted list of their files' (relative name, size, mtime), hashed
+  into one entry so a manifest stays small even for 60,000 JPEGs.
+  """
+  out = []
+  for p in sorted({expand(p) for p in paths}):
+    if p.is_dir():
+      h = hashlib.sha256()
+      n = total = 0
+      for root, dirs, files in os.walk(p):
+        dirs.sort()
+        for name in sorted(files):
+          f = Path(root) / name
+          st = f.stat()
+          h.update(f'{f.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+          n += 1
+          total += st.st_size
+      out.append({'path': str(p), 'kind': 'folder', 'files': n, 'bytes': total,
+                  'listing_sha256': h.hexdigest()})
+    elif p.is_file():
+      st = p.stat()
+      e = {'path': str(p), 'kind': 'file', 'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns}
+      if sha256:
+        e['sha256'] = sha256_file(p)
+      out.append(e)
+    else:
+      raise DataError(f'{p}: source file or folder does not exist')
+  return out
+
+
+def _same_files(a: list[dict], b: list[dict]) -> bool:
+  """Fingerprints match, ignoring the (recorded, not re-computed) sha256 fields."""
+  strip = lambda fs: [{k: v for k, v in f.items() if k != 'sha256'} for f in fs]
+  return strip(a) == strip(b)
+
+
+def cache_path(cache_dir, dataset: str, key: Mapping) -> Path:
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+  return expand(cache_dir) / f'{dataset}-{digest}'
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  try:
+    with open(tmp, 'wb') as f:
+      np.save(f, array, allow_pickle=False)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def read_manifest(directory: Path):
+  try:
+    with open(directory / MANIFEST) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def manifest_matches(manifest, key: Mapping, files: list[dict], directory: Path) -> bool:
+  if not manifest or manifest.get('key') != dict(key):
+    return False
+  if not _same_files(manifest.get('source_files', []), files):
+    return False
+  return all((directory / f'{s}.npy').is_file() for s in manifest.get('splits', {}))
+
+
+def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[], list[dict]],
+            build: Callable[[], Mapping[str, np.ndarray]], description: str,
+            force: bool = False, log=print) -> tuple[Path, dict]:
+  """Returns (cache directory, manifest), building the arrays with ``build()`` when needed.
+
+  ``key``: JSON-able identity of the prepared data (source kind, path, preprocessing version,
+  parameters); ``source_files()``: current fingerprints of the source (cheap: size + mtime);
+  ``build()``: ``{split: uint8 array}``.
+  """
+  directory = cache_path(cache_dir, dataset, key)
+  files = source_files()
+  manifest = read_manifest(directory)
+  if not force and manifest_matches(manifest, key, files, directory):
+    return directory, manifest
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise DataError(f'cannot create the cache directory {directory}: {e} '
+                    '(set data.cache_dir / --cache_dir to a writable folder)') from e
+  if (directory / MANIFEST).exists():
+    (directory / MANIFEST).unlink()   # a rebuild in progress is never mistaken for a valid cache
+  log(f'preparing {dataset} into {directory} (done once; later runs load the arrays) ...')
+  t0 = time.time()
+  arrays = dict(build())
+  seconds = time.time() - t0
+  # Record sha256 of source files once per build (e.g. the 160 MB miniImageNet zip).
+  files = fingerprint([f['path'] for f in files if f['kind'] == 'file'], sha256=True) + [
+      f for f in files if f['kind'] != 'file']
+  for split, a in arrays.items():
+    if a.dtype != np.uint8 or a.ndim != 5:
+      raise AssertionError(f'{dataset}/{split}: builder returned {a.dtype} {a.shape}')
+    _atomic_save_npy(directory / f'{split}.npy', a)
+  manifest = {
+      'dataset': dataset,
+      'key': dict(key),
+      'description': description,
+      'source_files': files,
+      'splits': {s: {'shape': list(a.shape), 'classes': int(a.shape[0]),
+                     'images_per_class': int(a.shape[1]), 'dtype': str(a.dtype)}
+                 for s, a in arrays.items()},
+      'build_seconds': round(seconds, 2),
+      'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+  }
+  _atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+  return directory, manifest
+
+
+def load(directory: Path, manifest: dict, split: str) -> np.ndarray:
+  """Loads one prepared split and checks it against the manifest."""
+  path = directory / f'{split}.npy'
+  try:
+    a = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise DataError(f'{path}: cannot read the prepared array ({e}); delete {directory} to '
+                    'rebuild it') from e
+  want = manifest['splits'][split]['shape']
+  if list(a.shape) != want or a.dtype != np.uint8:
+    raise DataError(f'{path}: holds {a.dtype} {list(a.shape)}, manifest says uint8 {want}; '
+                    f'delete {directory} to rebuild it')
+  return a
+
+
+def cache_size_bytes(directory: Path) -> int:
+  return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())

@@ -1,0 +1,257 @@
+"""Meta-learning: inner-loop adaptation, the per-task meta-loss, the vmapped batch loss, the
+outer optimiser and the jitted train / evaluation steps. Pure functions of
+``(params, episodes, key)``; the config is static (bound when the step is built).
+
+Inner loop (authors' ``model.py``): ``theta_{k+1} = theta_k - alpha * grad_theta L_k`` with
+``L_k = 1/S sum_s CE(f(x_s; theta_k, phi, eps_{k,s}), y_s)``, fresh noise at every step and MC
+sample; only theta adapts (phi and the batch-norm offsets are meta-learned only). The meta-loss
+is the query cross-entropy of ``f(x_q; theta_K, phi)`` without sampling, averaged over tasks.
+Meta-gradients are exact (second order through the unrolled inner loop) unless ``first_order``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metadrop_jax import config as config_lib
+from metadrop_jax import episodes as episodes_lib
+from metadrop_jax import nets
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaSpec:
+  """Static description of the meta-learner (network + inner loop)."""
+  net: nets.NetSpec
+  inner_steps: int = 5
+  inner_lr: float = 0.01
+  mc_samples: int = 1
+  first_order: bool = False
+  kl_beta: float = 0.0          # vib / infodrop weight of the KL term in the support loss
+  mixup_alpha: float = 2.0
+  adv_norm: str = 'linf'
+  adv_eps: float = 0.0
+  adv_steps: int = 5
+
+  @property
+  def method(self) -> str:
+    return self.net.method
+
+
+def spec_from_config(config, mc_samples: int | None = None) -> MetaSpec:
+  m = config.methods
+  return MetaSpec(
+      net=nets.spec_from_config(config),
+      inner_steps=config.inner_steps,
+      inner_lr=config.inner_lr,
+      mc_samples=config.train_mc_samples if mc_samples is None else mc_samples,
+      first_order=config.first_order,
+      kl_beta=m.vib_beta if config.method in ('vib', 'infodrop') else 0.0,
+      mixup_alpha=m.mixup_alpha,
+      adv_norm=m.adv_norm, adv_eps=m.adv_eps, adv_steps=m.adv_steps)
+
+
+def init_params(key, spec: MetaSpec, metasgd_init_lr: float | None = None) -> Params:
+  """Network params; Meta-SGD methods add ``lr``: one meta-learned step size per theta entry."""
+  params = nets.init_params(key, spec.net)
+  if spec.method in ('metasgd', 'metasgd_metadrop'):
+    lr0 = spec.inner_lr if metasgd_init_lr is None or metasgd_init_lr < 0 else metasgd_init_lr
+    params['lr'] = jax.tree.map(lambda p: jnp.full_like(p, lr0), params['theta'])
+  return params
+
+
+def xent(logits, labels):
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def accuracy(logits, labels):
+  return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# inner loop
+# ------------------------------------------------------------------------------------------------
+
+def _sampled(spec: MetaSpec) -> bool:
+  """Whether the support pass draws noise (methods without any noise take one pass)."""
+  return spec.method not in ('maml', 'metasgd', 'adv')
+
+
+def support_loss(theta, params, x, y, key, spec: MetaSpec):
+  """MC estimate of the perturbed support loss ``1/S sum_s CE(f(x; theta, phi, eps_s), y)``."""
+  p = {**params, 'theta': theta}
+
+  def one(k):
+    if spec.method == 'mixup':
+      k_layer, k_lam, k_perm = jax.random.split(k, 3)
+      layer = jax.random.randint(k_layer, (), 0, spec.net.num_layers + 1)
+      lam = jax.random.beta(k_lam, spec.mixup_alpha, spec.mixup_alpha)
+      perm = jax.random.permutation(k_perm, x.shape[0])
+      logits = nets.forward(p, x, None, spec.net, sample=False, mix=(layer, perm, lam))
+      return lam * xent(logits, y) + (1.0 - lam) * xent(logits, y[perm])
+    logits, feats = nets.forward_features(p, x, k, spec.net, sample=True)
+    return xent(logits, y) + spec.kl_beta * feats['kl']
+
+  if not _sampled(spec):
+    return xent(nets.forward(p, x, None, spec.net, sample=False), y)
+  if spec.mc_samples == 1:
+    return one(key)
+  return jnp.mean(jax.vmap(one)(jax.random.split(key, spec.mc_samples)))
+
+
+def inner_adapt(params: Params, x, y, key, spec: MetaSpec):
+  """K steps of SGD on theta from ``params['theta']``. Returns ``(theta_K, support_losses[K])``.
+
+  ``key`` is folded with the step index, so step k's noise is ``fold_in(key, k)``.
+  """
+  theta = params['theta']
+  lr = params.get('lr', spec.inner_lr)
+  losses = []
+  for k in range(spec.inner_steps):
+    loss, g = jax.value_and_grad(support_loss)(theta, params, x, y, jax.random.fold_in(key, k),
+                                               spec)
+    if spec.first_order:
+      g = jax.lax.stop_gradient(g)
+    if isinstance(lr, dict):
+      theta = jax.tree.map(lambda p, a, gi: p - a * gi, theta, lr, g)
+    else:
+      theta = jax.tree.map(lambda p, gi: p - lr * gi, theta, g)
+    losses.append(loss)
+  return theta, jnp.stack(losses) if losses else jnp.zeros((0,))
+
+
+# ------------------------------------------------------------------------------------------------
+# meta-loss
+# ------------------------------------------------------------------------------------------------
+
+def task_loss(params: Params, ep: episodes_lib.Episode, key, spec: MetaSpec):
+  """Query loss of one task after adaptation. Returns ``(loss, metrics)``."""
+  theta, inner_losses = inner_adapt(params, ep.support_x, ep.support_y, key, spec)
+  adapted = {**params, 'theta': theta}
+  qx = ep.query_x
+  if spec.method == 'adv' and spec.adv_eps > 0:
+    from metadrop_jax import attacks
+    qx = jax.lax.stop_gradient(attacks.pgd(
+        lambda xx: xent(nets.forward(adapted, xx, None, spec.net, sample=False), ep.query_y),
+        qx, jax.random.fold_in(key, spec.inner_steps), norm=spec.adv_norm, eps=spec.adv_eps,
+        steps=spec.adv_steps))
+  logits = nets.forward(adapted, qx, None, spec.net, sample=False)
+  loss = xent(logits, ep.query_y)
+  metrics = {'loss': loss, 'acc': accuracy(logits, ep.query_y)}
+  if spec.inner_steps:
+    metrics['inner_loss_first'] = inner_losses[0]
+    metrics['inner_loss_last'] = inner_losses[-1]
+  return loss, metrics
+
+
+def batch_loss(params: Params, eps: episodes_lib.Episode, keys, spec: MetaSpec):
+  """Mean query loss over the task axis (vmapped); metrics averaged over tasks."""
+  losses, metrics = jax.vmap(task_loss, in_axes=(None, 0, 0, None))(params, eps, keys, spec)
+  return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
+
+
+# ------------------------------------------------------------------------------------------------
+# outer loop
+# ------------------------------------------------------------------------------------------------
+
+class TrainState(NamedTuple):
+  step: jax.Array        # i32[]
+  params: Params
+  opt_state: Any
+
+
+def param_labels(params: Params, method: str):
+  """'train' for meta-learned subtrees, 'freeze' for phi where the method has no noise net."""
+  uses_phi = config_lib.uses_noise_generator(method)
+  return {k: jax.tree.map(lambda _: 'train' if (k != 'phi' or uses_phi) else 'freeze', v)
+          for k, v in params.items()}
+
+
+def make_optimizer(params: Params, method: str, meta_lr: float, clip: float):
+  """Element-wise clip to [-clip, clip], then Adam; phi frozen (exactly) for noise-free methods."""
+  train = optax.chain(optax.clip(clip), optax.adam(meta_lr))
+  return optax.multi_transform({'train': train, 'freeze': optax.set_to_zero()},
+                               param_labels(params, method))
+
+
+def create_state(key, config) -> tuple[TrainState, optax.GradientTransformation]:
+  spec = spec_from_config(config)
+  params = init_params(key, spec, config.methods.metasgd_init_lr)
+  tx = make_optimizer(params, config.method, config_lib.resolved(config, 'meta_lr'),
+                      config.grad_clip)
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx
+
+
+def train_step(state: TrainState, eps: episodes_lib.Episode, train_key, *, spec: MetaSpec,
+               tx: optax.GradientTransformation):
+  """One meta-update on a batch of episodes. Noise keys: ``fold_in(fold_in(train_key, step), t)``."""
+  step_key = jax.random.fold_in(train_key, state.step)
+  t = eps.support_y.shape[0]
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(step_key, 1), i))(jnp.arange(t))
+  (loss, metrics), grads = jax.value_and_grad(batch_loss, has_aux=True)(
+      state.params, eps, keys, spec)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def sample_train_episodes(images, step_key_root, step, config) -> episodes_lib.Episode:
+  """The training episodes of ``step``: a pure function of (train key, step)."""
+  step_key = jax.random.fold_in(step_key_root, step)
+  return episodes_lib.sample_batch(jax.random.fold_in(step_key, 0), images, config.meta_batch,
+                                   config.way, config.shot, config.query)
+
+
+def make_train_step(config, tx, sharding=None):
+  """Jitted ``(state, images, train_key) -> (state, metrics)`` with on-device episode sampling.
+
+  ``sharding``: optional NamedSharding whose first mesh axis splits the task axis across devices.
+  """
+  spec = spec_from_config(config)
+
+  def step_fn(state, images, train_key):
+    eps = sample_train_episodes(images, train_key, state.step, config)
+    if sharding is not None:
+      eps = jax.lax.with_sharding_constraint(eps, sharding)
+    return train_step(state, eps, train_key, spec=spec, tx=tx)
+
+  return jax.jit(step_fn, donate_argnums=(0,))
+
+
+def make_train_step_on_episodes(config, tx):
+  """Jitted ``(state, episodes, train_key) -> (state, metrics)`` for host-sampled episodes."""
+  spec = spec_from_config(config)
+  return jax.jit(functools.partial(train_step, spec=spec, tx=tx), donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------
+
+def task_accuracy(params: Params, ep: episodes_lib.Episode, key, spec: MetaSpec):
+  """Query accuracy and loss of one task after adaptation (no meta-gradient)."""
+  theta, _ = inner_adapt(params, ep.support_x, ep.support_y, key, spec)
+  logits = nets.forward({**params, 'theta': theta}, ep.query_x, None, spec.net, sample=False)
+  return accuracy(logits, ep.query_y), xent(logits, ep.query_y)
+
+
+def make_eval_step(config, mc_samples: int, num_tasks: int):
+  """Jitted ``(params, images, episode_key, noise_key) -> (acc[T], loss[T])`` for ``num_tasks``
+  episodes drawn on device (``episodes.sample_batch(episode_key, ...)``)."""
+  spec = spec_from_config(config, mc_samples=mc_samples)
+
+  @jax.jit
+  def eval_step(params, images, episode_key, noise_key):
+    eps = episodes_lib.sample_batch(episode_key, images, num_tasks, config.way, config.shot,
+                                    config.query)
+    keys = jax.random.split(noise_key, num_tasks)
+    return jax.vmap(task_accuracy, in_axes=(None, 0, 0, None))(params, eps, keys, spec)
+
+  return eval_step

@@ -1,0 +1,274 @@
+"""The base network theta, the noise generator phi and their joint forward pass. Pure functions.
+
+Parameters are one pytree with three subtrees (partitioned by key, never by name matching):
+
+* ``theta``: the Conv-4 learner, adapted in the inner loop and meta-learned.
+  ``theta['conv{l}'] = {'w': f32[3, 3, Cin, C], 'b': f32[C]}``, ``theta['dense'] = {'w': f32[F, N],
+  'b': f32[N]}``.
+* ``phi``: the noise generator, meta-learned only. The same conv shapes as theta (it reads the same
+  block inputs) plus ``phi['dense'] = {'w': f32[F, 1], 'b': f32[1]}``: one logit-noise scale per
+  example, shared by all classes (the authors tile a single column).
+* ``bn``: batch-norm offsets ``bn['conv{l}'] = {'beta': f32[C]}``, meta-learned only.
+
+Block l (authors' ``layers.py::conv_block``)::
+
+    mu = conv3x3_theta(h) ; a = conv3x3_phi(h)          # same input h (SAME padding, stride 1)
+    u  = mu * softplus(a + eps)   (sample)   |   mu * softplus(a)   (no sample)
+    h' = maxpool2x2_VALID(relu(BN(u)))                  # BN: this batch's stats over N, H, W
+
+Head: ``logits = flat(h) W + b (+ softplus(flat(h) w_phi + b_phi) * eps when sampling)``.
+MAML: ``u = mu`` and no logit noise; phi is never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from metadrop_jax import config as config_lib
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class NetSpec:
+  """Static (hashable) description of the network; built once from the config."""
+  way: int
+  image_shape: tuple[int, int, int]
+  channels: int = 32
+  num_layers: int = 4
+  method: str = 'metadrop'
+  bn_eps: float = 1e-3
+  conv_impl: str = 'xla'          # resolved: 'xla' | 'im2col'
+  fuse_noise_conv: bool = True
+  compute_dtype: str = 'float32'
+  fixed_noise_mean: float = 1.0
+  infodrop_max_alpha: float = 0.7
+
+  @property
+  def feature_dim(self) -> int:
+    h, w, _ = self.image_shape
+    for _ in range(self.num_layers):
+      h, w = h // 2, w // 2
+    return h * w * self.channels
+
+  @property
+  def uses_phi(self) -> bool:
+    return config_lib.uses_noise_generator(self.method)
+
+
+def spec_from_config(config) -> NetSpec:
+  from metadrop_jax import data as data_lib
+  impl = config.model.conv_impl
+  if impl == 'auto':
+    impl = 'im2col' if jax.default_backend() == 'cpu' else 'xla'
+  return NetSpec(
+      way=config.way,
+      image_shape=tuple(data_lib.image_shape(config.data)),
+      channels=config.model.channels,
+      num_layers=config.model.num_layers,
+      method=config.method,
+      bn_eps=config.model.bn_eps,
+      conv_impl=impl,
+      fuse_noise_conv=config.model.fuse_noise_conv,
+      compute_dtype=config.model.compute_dtype,
+      fixed_noise_mean=config.methods.fixed_noise_mean,
+      infodrop_max_alpha=config.methods.infodrop_max_alpha,
+  )
+
+
+# ------------------------------------------------------------------------------------------------
+# initialisation (authors: conv truncated normal std 0.02, dense normal std 0.02, biases 0)
+# ------------------------------------------------------------------------------------------------
+
+def _conv_init(key, cin, cout):
+  # tf.truncated_normal_initializer(stddev=0.02): normal truncated at 2 std.
+  w = 0.02 * jax.random.truncated_normal(key, -2.0, 2.0, (3, 3, cin, cout), jnp.float32)
+  return {'w': w, 'b': jnp.zeros((cout,), jnp.float32)}
+
+
+def _dense_init(key, fin, fout):
+  return {'w': 0.02 * jax.random.normal(key, (fin, fout), jnp.float32),
+          'b': jnp.zeros((fout,), jnp.float32)}
+
+
+def init_params(key: jax.Array, spec: NetSpec) -> Params:
+  """Returns ``{'theta', 'phi', 'bn'}``. phi is created for every method (unused ones stay put)."""
+  k_theta, k_phi = jax.random.split(key)
+  cin = spec.image_shape[-1]
+  theta, phi, bn = {}, {}, {}
+  kt = jax.random.split(k_theta, spec.num_layers + 1)
+  kp = jax.random.split(k_phi, spec.num_layers + 1)
+  for l in range(spec.num_layers):
+    c_in = cin if l == 0 else spec.channels
+    theta[f'conv{l}'] = _conv_init(kt[l], c_in, spec.channels)
+    phi[f'conv{l}'] = _conv_init(kp[l], c_in, spec.channels)
+    bn[f'conv{l}'] = {'beta': jnp.zeros((spec.channels,), jnp.float32)}
+  theta['dense'] = _dense_init(kt[-1], spec.feature_dim, spec.way)
+  phi['dense'] = _dense_init(kp[-1], spec.feature_dim, 1)
+  return {'theta': theta, 'phi': phi, 'bn': bn}
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks
+# ------------------------------------------------------------------------------------------------
+
+def conv3x3(x: jax.Array, w: jax.Array, b: jax.Array, impl: str, dtype: str = 'float32'):
+  """SAME 3x3 stride-1 convolution ``x: [B, H, W, Cin]``, ``w: [3, 3, Cin, Cout]``.
+
+  'xla' uses lax.conv_general_dilated; 'im2col' builds the 9 shifted copies of the padded input
+  and multiplies by the reshaped kernel (the same sums in a layout XLA:CPU runs much faster).
+  """
+  cdt = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
+  xc, wc = x.astype(cdt), w.astype(cdt)
+  if impl == 'xla':
+    y = jax.lax.conv_general_dilated(
+        xc, wc, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        preferred_element_type=jnp.float32)
+  elif impl == 'im2col':
+    bsz, h, wd, cin = x.shape
+    xp = jnp.pad(xc, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate(
+        [xp[:, i:i + h, j:j + wd, :] for i in range(3) for j in range(3)], axis=-1)
+    y = jnp.dot(patches.reshape(bsz * h * wd, 9 * cin), wc.reshape(9 * cin, -1),
+                preferred_element_type=jnp.float32).reshape(bsz, h, wd, -1)
+  else:
+    raise ValueError(f'conv impl {impl!r}: use xla or im2col')
+  return y + b
+
+
+def batch_norm(x: jax.Array, beta: jax.Array, eps: float) -> jax.Array:
+  """Transductive batch norm: statistics of this batch over N, H, W; offset only, no scale.
+
+  Matches ``tf.contrib.layers.batch_norm(is_training=True, scale=False, epsilon=1e-3)`` in value;
+  its gradient is the exact one (see README: TF's second derivative differs).
+  """
+  mean = jnp.mean(x, axis=(0, 1, 2))
+  var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+  return (x - mean) * jax.lax.rsqrt(var + eps) + beta
+
+
+def max_pool(x: jax.Array) -> jax.Array:
+  """2x2 max-pool, stride 2, VALID (odd sizes drop the last row/column, as TF does)."""
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+
+
+# ------------------------------------------------------------------------------------------------
+# perturbations of the conv features, one per method
+# ------------------------------------------------------------------------------------------------
+
+def perturb(spec: NetSpec, mu, a, key, sample: bool):
+  """Returns the perturbed pre-activation u and an auxiliary KL term (0 for most methods).
+
+  ``mu``: theta's conv output; ``a``: phi's conv output (None for methods without phi).
+  """
+  m = spec.method
+  zero = jnp.zeros((), jnp.float32)
+  if m in ('metadrop', 'metasgd_metadrop', 'indep_noise'):
+    eps = jax.random.normal(key, mu.shape, mu.dtype) if sample else 0.0
+    return mu * jax.nn.softplus(a + eps), zero
+  if m == 'fixed_noise':
+    eps = jax.random.normal(key, mu.shape, mu.dtype) if sample else 0.0
+    return mu * jax.nn.softplus(spec.fixed_noise_mean + eps), zero
+  if m == 'additive_noise':
+    # learned input-dependent additive noise: mu + softplus(a) * eps (mean-zero; none at query).
+    if not sample:
+      return mu, zero
+    return mu + jax.nn.softplus(a) * jax.random.normal(key, mu.shape, mu.dtype), zero
+  if m == 'vib':
+    # Alemi et al. 2017: z ~ N(mu, softplus(a)^2), KL(q(z|x) || N(0, 1)) per example, summed.
+    std = jax.nn.softplus(a) + 1e-6
+    z = mu + std * jax.random.normal(key, mu.shape, mu.dtype) if sample else mu
+    kl = 0.5 * jnp.sum(jnp.square(mu) + jnp.square(std) - 1.0 - 2.0 * jnp.log(std),
+                       axis=(1, 2, 3))
+    return z, jnp.mean(kl)
+  if m == 'infodrop':
+    # Achille & Soatto 2018: z = f(x) * exp(alpha(x) * eps), alpha in (0, max_alpha];
+    # KL for ReLU activations against a log-uniform prior reduces to -log(alpha) per unit.
+    alpha = spec.infodrop_max_alpha * jax.nn.sigmoid(a) + 1e-3
+    z = mu * jnp.exp(alpha * jax.random.normal(key, mu.shape, mu.dtype)) if sample else mu
+    kl = -jnp.sum(jnp.log(alpha / (spec.infodrop_max_alpha + 1e-3)), axis=(1, 2, 3))
+    return z, jnp.mean(kl)
+  return mu, zero  # maml, metasgd, mixup, adv
+
+
+def _mix(h, mix, layer: int):
+  """Manifold mixup at ``layer`` when ``mix = (layer_index, perm, lam)`` selects it (traceable)."""
+  if mix is None:
+    return h
+  sel, perm, lam = mix
+  return jnp.where(sel == layer, lam * h + (1.0 - lam) * h[perm], h)
+
+
+def _noise_logits(spec: NetSpec, params, feat, key, sample):
+  if spec.method not in ('metadrop', 'metasgd_metadrop', 'indep_noise', 'fixed_noise',
+                         'additive_noise') or not sample:
+    return 0.0
+  if spec.method == 'fixed_noise':
+    sigma = jax.nn.softplus(jnp.full((feat.shape[0], 1), spec.fixed_noise_mean))
+  else:
+    ph = params['phi']['dense']
+    sigma = jax.nn.softplus(feat @ ph['w'] + ph['b'])        # [B, 1]: one scale per example
+  return sigma * jax.random.normal(key, (feat.shape[0], spec.way), feat.dtype)
+
+
+def forward(params: Params, x: jax.Array, key: jax.Array | None, spec: NetSpec, *,
+            sample: bool, mix=None) -> jax.Array:
+  """Logits ``f32[B, N]``; see :func:`forward_features` for the arguments."""
+  return forward_features(params, x, key, spec, sample=sample, mix=mix)[0]
+
+
+def forward_features(params: Params, x: jax.Array, key: jax.Array | None, spec: NetSpec, *,
+                     sample: bool, mix=None):
+  """Logits ``f32[B, N]`` of images ``x: f32[B, H, W, C]`` (one task's batch).
+
+  Args:
+    params: ``{'theta', 'phi', 'bn'}``.
+    key: noise key; only read when ``sample`` (may be None otherwise).
+    sample: draw the noise (support set in the inner loop) or take the deterministic path
+      (query set; metadrop still gates by softplus(a)).
+    mix: optional ``(layer, perm, lam)`` for manifold mixup: after block ``layer`` the batch's
+      hidden states become ``lam * h + (1 - lam) * h[perm]``.
+
+  Returns:
+    ``(logits, features)``: features holds every block's perturbed pre-BN map ``u{l}``, the flat
+    last-layer features ``feat`` and the summed (per-example mean) KL term ``kl`` of VIB /
+    information dropout (0 otherwise). Unused entries are removed by XLA's dead-code pass.
+  """
+  theta, phi, bn = params['theta'], params['phi'], params['bn']
+  keys = jax.random.split(key, spec.num_layers + 1) if sample else [None] * (spec.num_layers + 1)
+  h = x
+  kl_total = jnp.zeros((), jnp.float32)
+  feats = {}
+  h = _mix(h, mix, 0)
+  for l in range(spec.num_layers):
+    name = f'conv{l}'
+    tw, tb = theta[name]['w'], theta[name]['b']
+    needs_a = spec.method in ('metadrop', 'metasgd_metadrop', 'additive_noise', 'vib', 'infodrop')
+    if spec.method == 'indep_noise':
+      # input-independent: phi's conv applied to an all-ones input (learned per position/channel)
+      mu = conv3x3(h, tw, tb, spec.conv_impl, spec.compute_dtype)
+      a = conv3x3(jnp.ones_like(h[:1]), phi[name]['w'], phi[name]['b'], spec.conv_impl,
+                  spec.compute_dtype)
+    elif needs_a and spec.fuse_noise_conv:
+      both = conv3x3(h, jnp.concatenate([tw, phi[name]['w']], -1),
+                     jnp.concatenate([tb, phi[name]['b']], -1), spec.conv_impl, spec.compute_dtype)
+      mu, a = both[..., :spec.channels], both[..., spec.channels:]
+    else:
+      mu = conv3x3(h, tw, tb, spec.conv_impl, spec.compute_dtype)
+      a = (conv3x3(h, phi[name]['w'], phi[name]['b'], spec.conv_impl, spec.compute_dtype)
+           if needs_a else None)
+    u, kl = perturb(spec, mu, a, keys[l], sample)
+    kl_total = kl_total + kl
+    feats[f'u{l}'] = u
+    h = max_pool(jax.nn.relu(batch_norm(u, bn[name]['beta'], spec.bn_eps)))
+    h = _mix(h, mix, l + 1)
+  feat = h.reshape(h.shape[0], -1)
+  logits = feat @ theta['dense']['w'] + theta['dense']['b']
+  logits = logits + _noise_logits(spec, params, feat, keys[-1], sample)
+  feats['feat'] = feat
+  feats['kl'] = kl_total
+  return logits, feats
