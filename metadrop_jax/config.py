@@ -15,7 +15,7 @@ from ml_collections import config_dict
 METHODS = (
     'metadrop',          # MAML + learned input-dependent multiplicative noise (the paper)
     'maml',              # noise path removed, phi frozen
-    'fixed_noise',       # non-learned multiplicative noise softplus(1 + eps) (noise-type study)
+    'fixed_noise',       # non-learned multiplicative noise softplus(m + eps) (noise-type study)
     'indep_noise',       # learned input-independent multiplicative noise
     'additive_noise',    # learned input-dependent additive noise
     'vib',               # variational information bottleneck on the conv features
@@ -23,10 +23,12 @@ METHODS = (
     'mixup',             # manifold mixup of the support features in the inner loop
     'metasgd',           # meta-learned per-parameter inner step sizes
     'metasgd_metadrop',  # Meta-SGD + meta-dropout
-    'adv',               # MAML with adversarial training of the support inputs
+    'adv',               # MAML + adversarial querying: PGD on the query inputs (Goldblum 2020)
 )
 DATASETS = ('omniglot', 'miniimagenet', 'synthetic')
 CONV_IMPLS = ('auto', 'xla', 'im2col')
+TASK_MAPS = ('auto', 'vmap', 'map')
+INNER_LOOPS = ('unroll', 'scan')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -66,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.conv_impl = 'auto'      # 'xla' (lax.conv) | 'im2col' (patches @ kernel) | 'auto'
   c.model.fuse_noise_conv = True  # compute theta and phi convs of a block as one conv
   c.model.compute_dtype = 'float32'  # 'float32' | 'bfloat16' (params stay float32)
+  # execution strategy only (same numbers up to float32 rounding; docs/performance.md):
+  c.model.task_map = 'auto'       # tasks of a meta-batch: 'vmap' | 'map' (lax.map) | 'auto'
+  c.model.inner_loop = 'unroll'   # inner SGD steps: 'unroll' (python loop) | 'scan' (lax.scan)
 
   # ---- inner loop -----------------------------------------------------------------------------
   c.inner_steps = 5
@@ -80,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_clip = 3.0               # element-wise clip of the meta-gradient, then Adam
   c.num_steps = 60000             # meta-iterations
 
-  # ---- comparison-method knobs (ignored by metadrop / maml) -------------------------------------
+  # ---- comparison-method knobs (ignored by metadrop / maml; docs/methods.md) --------------------
   c.methods = ml_collections.ConfigDict()
   c.methods.fixed_noise_mean = 1.0     # fixed_noise: features * softplus(mean + eps)
   c.methods.vib_beta = 1e-3            # vib / infodrop: weight of the KL term in the inner loss
@@ -89,7 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.methods.metasgd_init_lr = -1.0     # metasgd: initial per-parameter step (<0: inner_lr)
   c.methods.adv_norm = 'linf'          # adv: 'l1' | 'l2' | 'linf'
   c.methods.adv_eps = 0.02             # adv: training radius
-  c.methods.adv_steps = 5              # adv: PGD steps during training
+  c.methods.adv_steps = 5              # adv: PGD steps during training (step 2.5*eps/steps,
+                                       # random start; metadrop_jax/attacks.py)
 
   # ---- evaluation -----------------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
@@ -153,6 +159,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.model.channels >= 1, f'model.channels={config.model.channels}: must be >= 1')
   need(config.model.conv_impl in CONV_IMPLS,
        f'model.conv_impl={config.model.conv_impl!r}: choose one of {CONV_IMPLS}')
+  need(config.model.task_map in TASK_MAPS,
+       f'model.task_map={config.model.task_map!r}: choose one of {TASK_MAPS}')
+  need(config.model.inner_loop in INNER_LOOPS,
+       f'model.inner_loop={config.model.inner_loop!r}: choose one of {INNER_LOOPS}')
   need(config.model.compute_dtype in ('float32', 'bfloat16'),
        f"model.compute_dtype={config.model.compute_dtype!r}: choose 'float32' or 'bfloat16'")
   need(config.model.bn_eps > 0, f'model.bn_eps={config.model.bn_eps}: must be > 0')

@@ -59,7 +59,14 @@ def spec_from_config(config, mc_samples: int | None = None) -> MetaSpec:
 
 
 def init_params(key, spec: MetaSpec, metasgd_init_lr: float | None = None) -> Params:
-  """Network params; Meta-SGD methods add ``lr``: one meta-learned step size per theta entry."""
+  """Network params; Meta-SGD methods add ``lr``: one meta-learned step size per theta entry.
+
+  Meta-SGD (Li et al. 2017): ``theta' = theta - lr * grad`` element-wise, with ``lr`` (same
+  shapes as theta) meta-learned jointly with the initialisation (it sits in the trained
+  params; the optimizer's clip + Adam apply to it as to theta). Li et al. initialise ``lr``
+  uniformly in [0.005, 0.1]; we start from the constant ``metasgd_init_lr`` (default
+  ``inner_lr``), so step 0 equals MAML. ``metasgd_metadrop`` adds meta-dropout's noise.
+  """
   params = nets.init_params(key, spec.net)
   if spec.method in ('metasgd', 'metasgd_metadrop'):
     lr0 = spec.inner_lr if metasgd_init_lr is None or metasgd_init_lr < 0 else metasgd_init_lr
@@ -85,7 +92,25 @@ def _sampled(spec: MetaSpec) -> bool:
 
 
 def support_loss(theta, params, x, y, key, spec: MetaSpec):
-  """MC estimate of the perturbed support loss ``1/S sum_s CE(f(x; theta, phi, eps_s), y)``."""
+  """MC estimate of the perturbed support loss ``1/S sum_s CE(f(x; theta, phi, eps_s), y)``.
+
+  This is where every comparison method's perturbation / regularizer acts: on the support set,
+  in every inner step, at meta-training and meta-test alike (it is part of the learning
+  algorithm being meta-learned); the query set is always scored deterministically
+  (``sample=False``). Per method (docs/methods.md; references in :func:`nets.perturb`):
+
+  * noise methods (metadrop, metasgd_metadrop, fixed/indep/additive noise): ``CE`` of the
+    noisy forward pass, averaged over ``mc_samples`` draws;
+  * ``vib`` / ``infodrop``: ``CE + kl_beta * KL`` (the regularizer's objective, Alemi et al.
+    2017 / Achille & Soatto 2018, with ``kl_beta = methods.vib_beta``), KL per example summed
+    over the units of all blocks, averaged over the support batch;
+  * ``mixup`` (manifold mixup, Verma et al. 2019): per MC draw, a layer ``k`` uniform in
+    ``{0 (input), 1, ..., num_layers}``, ``lam ~ Beta(a, a)`` (``a = methods.mixup_alpha``) and a
+    random permutation of the support batch; hidden states at ``k`` become
+    ``lam h + (1 - lam) h[perm]`` and the loss ``lam CE(., y) + (1 - lam) CE(., y[perm])``;
+  * ``maml``, ``metasgd``, ``adv``: plain ``CE`` (one deterministic pass; adv perturbs the
+    *query* set in :func:`task_loss`, Goldblum et al. 2020's adversarial querying).
+  """
   p = {**params, 'theta': theta}
 
   def one(k):
@@ -113,6 +138,8 @@ def inner_adapt(params: Params, x, y, key, spec: MetaSpec):
   """
   theta = params['theta']
   lr = params.get('lr', spec.inner_lr)
+  if spec.net.inner_loop == 'scan' and spec.inner_steps > 0:
+    return _inner_adapt_scan(params, theta, lr, x, y, key, spec)
   losses = []
   for k in range(spec.inner_steps):
     loss, g = jax.value_and_grad(support_loss)(theta, params, x, y, jax.random.fold_in(key, k),
@@ -125,6 +152,23 @@ def inner_adapt(params: Params, x, y, key, spec: MetaSpec):
       theta = jax.tree.map(lambda p, gi: p - lr * gi, theta, g)
     losses.append(loss)
   return theta, jnp.stack(losses) if losses else jnp.zeros((0,))
+
+
+def _inner_adapt_scan(params, theta, lr, x, y, key, spec: MetaSpec):
+  """:func:`inner_adapt` as a ``lax.scan`` over the step index (same keys, same updates)."""
+
+  def step(theta, k):
+    loss, g = jax.value_and_grad(support_loss)(theta, params, x, y, jax.random.fold_in(key, k),
+                                               spec)
+    if spec.first_order:
+      g = jax.lax.stop_gradient(g)
+    if isinstance(lr, dict):
+      theta = jax.tree.map(lambda p, a, gi: p - a * gi, theta, lr, g)
+    else:
+      theta = jax.tree.map(lambda p, gi: p - lr * gi, theta, g)
+    return theta, loss
+
+  return jax.lax.scan(step, theta, jnp.arange(spec.inner_steps))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,8 +196,12 @@ def task_loss(params: Params, ep: episodes_lib.Episode, key, spec: MetaSpec):
 
 
 def batch_loss(params: Params, eps: episodes_lib.Episode, keys, spec: MetaSpec):
-  """Mean query loss over the task axis (vmapped); metrics averaged over tasks."""
-  losses, metrics = jax.vmap(task_loss, in_axes=(None, 0, 0, None))(params, eps, keys, spec)
+  """Mean query loss over the task axis (vmapped, or ``lax.map``: one task at a time, when
+  ``spec.net.task_map == 'map'``); metrics averaged over tasks."""
+  if spec.net.task_map == 'map':
+    losses, metrics = jax.lax.map(lambda a: task_loss(params, a[0], a[1], spec), (eps, keys))
+  else:
+    losses, metrics = jax.vmap(task_loss, in_axes=(None, 0, 0, None))(params, eps, keys, spec)
   return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
 
 

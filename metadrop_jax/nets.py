@@ -47,6 +47,8 @@ class NetSpec:
   compute_dtype: str = 'float32'
   fixed_noise_mean: float = 1.0
   infodrop_max_alpha: float = 0.7
+  task_map: str = 'vmap'          # resolved: 'vmap' | 'map' (meta.batch_loss over tasks)
+  inner_loop: str = 'unroll'      # 'unroll' | 'scan' (meta.inner_adapt)
 
   @property
   def feature_dim(self) -> int:
@@ -65,6 +67,9 @@ def spec_from_config(config) -> NetSpec:
   impl = config.model.conv_impl
   if impl == 'auto':
     impl = 'im2col' if jax.default_backend() == 'cpu' else 'xla'
+  task_map = config.model.get('task_map', 'auto')
+  if task_map == 'auto':  # measured (docs/performance.md): lax.map was slower on CPU too
+    task_map = 'vmap'
   return NetSpec(
       way=config.way,
       image_shape=tuple(data_lib.image_shape(config.data)),
@@ -77,6 +82,8 @@ def spec_from_config(config) -> NetSpec:
       compute_dtype=config.model.compute_dtype,
       fixed_noise_mean=config.methods.fixed_noise_mean,
       infodrop_max_alpha=config.methods.infodrop_max_alpha,
+      task_map=task_map,
+      inner_loop=config.model.get('inner_loop', 'unroll'),
   )
 
 
@@ -122,19 +129,20 @@ def conv3x3(x: jax.Array, w: jax.Array, b: jax.Array, impl: str, dtype: str = 'f
   'xla' uses lax.conv_general_dilated; 'im2col' builds the 9 shifted copies of the padded input
   and multiplies by the reshaped kernel (the same sums in a layout XLA:CPU runs much faster).
   """
-  cdt = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
+  out = jnp.promote_types(x.dtype, w.dtype)     # float32 (float64 in gradient checks)
+  cdt = jnp.bfloat16 if dtype == 'bfloat16' else out
   xc, wc = x.astype(cdt), w.astype(cdt)
   if impl == 'xla':
     y = jax.lax.conv_general_dilated(
         xc, wc, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        preferred_element_type=jnp.float32)
+        preferred_element_type=out)
   elif impl == 'im2col':
     bsz, h, wd, cin = x.shape
     xp = jnp.pad(xc, ((0, 0), (1, 1), (1, 1), (0, 0)))
     patches = jnp.concatenate(
         [xp[:, i:i + h, j:j + wd, :] for i in range(3) for j in range(3)], axis=-1)
     y = jnp.dot(patches.reshape(bsz * h * wd, 9 * cin), wc.reshape(9 * cin, -1),
-                preferred_element_type=jnp.float32).reshape(bsz, h, wd, -1)
+                preferred_element_type=out).reshape(bsz, h, wd, -1)
   else:
     raise ValueError(f'conv impl {impl!r}: use xla or im2col')
   return y + b
@@ -161,9 +169,34 @@ def max_pool(x: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------------
 
 def perturb(spec: NetSpec, mu, a, key, sample: bool):
-  """Returns the perturbed pre-activation u and an auxiliary KL term (0 for most methods).
+  """Returns the perturbed pre-activation ``u`` and an auxiliary KL term (0 for most methods).
 
-  ``mu``: theta's conv output; ``a``: phi's conv output (None for methods without phi).
+  ``mu``: theta's conv output ``[B, H, W, C]``; ``a``: phi's conv output (``[B, H, W, C]``; for
+  ``indep_noise`` ``[1, H, W, C]`` from an all-ones input; None for methods without phi).
+  ``sample=True`` on the support set in the inner loop, ``False`` on the query set (deterministic
+  path). Every noise acts at the same place, the pre-batch-norm conv output of every block, so
+  the noise-type / regularizer comparison changes only the form of the perturbation
+  (docs/methods.md; the paper's own baseline details were not retrievable, these are our
+  documented choices). The KL is per example (summed over units), averaged over the batch.
+
+  * ``metadrop`` / ``metasgd_metadrop`` (Lee et al. 2020): ``u = mu * softplus(a(x) + eps)``,
+    ``eps ~ N(0, 1)``; query ``mu * softplus(a(x))``.
+  * ``indep_noise`` (learned, input-independent): as metadrop with ``a`` a learned constant per
+    position/channel (phi's conv of an all-ones image), not a function of x.
+  * ``fixed_noise`` (non-learned): ``u = mu * softplus(m + eps)``, ``m = methods.fixed_noise_mean``;
+    query ``mu * softplus(m)`` (a constant factor). phi is never read.
+  * ``additive_noise`` (learned, input-dependent, additive): ``u = mu + softplus(a(x)) * eps``;
+    query ``u = mu`` (the noise's mean).
+  * ``vib`` (Alemi et al. 2017, deep variational information bottleneck): encoder
+    ``q(z|x) = N(mu, diag(sigma^2))``, ``sigma = softplus(a(x))``, reparameterised sample
+    ``z = mu + sigma * eps``; KL to the prior ``N(0, I)``:
+    ``0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2)``; query ``z = mu``.
+  * ``infodrop`` (Achille & Soatto 2018, information dropout): ``z = mu * exp(alpha(x) * eps)``
+    (log-normal multiplicative noise), ``alpha = max_alpha * sigmoid(a(x))`` (+1e-3), their bound
+    ``max_alpha = 0.7``; KL to the log-uniform prior (their ReLU case; the noise keeps the sign,
+    so it holds for |z|) is ``-log alpha + const`` per unit; we take the constant so that the KL is
+    0 at ``alpha = max_alpha``: ``sum(-log(alpha / (max_alpha + 1e-3)))``. Query ``z = mu``.
+  * ``maml``, ``metasgd``, ``mixup``, ``adv``: ``u = mu``.
   """
   m = spec.method
   zero = jnp.zeros((), jnp.float32)
@@ -174,20 +207,16 @@ def perturb(spec: NetSpec, mu, a, key, sample: bool):
     eps = jax.random.normal(key, mu.shape, mu.dtype) if sample else 0.0
     return mu * jax.nn.softplus(spec.fixed_noise_mean + eps), zero
   if m == 'additive_noise':
-    # learned input-dependent additive noise: mu + softplus(a) * eps (mean-zero; none at query).
     if not sample:
       return mu, zero
     return mu + jax.nn.softplus(a) * jax.random.normal(key, mu.shape, mu.dtype), zero
   if m == 'vib':
-    # Alemi et al. 2017: z ~ N(mu, softplus(a)^2), KL(q(z|x) || N(0, 1)) per example, summed.
     std = jax.nn.softplus(a) + 1e-6
     z = mu + std * jax.random.normal(key, mu.shape, mu.dtype) if sample else mu
     kl = 0.5 * jnp.sum(jnp.square(mu) + jnp.square(std) - 1.0 - 2.0 * jnp.log(std),
                        axis=(1, 2, 3))
     return z, jnp.mean(kl)
   if m == 'infodrop':
-    # Achille & Soatto 2018: z = f(x) * exp(alpha(x) * eps), alpha in (0, max_alpha];
-    # KL for ReLU activations against a log-uniform prior reduces to -log(alpha) per unit.
     alpha = spec.infodrop_max_alpha * jax.nn.sigmoid(a) + 1e-3
     z = mu * jnp.exp(alpha * jax.random.normal(key, mu.shape, mu.dtype)) if sample else mu
     kl = -jnp.sum(jnp.log(alpha / (spec.infodrop_max_alpha + 1e-3)), axis=(1, 2, 3))
@@ -196,7 +225,10 @@ def perturb(spec: NetSpec, mu, a, key, sample: bool):
 
 
 def _mix(h, mix, layer: int):
-  """Manifold mixup at ``layer`` when ``mix = (layer_index, perm, lam)`` selects it (traceable)."""
+  """Manifold mixup (Verma et al. 2019) at ``layer`` when ``mix = (layer_index, perm, lam)``
+  selects it: ``h <- lam * h + (1 - lam) * h[perm]``. Layer 0 is the input (input mixup), layer
+  ``l + 1`` the output of block ``l`` (the last one is the flat feature fed to the head).
+  ``layer_index`` may be traced (one compiled graph for every layer choice)."""
   if mix is None:
     return h
   sel, perm, lam = mix
@@ -204,15 +236,28 @@ def _mix(h, mix, layer: int):
 
 
 def _noise_logits(spec: NetSpec, params, feat, key, sample):
+  """Additive logit noise ``sigma * eps``, ``eps ~ N(0, I_way)``, support set only (authors' head).
+
+  One scale per example shared by all classes (the authors tile one column): metadrop /
+  metasgd_metadrop / additive_noise ``sigma = softplus(feat w_phi + b_phi)`` (input-dependent);
+  indep_noise ``sigma = softplus(1^T w_phi + b_phi)`` (a learned constant, input-independent);
+  fixed_noise ``sigma = softplus(fixed_noise_mean)`` (not learned). vib, infodrop and the
+  noise-free methods have none.
+  """
   if spec.method not in ('metadrop', 'metasgd_metadrop', 'indep_noise', 'fixed_noise',
                          'additive_noise') or not sample:
     return 0.0
+  b = feat.shape[0]
   if spec.method == 'fixed_noise':
-    sigma = jax.nn.softplus(jnp.full((feat.shape[0], 1), spec.fixed_noise_mean))
+    sigma = jax.nn.softplus(jnp.full((b, 1), spec.fixed_noise_mean, feat.dtype))
+  elif spec.method == 'indep_noise':
+    ph = params['phi']['dense']
+    s = jnp.ones((1, feat.shape[1]), feat.dtype) @ ph['w'] + ph['b']   # [1, 1]
+    sigma = jnp.broadcast_to(jax.nn.softplus(s), (b, 1))
   else:
     ph = params['phi']['dense']
     sigma = jax.nn.softplus(feat @ ph['w'] + ph['b'])        # [B, 1]: one scale per example
-  return sigma * jax.random.normal(key, (feat.shape[0], spec.way), feat.dtype)
+  return sigma * jax.random.normal(key, (b, spec.way), feat.dtype)
 
 
 def forward(params: Params, x: jax.Array, key: jax.Array | None, spec: NetSpec, *,

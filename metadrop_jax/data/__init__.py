@@ -3,11 +3,15 @@
 ``load_split(data_config, split)`` is the only entry point the trainer uses. Episodes are drawn
 from these arrays by :mod:`metadrop_jax.episodes` (on device, inside the jitted step).
 Pixel values: uint8 in [0, 255]; the model sees ``x / 255`` (Omniglot: ink 1, background 0).
+Real data sets are decoded once into a cache (see :mod:`metadrop_jax.data.cache`, docs/data.md);
+missing or malformed data raises :class:`DataError` saying what was expected and how to fix it.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from metadrop_jax.data.cache import DataError  # noqa: F401  (re-export: missing/corrupt data)
 
 SPLITS = ('train', 'val', 'test')
 

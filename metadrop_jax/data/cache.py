@@ -135,13 +135,13 @@ def manifest_matches(manifest, key: Mapping, files: list[dict], directory: Path)
 
 
 def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[], list[dict]],
-            build: Callable[[], Mapping[str, np.ndarray]], description: str,
+            build: Callable[[], tuple[Mapping[str, np.ndarray], dict]], description: str,
             force: bool = False, log=print) -> tuple[Path, dict]:
   """Returns (cache directory, manifest), building the arrays with ``build()`` when needed.
 
   ``key``: JSON-able identity of the prepared data (source kind, path, preprocessing version,
   parameters); ``source_files()``: current fingerprints of the source (cheap: size + mtime);
-  ``build()``: ``{split: uint8 array}``.
+  ``build()``: ``({split: uint8 array}, extra manifest fields)``.
   """
   directory = cache_path(cache_dir, dataset, key)
   files = source_files()
@@ -156,12 +156,12 @@ def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[],
   if (directory / MANIFEST).exists():
     (directory / MANIFEST).unlink()   # a rebuild in progress is never mistaken for a valid cache
   log(f'preparing {dataset} into {directory} (done once; later runs load the arrays) ...')
-  t0 = time.time()
-  arrays = dict(build())
-  seconds = time.time() - t0
   # Record sha256 of source files once per build (e.g. the 160 MB miniImageNet zip).
   files = fingerprint([f['path'] for f in files if f['kind'] == 'file'], sha256=True) + [
       f for f in files if f['kind'] != 'file']
+  t0 = time.time()
+  arrays, extra = build()
+  seconds = time.time() - t0
   for split, a in arrays.items():
     if a.dtype != np.uint8 or a.ndim != 5:
       raise AssertionError(f'{dataset}/{split}: builder returned {a.dtype} {a.shape}')
@@ -176,6 +176,7 @@ def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[],
                  for s, a in arrays.items()},
       'build_seconds': round(seconds, 2),
       'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+      **extra,
   }
   _atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
   return directory, manifest

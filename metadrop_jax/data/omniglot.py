@@ -1,0 +1,331 @@
+"""Omniglot (Lake et al. 2015) as uint8 arrays ``[classes, 20, 28, 28, 1]``.
+
+Sources (``data.source``):
+
+* ``'local'``: the standard ``images_background.zip`` and ``images_evaluation.zip`` (or the same
+  two folders unzipped) in ``data.path``. Zips are read in place; no checksum is verified, so
+  repackaged zips with the standard member layout work.
+* ``'tfds'``: TensorFlow Datasets' ``omniglot`` builder (downloads the same two zips; needs
+  ``tensorflow`` and ``tensorflow-datasets``). ``data.path``, if set, is the TFDS ``data_dir``.
+  Its ``train`` (images_background) and ``test`` (images_evaluation) splits are merged; TFDS's
+  split is not used.
+* ``'auto'``: ``'local'`` when ``data.path`` is set, else ``'tfds'``.
+
+Preparation (``PREPROCESSING_VERSION``; the cache is rebuilt when it changes):
+
+1. Each 105x105 one-bit PNG (1 = white background, 0 = ink) is converted to 8-bit grayscale
+   (0 / 255), resized to 28x28 with PIL LANCZOS (as in the MAML preprocessing) and inverted, so
+   ink = 255 and background = 0 (the model sees ``x / 255``: ink 1, background 0).
+2. The 1623 characters of both zips are sorted by (alphabet, character) folder name; the 20
+   images of a character are sorted by file name (``XXXX_YY.png``: YY is the drawer).
+3. ``np.random.default_rng(0).permutation(1623)``: the first 1200 characters are the meta-train
+   side, the last 423 the test split. With ``data.val_classes = v > 0`` the last ``v`` of the 1200
+   become ``val`` and train keeps ``1200 - v``.
+4. Every character gives four classes, its images rotated by ``np.rot90(image, k)``, k = 0..3:
+   array row ``4 * i + k`` is rotation k of the split's i-th character. Shapes: train
+   ``[4800, 20, 28, 28, 1]``, test ``[1692, 20, 28, 28, 1]`` (val_classes=100: 4400 / 400 / 1692).
+
+The cache holds ``train.npy`` (all 1200 meta-train characters) and ``test.npy``; ``val`` is the
+tail of ``train`` cut at load time, so changing ``val_classes`` needs no re-preparation.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from metadrop_jax.data import cache
+from metadrop_jax.data.cache import DataError
+
+NUM_CHARACTERS = 1623           # 964 in images_background + 659 in images_evaluation
+NUM_META_TRAIN = 1200           # characters on the meta-train side (train + val)
+IMAGES_PER_CHARACTER = 20
+ORIGINAL_SIZE = 105
+IMAGE_SIZE = 28
+ROTATIONS = 4
+ARCHIVES = ('images_background', 'images_evaluation')
+SPLIT_SEED = 0
+PREPROCESSING_VERSION = 'omniglot-v1'
+PREPROCESSING = (
+    '105x105 1-bit PNG -> grayscale L -> PIL LANCZOS resize 28x28 -> invert (ink 255, bg 0); '
+    'characters sorted by (alphabet, character), images by file name; '
+    'np.random.default_rng(0).permutation(1623): first 1200 meta-train, last 423 test; '
+    'class 4*i+k = np.rot90(image, k), k=0..3; val = last val_classes characters of train.')
+
+_DOWNLOAD_HELP = (
+    'Omniglot: get images_background.zip and images_evaluation.zip from '
+    'https://github.com/brendenlake/omniglot/tree/master/python and put them (or the unzipped '
+    'folders) in one folder, then run\n'
+    '  python -m metadrop_jax.data.prepare --dataset=omniglot --source=local --path=/that/folder\n'
+    'and train with --config.data.path=/that/folder. Alternatively --source=tfds downloads them '
+    'with tensorflow-datasets (pip install tensorflow-cpu tensorflow-datasets).')
+
+
+# ---- image processing ---------------------------------------------------------------------------
+
+def preprocess_image(img, name: str = '<image>') -> np.ndarray:
+  """PIL image (105x105, mode '1', 'L' or RGB, white background) -> uint8 [28, 28], ink 255."""
+  from PIL import Image
+  if img.size != (ORIGINAL_SIZE, ORIGINAL_SIZE):
+    raise DataError(f'{name}: image is {img.size[0]}x{img.size[1]}, expected '
+                    f'{ORIGINAL_SIZE}x{ORIGINAL_SIZE} (Omniglot original size)')
+  img = img.convert('L').resize((IMAGE_SIZE, IMAGE_SIZE), resample=Image.LANCZOS)
+  return 255 - np.asarray(img, dtype=np.uint8)
+
+
+def _decode_png(data: bytes, name: str) -> np.ndarray:
+  from PIL import Image, UnidentifiedImageError
+  try:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    raise DataError(f'{name}: cannot decode the PNG ({e})') from e
+  return preprocess_image(img, name)
+
+
+def with_rotations(base: np.ndarray) -> np.ndarray:
+  """[n, m, 28, 28] -> [4n, m, 28, 28, 1]; row 4*i+k is np.rot90 of character i by k*90 deg."""
+  rot = np.stack([np.rot90(base, k, axes=(2, 3)) for k in range(ROTATIONS)], axis=1)
+  return np.ascontiguousarray(rot.reshape((-1,) + base.shape[1:] + (1,)))
+
+
+def character_split(n_characters: int = NUM_CHARACTERS, n_train: int = NUM_META_TRAIN):
+  """(meta-train character indices, test character indices) into the sorted character list."""
+  perm = np.random.default_rng(SPLIT_SEED).permutation(n_characters)
+  return perm[:n_train], perm[n_train:]
+
+
+# ---- readers: each returns (sorted [(alphabet, character)], uint8 [n, m, 28, 28]) ----------------
+
+def _find_archives(path: Path) -> dict[str, Path]:
+  if not path.exists():
+    raise DataError(f'Omniglot: data.path={str(path)!r} does not exist.\n{_DOWNLOAD_HELP}')
+  found, missing = {}, []
+  for name in ARCHIVES:
+    folder, zf = path / name, path / f'{name}.zip'
+    if folder.is_dir():
+      nested = folder / name            # some unzip tools add one more level
+      found[name] = nested if nested.is_dir() and len(os.listdir(folder)) == 1 else folder
+    elif zf.is_file():
+      found[name] = zf
+    else:
+      missing.append(f'{name}.zip (or folder {name}/)')
+  if missing:
+    raise DataError(f'Omniglot: {path} lacks {", ".join(missing)}.\n{_DOWNLOAD_HELP}')
+  return found
+
+
+def _list_archive(name: str, src: Path):
+  """{(alphabet, character): [(file name, reader)]} of one archive (zip or folder)."""
+  chars: dict[tuple[str, str], list] = {}
+
+  def add(parts, label, reader):
+    if len(parts) != 3 or not parts[2].lower().endswith('.png'):
+      raise DataError(f'{label}: unexpected entry; expected {name}/<alphabet>/<character>/'
+                      '<XXXX_YY>.png only')
+    chars.setdefault((parts[0], parts[1]), []).append((parts[2], reader))
+
+  def junk(parts):
+    return parts[0] == '__MACOSX' or parts[-1].startswith('.')
+
+  if src.suffix == '.zip':
+    try:
+      zf = zipfile.ZipFile(src)
+      members = [m for m in zf.infolist() if not m.is_dir()]
+    except (zipfile.BadZipFile, OSError) as e:
+      raise DataError(f'{src}: not a readable zip file ({e}); download {src.name} again.\n'
+                      f'{_DOWNLOAD_HELP}') from e
+    for m in members:
+      parts = m.filename.split('/')
+      if junk(parts):
+        continue
+      if parts[0] != name:
+        raise DataError(f'{src}: member {m.filename!r} is not under the top folder {name}/ '
+                        '(standard layout: images_background/<alphabet>/<character>/*.png)')
+
+      def reader(zf=zf, m=m, src=src):
+        try:
+          return zf.read(m)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:   # CRC error, truncated data
+          raise DataError(f'{src}: member {m.filename}: corrupt ({e})') from e
+      add(parts[1:], f'{src}:{m.filename}', reader)
+  else:
+    for root, dirs, files in os.walk(src):
+      dirs.sort()
+      for f in files:
+        p = Path(root) / f
+        parts = p.relative_to(src).parts
+        if junk(parts):
+          continue
+        add(parts, str(p), p.read_bytes)
+  if not chars:
+    raise DataError(f'{src}: holds no Omniglot PNGs (expected {name}/<alphabet>/<character>/'
+                    f'*.png).\n{_DOWNLOAD_HELP}')
+  return chars
+
+
+def read_local(path, n_characters: int = NUM_CHARACTERS,
+               images_per_character: int = IMAGES_PER_CHARACTER):
+  """Reads both archives in ``path``: (sorted character names, uint8 [n, m, 28, 28])."""
+  path = cache.expand(path)
+  chars: dict = {}
+  counts = []
+  for name, src in _find_archives(path).items():
+    listed = _list_archive(name, src)
+    for key in listed:
+      if key in chars:
+        raise DataError(f'Omniglot: character {key[0]}/{key[1]} is in both archives ({src})')
+    chars.update(listed)
+    counts.append(f'{src.name}: {len(listed)}')
+  if len(chars) != n_characters:
+    raise DataError(f'Omniglot in {path}: found {len(chars)} characters ({", ".join(counts)}), '
+                    f'expected {n_characters} (964 in images_background + 659 in '
+                    f'images_evaluation). Is an archive incomplete?\n{_DOWNLOAD_HELP}')
+  names = sorted(chars)
+  base = np.zeros((len(names), images_per_character, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+  for i, key in enumerate(names):
+    files = sorted(chars[key], key=lambda t: t[0])
+    if len(files) != images_per_character:
+      raise DataError(f'Omniglot in {path}: character {key[0]}/{key[1]} has {len(files)} '
+                      f'images, expected {images_per_character}')
+    for j, (fname, reader) in enumerate(files):
+      base[i, j] = _decode_png(reader(), f'{path}: {key[0]}/{key[1]}/{fname}')
+  return names, base
+
+
+def _tfds_read_order(split: str, alphabet: str, char_id: int, label: int, n: int) -> np.ndarray:
+  """Drawer index (0-based, i.e. file-name order) of each of a character's records in TFDS order.
+
+  TFDS writes a split sorted by md5(split name + key), key = '<alphabet>_<char id>_<file name>'
+  with file name '<label+1:04d>_<drawer:02d>.png' (omniglot builder 3.0.0). TFDS keeps this order
+  fixed within a dataset version; recomputing it restores the file-name order that the local
+  reader uses, so both sources give identical arrays.
+  """
+  from tensorflow_datasets.core import hashing
+  hasher = hashing.Hasher(split)
+  keys = [hasher.hash_key(f'{alphabet}_{char_id}_{label + 1:04d}_{d + 1:02d}.png')
+          for d in range(n)]
+  return np.argsort(keys, kind='stable')
+
+
+def read_tfds(data_dir=None, n_characters: int = NUM_CHARACTERS,
+              images_per_character: int = IMAGES_PER_CHARACTER, download_config=None):
+  """Builds TFDS's omniglot (train + test) and returns the same as :func:`read_local`."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise DataError('Omniglot source=tfds needs tensorflow and tensorflow-datasets '
+                    f'(pip install tensorflow-cpu tensorflow-datasets): {e}.\n'
+                    f'{_DOWNLOAD_HELP}') from e
+  try:
+    builder = tfds.builder('omniglot:3.*.*', data_dir=data_dir)
+    builder.download_and_prepare(download_config=download_config)
+  except Exception as e:  # network, checksum, extraction: TFDS raises many types
+    raise DataError(f'Omniglot via TFDS (data_dir={data_dir}) failed: {type(e).__name__}: {e}\n'
+                    'Without internet use the local source instead.\n' + _DOWNLOAD_HELP) from e
+  alphabets = builder.info.features['alphabet'].names
+  per_char: dict[tuple[str, str], list] = {}
+  for split in ('train', 'test'):
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    for ex in tfds.as_numpy(ds):
+      alphabet = alphabets[int(ex['alphabet'])]
+      char_id = int(ex['alphabet_char_id'])
+      key = (alphabet, f'character{char_id + 1:02d}')
+      entry = per_char.setdefault(key, [split, int(ex['label']), []])
+      entry[2].append(preprocess_image(_pil_from_array(ex['image']),
+                                       f'tfds omniglot/{split} {key[0]}/{key[1]}'))
+  if len(per_char) != n_characters:
+    raise DataError(f'Omniglot via TFDS: found {len(per_char)} characters, expected {n_characters}')
+  names = sorted(per_char)
+  base = np.zeros((len(names), images_per_character, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+  for i, key in enumerate(names):
+    split, label, images = per_char[key]
+    if len(images) != images_per_character:
+      raise DataError(f'Omniglot via TFDS: character {key[0]}/{key[1]} has {len(images)} '
+                      f'images, expected {images_per_character}')
+    order = _tfds_read_order(split, key[0], int(key[1][len('character'):]) - 1, label,
+                             images_per_character)
+    base[i, order] = np.stack(images)
+  return names, base
+
+
+def _pil_from_array(a: np.ndarray):
+  from PIL import Image
+  return Image.fromarray(np.ascontiguousarray(a[..., 0] if a.ndim == 3 else a), mode='L')
+
+
+# ---- assembling, caching, loading ---------------------------------------------------------------
+
+def build_arrays(names, base: np.ndarray, n_train: int = NUM_META_TRAIN):
+  """(sorted names, [n, m, 28, 28]) -> ({'train', 'test'} arrays, {'train', 'test'} names)."""
+  tr, te = character_split(len(names), n_train)
+  arrays = {'train': with_rotations(base[tr]), 'test': with_rotations(base[te])}
+  split_names = {'train': ['/'.join(names[i]) for i in tr],
+                 'test': ['/'.join(names[i]) for i in te]}
+  return arrays, split_names
+
+
+def resolve_source(data_config) -> str:
+  source = data_config.source
+  if source == 'auto':
+    return 'local' if data_config.path else 'tfds'
+  if source not in ('local', 'tfds'):
+    raise DataError(f"data.source={source!r}: Omniglot sources are 'local', 'tfds' or 'auto'")
+  if source == 'local' and not data_config.path:
+    raise DataError(f'Omniglot source=local needs data.path.\n{_DOWNLOAD_HELP}')
+  return source
+
+
+def prepare(data_config, *, force: bool = False, log=print, n_characters: int = NUM_CHARACTERS,
+            n_train: int = NUM_META_TRAIN, images_per_character: int = IMAGES_PER_CHARACTER,
+            download_config=None):
+  """Makes sure the prepared arrays exist; returns (cache directory, manifest).
+
+  The count arguments exist for tests and subsets; the defaults are the full data set.
+  """
+  source = resolve_source(data_config)
+  counts = {'n_characters': n_characters, 'n_train': n_train,
+            'images_per_character': images_per_character}
+  if source == 'local':
+    path = cache.expand(data_config.path)
+    _find_archives(path)   # fails early, naming the missing files
+    key = {'source': 'local', 'path': str(path), 'version': PREPROCESSING_VERSION, **counts}
+    source_files = lambda: cache.fingerprint(_find_archives(path).values())
+    read = lambda: read_local(path, n_characters, images_per_character)
+  else:
+    data_dir = str(cache.expand(data_config.path)) if data_config.path else None
+    key = {'source': 'tfds', 'builder': 'omniglot:3.*.*', 'data_dir': data_dir,
+           'version': PREPROCESSING_VERSION, **counts}
+    source_files = lambda: []    # TFDS data of one version is immutable
+    read = lambda: read_tfds(data_dir, n_characters, images_per_character, download_config)
+  if n_train >= n_characters:
+    raise DataError(f'n_train={n_train} must be < n_characters={n_characters}')
+
+  def build():
+    names, base = read()
+    arrays, names_by_split = build_arrays(names, base, n_train)
+    return arrays, {'characters': names_by_split}   # character names kept in the manifest
+
+  return cache.prepare(
+      dataset='omniglot', cache_dir=data_config.cache_dir, key=key, source_files=source_files,
+      build=build, description=PREPROCESSING, force=force, log=log)
+
+
+def load_split(data_config, split: str, **counts):
+  """uint8 ``[4 * characters, 20, 28, 28, 1]`` for split; None for 'val' when val_classes == 0."""
+  n_train = counts.get('n_train', NUM_META_TRAIN)
+  v = int(data_config.get('val_classes', 0) or 0)
+  if not 0 <= v < n_train:
+    raise DataError(f'data.val_classes={v}: must be in [0, {n_train}) Omniglot characters')
+  if split == 'val' and v == 0:
+    return None
+  directory, manifest = prepare(data_config, **counts)
+  if split == 'test':
+    return cache.load(directory, manifest, 'test')
+  train = cache.load(directory, manifest, 'train')
+  cut = ROTATIONS * (n_train - v)
+  return train[:cut] if split == 'train' else train[cut:]

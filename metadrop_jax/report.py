@@ -1,0 +1,385 @@
+"""Results table in the layout of the paper's Table 1, and learning curves.
+
+  python -m metadrop_jax.report --workdirs=workdirs/omni1_maml,workdirs/omni1_metadrop \\
+      --out=table.md --curves=curves.png
+
+Reads each workdir's ``results.json`` (written by ``train.evaluate_checkpoint``). Columns are the
+four settings of Table 1 (plus one per other setting found, e.g. synthetic smoke runs); rows are
+MAML, Meta-dropout (always) and any other method present. Each cell holds our accuracy ± 95% CI,
+the paper's figure, the authors' re-run of their released code, our difference to each, whether
+the paper's figure lies inside our interval, and a "reduced budget" mark when the run did not
+reach the full 60000 meta-iterations. A second table lists every run with its provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from typing import Any, Sequence
+
+# Table 1 of the paper (ICLR 2020), MAML and Meta-dropout rows, accuracy ± 95% CI in percent,
+# 1000 episodes, as quoted by the authors' README; and the authors' re-run of their released code
+# (README "The results from running this repo", final state, commit 525947c). Source:
+# docs/paper_facts.md §2.1. Keys: (method, dataset, way, shot).
+PAPER_TABLE1: dict[tuple[str, str, int, int], tuple[float, float]] = {
+    ('maml', 'omniglot', 20, 1): (95.23, 0.17),
+    ('maml', 'omniglot', 20, 5): (98.38, 0.07),
+    ('maml', 'miniimagenet', 5, 1): (49.58, 0.65),
+    ('maml', 'miniimagenet', 5, 5): (64.55, 0.52),
+    ('metadrop', 'omniglot', 20, 1): (96.63, 0.13),
+    ('metadrop', 'omniglot', 20, 5): (98.73, 0.06),
+    ('metadrop', 'miniimagenet', 5, 1): (51.93, 0.67),
+    ('metadrop', 'miniimagenet', 5, 5): (67.42, 0.52),
+}
+AUTHORS_RERUN: dict[tuple[str, str, int, int], tuple[float, float]] = {
+    ('maml', 'omniglot', 20, 1): (94.49, 0.16),
+    ('maml', 'omniglot', 20, 5): (98.14, 0.07),
+    ('maml', 'miniimagenet', 5, 1): (48.73, 0.64),
+    ('maml', 'miniimagenet', 5, 5): (65.70, 0.52),
+    ('metadrop', 'omniglot', 20, 1): (96.24, 0.14),
+    ('metadrop', 'omniglot', 20, 5): (98.81, 0.06),
+    ('metadrop', 'miniimagenet', 5, 1): (51.67, 0.64),
+    ('metadrop', 'miniimagenet', 5, 5): (68.12, 0.53),
+}
+# The four columns of Table 1: (dataset, way, shot) -> header.
+PAPER_COLUMNS: dict[tuple[str, int, int], str] = {
+    ('omniglot', 20, 1): 'Omniglot 20-way 1-shot',
+    ('omniglot', 20, 5): 'Omniglot 20-way 5-shot',
+    ('miniimagenet', 5, 1): 'miniImageNet 5-way 1-shot',
+    ('miniimagenet', 5, 5): 'miniImageNet 5-way 5-shot',
+}
+FULL_BUDGET_STEPS = 60000   # authors' final run scripts (paper_facts §4.3)
+PAPER_EPISODES = 1000
+METHOD_LABELS = {
+    'maml': 'MAML',
+    'metadrop': 'Meta-dropout',
+    'fixed_noise': 'Fixed multiplicative noise',
+    'indep_noise': 'Input-independent noise',
+    'additive_noise': 'Additive noise',
+    'vib': 'VIB',
+    'infodrop': 'Information dropout',
+    'mixup': 'Manifold mixup',
+    'metasgd': 'Meta-SGD',
+    'metasgd_metadrop': 'Meta-SGD + Meta-dropout',
+    'adv': 'MAML + adv. training',
+}
+_ROW_ORDER = list(METHOD_LABELS)
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+
+def load_results(workdirs: Sequence[str]) -> list[dict[str, Any]]:
+  """Each workdir's ``results.json`` with ``workdir`` added; workdirs without one are skipped
+  with a warning."""
+  runs = []
+  for wd in workdirs:
+    path = os.path.join(wd, 'results.json')
+    if not os.path.exists(path):
+      warnings.warn(f'{path} not found (evaluate first: launch.py --mode=eval --workdir={wd}); '
+                    'skipped')
+      continue
+    with open(path) as f:
+      r = json.load(f)
+    if 'accuracy' not in r:
+      warnings.warn(f'{path} has no "accuracy" field; skipped')
+      continue
+    r['workdir'] = wd
+    runs.append(r)
+  return runs
+
+
+def setting_of(run: dict) -> tuple[str, int, int]:
+  return (str(run.get('dataset', '?')).lower(), int(run.get('way', 0)), int(run.get('shot', 0)))
+
+
+def column_label(setting: tuple[str, int, int]) -> str:
+  if setting in PAPER_COLUMNS:
+    return PAPER_COLUMNS[setting]
+  d, w, s = setting
+  return f'{d} {w}-way {s}-shot'
+
+
+def method_label(method: str) -> str:
+  return METHOD_LABELS.get(method, method)
+
+
+def is_reduced_budget(run: dict) -> bool:
+  """True when the evaluated checkpoint is short of the paper's 60000 meta-iterations."""
+  step = run.get('step')
+  num = run.get('num_steps')
+  return (step is None or num is None or int(step) < FULL_BUDGET_STEPS
+          or int(num) < FULL_BUDGET_STEPS)
+
+
+# ------------------------------------------------------------------------------------------------
+# comparison of one run with the paper
+# ------------------------------------------------------------------------------------------------
+
+def compare(run: dict) -> dict[str, Any]:
+  """Our number vs the paper's and the authors' re-run for one results.json dict."""
+  key = (run.get('method'),) + setting_of(run)
+  acc = float(run['accuracy'])
+  ci = run.get('ci95')
+  ci = None if ci is None else float(ci)
+  out = {'method': run.get('method'), 'setting': setting_of(run), 'accuracy': acc, 'ci95': ci,
+         'paper': PAPER_TABLE1.get(key), 'rerun': AUTHORS_RERUN.get(key),
+         'reduced_budget': is_reduced_budget(run), 'step': run.get('step'),
+         'num_steps': run.get('num_steps'), 'episodes': run.get('episodes'),
+         'mc_samples': run.get('mc_samples'), 'workdir': run.get('workdir', ''),
+         'name': run.get('name', ''), 'commit': run.get('commit', ''),
+         'device': run.get('device', '')}
+  for src in ('paper', 'rerun'):
+    ref = out[src]
+    out[f'diff_{src}'] = None if ref is None else acc - ref[0]
+    out[f'{src}_in_ci'] = (None if ref is None or ci is None else abs(acc - ref[0]) <= ci)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# formatting
+# ------------------------------------------------------------------------------------------------
+
+def _pm(v) -> str:
+  return f'{v[0]:.2f} ± {v[1]:.2f}'
+
+
+def _yes_no(b) -> str:
+  return 'n/a' if b is None else ('yes' if b else 'no')
+
+
+def _cell(c: dict | None, method: str, setting) -> str:
+  key = (method,) + setting
+  paper, rerun = PAPER_TABLE1.get(key), AUTHORS_RERUN.get(key)
+  lines = []
+  if c is None:
+    lines.append('—')
+    if paper:
+      lines.append(f'paper {_pm(paper)}')
+    if rerun:
+      lines.append(f're-run {_pm(rerun)}')
+    return '<br>'.join(lines)
+  ours = f"**{c['accuracy']:.2f}" + (f" ± {c['ci95']:.2f}**" if c['ci95'] is not None else '**')
+  lines.append(ours)
+  if paper:
+    lines.append(f"paper {_pm(paper)} (Δ {c['diff_paper']:+.2f}; paper in our CI: "
+                 f"{_yes_no(c['paper_in_ci'])})")
+  else:
+    lines.append('paper: n/a')
+  if rerun:
+    lines.append(f"re-run {_pm(rerun)} (Δ {c['diff_rerun']:+.2f})")
+  if c['reduced_budget']:
+    lines.append(f"reduced budget ({c['step']}/{c['num_steps']} steps)")
+  if c['episodes'] is not None and int(c['episodes']) != PAPER_EPISODES:
+    lines.append(f"{c['episodes']} episodes")
+  return '<br>'.join(lines)
+
+
+def build_table(runs: Sequence[dict]) -> str:
+  """The markdown report: Table-1 layout, a gain row, and a per-run detail table."""
+  comps = [compare(r) for r in runs]
+  settings = list(PAPER_COLUMNS)
+  for c in comps:
+    if c['setting'] not in settings:
+      settings.append(c['setting'])
+  # cells[method] = list of {setting: comparison}; a second run of the same method and setting
+  # opens a second row for that method.
+  cells: dict[str, list[dict]] = {'maml': [{}], 'metadrop': [{}]}
+  for c in comps:
+    rows = cells.setdefault(c['method'], [{}])
+    for row in rows:
+      if c['setting'] not in row:
+        row[c['setting']] = c
+        break
+    else:
+      rows.append({c['setting']: c})
+  order = sorted(cells, key=lambda m: (_ROW_ORDER.index(m) if m in _ROW_ORDER else len(_ROW_ORDER),
+                                       m))
+  header = ['Method'] + [column_label(s) for s in settings]
+  lines = ['## Few-shot classification (layout of the paper\'s Table 1)', '',
+           'Accuracy (%) ± 95% CI over meta-test episodes. "paper": the paper\'s Table 1; '
+           '"re-run": the authors\' re-run of their released code (paper_facts §2.1); '
+           'Δ = ours − reference; "paper in our CI": |ours − paper| ≤ our CI. "reduced budget": '
+           f'the evaluated checkpoint is short of {FULL_BUDGET_STEPS} meta-iterations.', '',
+           '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for m in order:
+    for i, row in enumerate(cells[m]):
+      label = method_label(m) + (f' ({i + 1})' if i else '')
+      lines.append('| ' + ' | '.join([label] + [_cell(row.get(s), m, s) for s in settings])
+                   + ' |')
+  # gain row: Meta-dropout − MAML (first run of each)
+  gains = []
+  for s in settings:
+    a, b = cells['metadrop'][0].get(s), cells['maml'][0].get(s)
+    parts = []
+    if a and b:
+      parts.append(f"**{a['accuracy'] - b['accuracy']:+.2f}**")
+    else:
+      parts.append('—')
+    pa, pb = PAPER_TABLE1.get(('metadrop',) + s), PAPER_TABLE1.get(('maml',) + s)
+    if pa and pb:
+      parts.append(f'paper {pa[0] - pb[0]:+.2f}')
+    ra, rb = AUTHORS_RERUN.get(('metadrop',) + s), AUTHORS_RERUN.get(('maml',) + s)
+    if ra and rb:
+      parts.append(f're-run {ra[0] - rb[0]:+.2f}')
+    gains.append('<br>'.join(parts))
+  lines.append('| Gain (Meta-dropout − MAML) | ' + ' | '.join(gains) + ' |')
+  lines += ['', '### Runs', '',
+            '| Method | Setting | Workdir | Accuracy | Paper | Δ paper | Paper in CI | Re-run | '
+            'Δ re-run | Steps | Budget | Episodes | MC | Commit | Device |',
+            '|' + '---|' * 15]
+  if not comps:
+    lines.append('| (no results.json found) |' + ' |' * 14)
+  for c in comps:
+    f = lambda v: 'n/a' if v is None else f'{v:+.2f}'
+    lines.append('| ' + ' | '.join([
+        method_label(c['method']), column_label(c['setting']), f"`{c['workdir']}`",
+        f"{c['accuracy']:.2f}" + (f" ± {c['ci95']:.2f}" if c['ci95'] is not None else ''),
+        _pm(c['paper']) if c['paper'] else 'n/a', f(c['diff_paper']), _yes_no(c['paper_in_ci']),
+        _pm(c['rerun']) if c['rerun'] else 'n/a', f(c['diff_rerun']),
+        f"{c['step']}/{c['num_steps']}", 'reduced budget' if c['reduced_budget'] else 'full',
+        str(c['episodes']), str(c['mc_samples']), str(c['commit']), str(c['device'])]) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_atomic(path: str, text: str) -> str:
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  tmp = os.path.join(d, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return path
+
+
+# ------------------------------------------------------------------------------------------------
+# learning curves
+# ------------------------------------------------------------------------------------------------
+
+def read_metrics(workdir: str) -> list[dict]:
+  from metadrop_jax import metrics as metrics_lib
+  return metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+
+
+def _run_label(workdir: str) -> str:
+  """``method (name)`` from config.json / results.json, else the workdir's basename."""
+  for fn in ('results.json', 'config.json'):
+    p = os.path.join(workdir, fn)
+    if os.path.exists(p):
+      try:
+        with open(p) as f:
+          d = json.load(f)
+        m = method_label(d.get('method', '?'))
+        return f"{m} ({d.get('name', os.path.basename(os.path.normpath(workdir)))})"
+      except (OSError, json.JSONDecodeError):
+        pass
+  return os.path.basename(os.path.normpath(workdir))
+
+
+def _smooth(y, window: int):
+  import numpy as np
+  y = np.asarray(y, np.float64)
+  if window <= 1 or len(y) < window:
+    return y
+  k = np.ones(window) / window
+  head = np.cumsum(y[:window - 1]) / np.arange(1, window)
+  return np.concatenate([head, np.convolve(y, k, mode='valid')])
+
+
+def plot_learning_curves(workdirs: Sequence[str], out: str, *, labels: Sequence[str] | None = None,
+                         smooth: int = 1, size=(11.0, 4.0), dpi: int = 100) -> str:
+  """Training and validation accuracy (%) and loss against meta-iteration, all workdirs on the
+  same two axes (colour per run; solid = train, dashed with dots = val). Pixel size
+  ``size * dpi`` (default 1100 x 400). ``smooth``: moving-average window on the train curves.
+  """
+  from matplotlib.figure import Figure
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  fig = Figure(figsize=size, dpi=dpi)
+  FigureCanvasAgg(fig)
+  ax_acc, ax_loss = fig.subplots(1, 2)
+  labels = list(labels) if labels else []
+  seen_labels: dict[str, int] = {}
+  any_rows = False
+  for i, wd in enumerate(workdirs):
+    rows = read_metrics(wd)
+    if not rows:
+      warnings.warn(f'{wd}/metrics.jsonl missing or empty; skipped in the curves')
+      continue
+    any_rows = True
+    label = labels[i] if i < len(labels) else _run_label(wd)
+    if label in seen_labels:   # two runs with the same method/name: add the workdir
+      label = f'{label} [{os.path.basename(os.path.normpath(wd))}]'
+    seen_labels[label] = i
+    color = f'C{i % 10}'
+    for prefix, style in (('train', dict(ls='-', lw=1.3)),
+                          ('val', dict(ls='--', lw=1.3, marker='o', ms=3))):
+      for ax, key, scale in ((ax_acc, 'acc', 100.0), (ax_loss, 'loss', 1.0)):
+        pts = [(r['step'], r[f'{prefix}/{key}']) for r in rows if f'{prefix}/{key}' in r]
+        if not pts:
+          continue
+        st, v = zip(*pts)
+        v = [x * scale for x in v]
+        if prefix == 'train':
+          v = _smooth(v, smooth)
+        ax.plot(st, v, color=color, label=f'{label} {prefix}', **style)
+  if not any_rows:
+    raise FileNotFoundError(f'no metrics.jsonl rows in any of {list(workdirs)}')
+  ax_acc.set_ylabel('accuracy (%)')
+  ax_loss.set_ylabel('query cross-entropy')
+  for ax, t in ((ax_acc, 'accuracy'), (ax_loss, 'loss')):
+    ax.set_xlabel('meta-iteration')
+    ax.set_title(f'{t}: train (solid) and validation (dashed)', fontsize=10)
+    ax.grid(alpha=0.3)
+  ax_loss.legend(fontsize=7, loc='upper right')
+  fig.subplots_adjust(left=0.06, right=0.99, bottom=0.13, top=0.92, wspace=0.18)
+  d = os.path.dirname(os.path.abspath(out))
+  os.makedirs(d, exist_ok=True)
+  root, ext = os.path.splitext(os.path.basename(out))
+  tmp = os.path.join(d, f'.{root}.tmp.{os.getpid()}{ext or ".png"}')
+  fig.savefig(tmp, dpi=dpi)
+  os.replace(tmp, out)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+def _parser():
+  p = argparse.ArgumentParser(
+      prog='python -m metadrop_jax.report',
+      description="Markdown table of results.json files in the layout of the paper's Table 1 "
+                  '(with the paper and the authors\' re-run figures), and learning curves.')
+  p.add_argument('--workdirs', required=True, help='comma-separated training workdirs')
+  p.add_argument('--out', default='', help='write the table here too (atomically)')
+  p.add_argument('--curves', default='', help='learning-curve PNG from metrics.jsonl')
+  p.add_argument('--labels', default='', help='comma-separated curve labels (default: method '
+                 '(name))')
+  p.add_argument('--smooth', type=int, default=1, help='moving-average window, train curves')
+  return p
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  workdirs = [w for w in args.workdirs.split(',') if w]
+  table = build_table(load_results(workdirs))
+  print(table)
+  if args.out:
+    write_atomic(args.out, table)
+    print(f'wrote {args.out}', file=sys.stderr)
+  if args.curves:
+    plot_learning_curves(workdirs, args.curves,
+                         labels=args.labels.split(',') if args.labels else None,
+                         smooth=args.smooth)
+    print(f'wrote {args.curves}', file=sys.stderr)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,31 @@
+"""Test settings: hypothesis profiles and tiny configs."""
+
+import os
+
+import hypothesis
+import pytest
+
+hypothesis.settings.register_profile('ci', max_examples=8, deadline=None, derandomize=True,
+                                     print_blob=True)
+hypothesis.settings.register_profile('dev', max_examples=40, deadline=None)
+hypothesis.settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
+
+
+def tiny(method='metadrop', **over):
+  """A config small enough to compile in seconds: 8x8 synthetic images, 2 blocks of 4 channels."""
+  from configs import tiny as tiny_cfg
+  c = tiny_cfg.get_config()
+  c.method = method
+  c.progress_bar = False
+  for k, v in over.items():
+    node = c
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.fixture
+def tiny_config():
+  return tiny()

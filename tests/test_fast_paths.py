@@ -1,0 +1,130 @@
+"""Every execution strategy computes the reference meta-gradient.
+
+Reference formulation: ``conv_impl='xla'`` (lax.conv_general_dilated), theta / phi convs
+separate, python-unrolled inner loop, vmap over tasks. The fast paths (im2col convs, one fused
+theta|phi matmul, lax.scan inner loop, lax.map over tasks, and the resolved defaults) must give
+the same meta-loss and meta-gradients up to float32 rounding; bfloat16 compute stays within a
+stated relative tolerance of float32.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metadrop_jax import episodes as episodes_lib
+from metadrop_jax import meta, nets
+from tests.conftest import tiny
+
+REFERENCE = {'model.conv_impl': 'xla', 'model.task_map': 'vmap', 'model.inner_loop': 'unroll',
+             'model.fuse_noise_conv': False}
+FAST_PATHS = {
+    'im2col': {'model.conv_impl': 'im2col'},
+    'fused': {'model.fuse_noise_conv': True},
+    'scan': {'model.inner_loop': 'scan'},
+    'map': {'model.task_map': 'map'},
+    'all': {'model.conv_impl': 'im2col', 'model.fuse_noise_conv': True,
+            'model.inner_loop': 'scan', 'model.task_map': 'map'},
+    'defaults': {'model.conv_impl': 'auto', 'model.fuse_noise_conv': True,
+                 'model.inner_loop': 'unroll', 'model.task_map': 'auto'},
+}
+
+
+def _config(method, variant, **extra):
+  over = dict(REFERENCE)
+  over.update(variant)
+  over.update(extra)
+  # 3 inner steps, 3 tasks, 10x10 images (odd sizes after the first pool) keep it small but real.
+  over.setdefault('inner_steps', 3)
+  over.setdefault('meta_batch', 3)
+  over.setdefault('data.image_size', 10)
+  return tiny(method, **over)
+
+
+@functools.lru_cache(maxsize=None)
+def _episodes(way, shot, query, size, tasks):
+  images = jax.random.randint(jax.random.key(0), (8, 6, size, size, 1), 0, 256).astype(jnp.uint8)
+  eps = episodes_lib.sample_batch(jax.random.key(1), images, tasks, way, shot, query)
+  keys = jax.random.split(jax.random.key(2), tasks)
+  return eps, keys
+
+
+def _meta_grad(config):
+  spec = meta.spec_from_config(config)
+  params = meta.init_params(jax.random.key(3), spec)
+  # Non-zero BN offsets and biases so that every term of the gradient is exercised.
+  params = jax.tree.map(
+      lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+  eps, keys = _episodes(config.way, config.shot, config.query, config.data.image_size,
+                        config.meta_batch)
+  fn = jax.jit(jax.value_and_grad(meta.batch_loss, has_aux=True), static_argnums=3)
+  (loss, metrics), grads = fn(params, eps, keys, spec)
+  return loss, metrics, grads
+
+
+def _rel_l2(a, b):
+  a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)]).astype(np.float64)
+  b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(b)]).astype(np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(method):
+  return _meta_grad(_config(method, {}))
+
+
+@pytest.mark.parametrize('method', ['metadrop', 'maml', 'metasgd_metadrop'])
+@pytest.mark.parametrize('path', sorted(FAST_PATHS))
+def test_fast_path_meta_gradient_matches_reference(method, path):
+  if method == 'metasgd_metadrop' and path not in ('scan', 'all'):
+    pytest.skip('Meta-SGD only changes the inner update (scan); the rest is method-agnostic')
+  ref_loss, ref_metrics, ref_grads = _reference(method)
+  loss, metrics, grads = _meta_grad(_config(method, FAST_PATHS[path]))
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+  for k in ref_metrics:
+    np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-6)
+  assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+  gscale = max(float(np.max(np.abs(r))) for r in jax.tree.leaves(ref_grads))
+  for (path_k, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
+                            jax.tree.leaves(ref_grads)):
+    # atol relative to the largest gradient entry of the whole tree: conv biases in front of
+    # batch norm have an exactly-zero gradient in theory (float noise ~1e-7 in practice).
+    np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-5 * gscale,
+                               err_msg=f'{path}: {jax.tree_util.keystr(path_k)}')
+  assert _rel_l2(grads, ref_grads) < 1e-4
+  if method == 'maml':  # phi is never read by MAML: its gradient is exactly zero on every path
+    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads['phi']))
+
+
+def test_defaults_resolve_per_backend():
+  spec = nets.spec_from_config(tiny())
+  if jax.default_backend() == 'cpu':
+    assert spec.conv_impl == 'im2col'
+  else:
+    assert spec.conv_impl == 'xla'
+  assert spec.task_map == 'vmap' and spec.inner_loop == 'unroll'
+
+
+def test_first_order_scan_matches_unroll():
+  _, _, ref = _meta_grad(_config('metadrop', {}, first_order=True))
+  _, _, got = _meta_grad(_config('metadrop', FAST_PATHS['all'], first_order=True))
+  assert _rel_l2(got, ref) < 1e-5
+
+
+# bfloat16 convolutions / matmuls (params and accumulation stay float32). The tolerance is the
+# measured error with margin (docs/performance.md): meta-gradients are second-order quantities
+# through 3-5 inner steps, so bf16's 8-bit mantissa shows up at the percent level.
+BF16_REL_L2 = 0.1
+
+
+@pytest.mark.parametrize('method', ['metadrop', 'maml'])
+def test_bfloat16_meta_gradient_close_to_float32(method):
+  fast = FAST_PATHS['defaults']
+  loss32, _, g32 = _meta_grad(_config(method, fast))
+  loss16, _, g16 = _meta_grad(_config(method, fast, **{'model.compute_dtype': 'bfloat16'}))
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
+  np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
+  err = _rel_l2(g16, g32)
+  assert err < BF16_REL_L2, err
