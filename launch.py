@@ -21,7 +21,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (configs/*.py). Fields override with --config.x=y.',
     lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, results.json.')
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, results.json '
+                    '(default: workdirs/<config.name>_<config.method>).')
 flags.DEFINE_enum('mode', 'train_eval', ['train_eval', 'train', 'eval', 'prepare'],
                   'What to run.')
 flags.DEFINE_enum('split', 'test', ['test', 'val'], 'eval mode: which split to meta-test on.')
@@ -46,25 +47,34 @@ def main(argv):
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e))
+  from metadrop_jax.data import DataError
   logging.info('devices: %s', jax.devices())
 
+  workdir = FLAGS.workdir or os.path.join('workdirs', f'{config.name}_{config.method}')
+  logging.info('workdir: %s', workdir)
+  try:
+    _run(config, workdir, train)
+  except (DataError, config_lib.ConfigError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _run(config, workdir, train):
   if FLAGS.mode == 'prepare':
     from metadrop_jax import data as data_lib
     for split in data_lib.SPLITS:
       x = data_lib.load_split(config.data, split)
       print(f'{split}: {None if x is None else x.shape}')
     return
-  if not FLAGS.workdir:
-    raise app.UsageError('--workdir is required')
   if FLAGS.mode == 'eval':
-    result = train.evaluate_checkpoint(config, FLAGS.workdir, split=FLAGS.split)
+    result = train.evaluate_checkpoint(config, workdir, split=FLAGS.split)
     print(json.dumps(result, indent=2))
     return
   if FLAGS.mode == 'train':
-    status = train.train(config, FLAGS.workdir)
+    status = train.train(config, workdir)
     status.pop('state')
   else:
-    status = train.train_and_evaluate(config, FLAGS.workdir)
+    status = train.train_and_evaluate(config, workdir)
   print(json.dumps(status, indent=2, default=str))
   if not status['done']:
     print(f"paused at step {status['step']}/{status['num_steps']} ({status['stopped']}); "

@@ -15,6 +15,9 @@ def paper_config(dataset: str, way: int, shot: int):
   c.num_steps = 60000
   c.eval.num_episodes = 1000
   c.eval.mc_samples = 30
+  # episodes per compiled eval call: 30 MC copies of the support set are held at once, so keep
+  # this small on a CPU (20-way: 600 images per episode); raise it on a GPU for speed.
+  c.eval.batch_tasks = 1 if way >= 20 else 2
   c.log_every = 100
   c.val_every = 1000
   c.checkpoint_every = 1000

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from metadrop_jax import config as config_lib
 from metadrop_jax import data as data_lib
@@ -34,6 +35,23 @@ _LOOP_FIELDS = ('max_steps_per_run', 'max_minutes_per_run', 'progress_bar', 'log
                 'val_every', 'checkpoint_every', 'keep_checkpoints', 'num_steps', 'eval',
                 'data.cache_dir', 'data.path', 'data.ilsvrc_path', 'data.source', 'data.sampler',
                 'model.conv_impl', 'name')
+
+
+# Compiled steps, reused by later train() / evaluate() calls of this process with an equivalent
+# config (a resumed run in a notebook or test does not pay the compile twice).
+_STEP_CACHE: dict = {}
+_NOT_COMPILED = ('max_steps_per_run', 'max_minutes_per_run', 'progress_bar', 'log_every',
+                 'val_every', 'checkpoint_every', 'keep_checkpoints', 'num_steps', 'name',
+                 'data.cache_dir', 'data.path', 'data.ilsvrc_path', 'data.source')
+
+
+def _cached(kind, config, build, *extra):
+  flat = _flatten(json.loads(config.to_json_best_effort()))
+  key = (kind, extra, tuple(sorted((k, repr(v)) for k, v in flat.items()
+                                   if k not in _NOT_COMPILED)))
+  if key not in _STEP_CACHE:
+    _STEP_CACHE[key] = build()
+  return _STEP_CACHE[key]
 
 
 def run_keys(config):
@@ -61,7 +79,7 @@ def evaluate(params, images, config, *, split: str = 'test', num_episodes: int |
   n = num_episodes or config.eval.num_episodes
   mc = mc_samples or config.eval.mc_samples
   bt = min(config.eval.batch_tasks, n)
-  step = eval_step or meta.make_eval_step(config, mc, bt)
+  step = eval_step or _cached('eval', config, lambda: meta.make_eval_step(config, mc, bt), mc, bt)
   ep_key, noise_key = eval_keys(config, split)
   images = jnp.asarray(images)
   accs, losses = [], []
@@ -100,14 +118,9 @@ def restore_latest(mgr: ocp.CheckpointManager, template: meta.TrainState):
   return meta.TrainState(*restored)
 
 
-def _flatten(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
+def _flatten(d):
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  return traverse_util.flatten_dict(d, sep='.')
 
 
 def check_or_write_run_config(workdir: str, config) -> None:
@@ -186,12 +199,14 @@ def train(config, workdir: str) -> dict[str, Any]:
   sharding = _task_sharding(config)
   if config.data.sampler == 'device':
     images = jax.device_put(train_np)
-    step_fn = meta.make_train_step(config, tx, sharding)
+    step_fn = _cached('train', config, lambda: meta.make_train_step(config, tx, sharding),
+                      sharding)
   else:
-    step_fn = meta.make_train_step_on_episodes(config, tx)
-  val_step = (meta.make_eval_step(config, config.eval.val_mc_samples,
-                                  min(config.eval.batch_tasks, config.eval.val_episodes))
-              if val_np is not None else None)
+    step_fn = _cached('train_host', config, lambda: meta.make_train_step_on_episodes(config, tx))
+  val_step = None
+  if val_np is not None:
+    mc, bt = config.eval.val_mc_samples, min(config.eval.batch_tasks, config.eval.val_episodes)
+    val_step = _cached('eval', config, lambda: meta.make_eval_step(config, mc, bt), mc, bt)
 
   end = config.num_steps
   if config.max_steps_per_run:
@@ -299,7 +314,10 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, 
   }
   name = 'results.json' if split == 'test' else f'results_{split}.json'
   metrics_lib.write_json_atomic(os.path.join(workdir, name), result)
-  np.save(os.path.join(workdir, f'episode_accs_{split}.npy'), r['accs'])
+  path = os.path.join(workdir, f'episode_accs_{split}.npy')
+  with open(path + '.tmp', 'wb') as f:
+    np.save(f, r['accs'])
+  os.replace(path + '.tmp', path)
   return result
 
 

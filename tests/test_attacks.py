@@ -159,9 +159,9 @@ def test_robustness_evaluation_end_to_end(tmp_path):
   from metadrop_jax import robustness
   from metadrop_jax import train
   wd = str(tmp_path / 'maml')
-  c = tiny('maml', num_steps=10, val_every=0, inner_steps=1, **{'eval.num_episodes': 4,
-                                                                 'eval.batch_tasks': 4,
-                                                                 'eval.mc_samples': 1})
+  c = tiny('maml', num_steps=10, val_every=0, inner_steps=1, **{
+      'eval.num_episodes': 4, 'eval.batch_tasks': 4, 'eval.mc_samples': 1,
+      'model.num_layers': 1})
   train.train(c, wd)
   radii = {'linf': (0.0, 0.3)}
   attack = robustness.AttackSettings(steps=5)

@@ -36,9 +36,9 @@ def _config(method, variant, **extra):
   over = dict(REFERENCE)
   over.update(variant)
   over.update(extra)
-  # 3 inner steps, 3 tasks, 10x10 images (odd sizes after the first pool) keep it small but real.
-  over.setdefault('inner_steps', 3)
-  over.setdefault('meta_batch', 3)
+  # 2 inner steps, 2 tasks, 10x10 images (odd sizes after the first pool) keep it small but real.
+  over.setdefault('inner_steps', 2)
+  over.setdefault('meta_batch', 2)
   over.setdefault('data.image_size', 10)
   return tiny(method, **over)
 
@@ -113,18 +113,21 @@ def test_first_order_scan_matches_unroll():
   assert _rel_l2(got, ref) < 1e-5
 
 
-# bfloat16 convolutions / matmuls (params and accumulation stay float32). The tolerance is the
-# measured error with margin (docs/performance.md): meta-gradients are second-order quantities
-# through 3-5 inner steps, so bf16's 8-bit mantissa shows up at the percent level.
-BF16_REL_L2 = 0.1
+# bfloat16 convolutions / matmuls (params and accumulation stay float32). Tolerances are the
+# errors measured on this config with ~2x margin (docs/performance.md): first-order meta-gradients
+# (no inner step) 3-4 % relative L2; through 2 inner steps metadrop 5.5 %, but MAML 54 % (its
+# small second-order meta-gradient nearly cancels, so bf16 rounding dominates it). bf16 is
+# therefore not a default anywhere.
+BF16_REL_L2 = {('metadrop', 0): 0.1, ('maml', 0): 0.1, ('metadrop', 2): 0.15}
 
 
-@pytest.mark.parametrize('method', ['metadrop', 'maml'])
-def test_bfloat16_meta_gradient_close_to_float32(method):
+@pytest.mark.parametrize('method,steps', sorted(BF16_REL_L2))
+def test_bfloat16_meta_gradient_close_to_float32(method, steps):
   fast = FAST_PATHS['defaults']
-  loss32, _, g32 = _meta_grad(_config(method, fast))
-  loss16, _, g16 = _meta_grad(_config(method, fast, **{'model.compute_dtype': 'bfloat16'}))
+  loss32, _, g32 = _meta_grad(_config(method, fast, inner_steps=steps))
+  loss16, _, g16 = _meta_grad(_config(method, fast, inner_steps=steps,
+                                      **{'model.compute_dtype': 'bfloat16'}))
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
-  np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
+  np.testing.assert_allclose(loss16, loss32, rtol=1e-2)
   err = _rel_l2(g16, g32)
-  assert err < BF16_REL_L2, err
+  assert err < BF16_REL_L2[method, steps], err

@@ -9,6 +9,8 @@ missing or malformed data raises :class:`DataError` saying what was expected and
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from metadrop_jax.data.cache import DataError  # noqa: F401  (re-export: missing/corrupt data)
@@ -27,6 +29,7 @@ def load_split(data_config, split: str):
   if name == 'synthetic':
     from metadrop_jax.data import synthetic
     return synthetic.load_split(data_config, split)
+  data_config = with_default_path(data_config)
   if name == 'omniglot':
     from metadrop_jax.data import omniglot
     return omniglot.load_split(data_config, split)
@@ -34,6 +37,29 @@ def load_split(data_config, split: str):
     from metadrop_jax.data import miniimagenet
     return miniimagenet.load_split(data_config, split)
   raise ValueError(f'data.name={name!r}: choose omniglot, miniimagenet or synthetic')
+
+
+# Where data.path='' looks, in order: $METADROP_DATA_DIR/<name>, ./data/<name>, ../shared/data/<name>.
+def default_search_dirs(name: str) -> list[str]:
+  dirs = []
+  if os.environ.get('METADROP_DATA_DIR'):
+    dirs.append(os.path.join(os.environ['METADROP_DATA_DIR'], name))
+  dirs += [os.path.join('data', name), os.path.join('..', 'shared', 'data', name)]
+  return dirs
+
+
+def with_default_path(data_config):
+  """``data_config`` with ``path`` filled from :func:`default_search_dirs` when it is empty and
+  a folder there exists (Omniglot without any local copy falls back to TFDS)."""
+  if data_config.path:
+    return data_config
+  for d in default_search_dirs(data_config.name):
+    if os.path.isdir(d) and os.listdir(d):
+      c = data_config.copy_and_resolve_references()
+      with c.unlocked():
+        c.path = os.path.abspath(d)
+      return c
+  return data_config
 
 
 def image_shape(data_config) -> tuple[int, int, int]:
