@@ -127,6 +127,13 @@ def test_conv_impls_agree(fuse):
                              nets.forward(p, x, key, s_ref, sample=True), rtol=1e-4, atol=1e-5)
 
 
-def test_max_pool_valid_drops_odd_edge():
-  x = jnp.arange(2 * 7 * 7 * 1, dtype=jnp.float32).reshape(2, 7, 7, 1)
-  assert nets.max_pool(x).shape == (2, 3, 3, 1)
+@pytest.mark.parametrize('size', [7, 8])
+def test_max_pool_matches_reduce_window(size):
+  """2x2/2 VALID pooling (odd sizes drop the last row/column, as TF does), value and gradient."""
+  x = jax.random.normal(jax.random.PRNGKey(size), (2, size, size, 3))
+  ref = lambda v: jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                        'VALID')
+  assert nets.max_pool(x).shape == (2, size // 2, size // 2, 3)
+  np.testing.assert_array_equal(nets.max_pool(x), ref(x))
+  g = jax.grad(lambda v: (nets.max_pool(v) ** 2).sum())(x)
+  np.testing.assert_allclose(g, jax.grad(lambda v: (ref(v) ** 2).sum())(x), rtol=1e-6)
