@@ -66,12 +66,7 @@ def load_workdir(workdir: str, data_path: str | None = None, cache_dir: str | No
     config.data.path = data_path
   if cache_dir:
     config.data.cache_dir = cache_dir
-  init_key, _ = train.run_keys(config)
-  template, _ = meta.create_state(init_key, config)
-  state = train.restore_latest(train.checkpoint_manager(workdir, config), template)
-  if state is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first '
-                            f'(launch.py --config=... --workdir={workdir})')
+  config, state = train.restore_workdir(workdir, config)
   return config, state.params, int(state.step)
 
 

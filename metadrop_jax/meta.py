@@ -138,37 +138,27 @@ def inner_adapt(params: Params, x, y, key, spec: MetaSpec):
   """
   theta = params['theta']
   lr = params.get('lr', spec.inner_lr)
+  step = functools.partial(_inner_step, params=params, lr=lr, x=x, y=y, key=key, spec=spec)
   if spec.net.inner_loop == 'scan' and spec.inner_steps > 0:
-    return _inner_adapt_scan(params, theta, lr, x, y, key, spec)
+    return jax.lax.scan(step, theta, jnp.arange(spec.inner_steps))
   losses = []
   for k in range(spec.inner_steps):
-    loss, g = jax.value_and_grad(support_loss)(theta, params, x, y, jax.random.fold_in(key, k),
-                                               spec)
-    if spec.first_order:
-      g = jax.lax.stop_gradient(g)
-    if isinstance(lr, dict):
-      theta = jax.tree.map(lambda p, a, gi: p - a * gi, theta, lr, g)
-    else:
-      theta = jax.tree.map(lambda p, gi: p - lr * gi, theta, g)
+    theta, loss = step(theta, k)
     losses.append(loss)
   return theta, jnp.stack(losses) if losses else jnp.zeros((0,))
 
 
-def _inner_adapt_scan(params, theta, lr, x, y, key, spec: MetaSpec):
-  """:func:`inner_adapt` as a ``lax.scan`` over the step index (same keys, same updates)."""
-
-  def step(theta, k):
-    loss, g = jax.value_and_grad(support_loss)(theta, params, x, y, jax.random.fold_in(key, k),
-                                               spec)
-    if spec.first_order:
-      g = jax.lax.stop_gradient(g)
-    if isinstance(lr, dict):
-      theta = jax.tree.map(lambda p, a, gi: p - a * gi, theta, lr, g)
-    else:
-      theta = jax.tree.map(lambda p, gi: p - lr * gi, theta, g)
-    return theta, loss
-
-  return jax.lax.scan(step, theta, jnp.arange(spec.inner_steps))
+def _inner_step(theta, k, *, params, lr, x, y, key, spec: MetaSpec):
+  """One SGD step on theta with the noise of ``fold_in(key, k)``; returns (theta, loss)."""
+  loss, g = jax.value_and_grad(support_loss)(theta, params, x, y, jax.random.fold_in(key, k),
+                                             spec)
+  if spec.first_order:
+    g = jax.lax.stop_gradient(g)
+  if isinstance(lr, dict):   # Meta-SGD: one step size per parameter entry
+    theta = jax.tree.map(lambda p, a, gi: p - a * gi, theta, lr, g)
+  else:
+    theta = jax.tree.map(lambda p, gi: p - lr * gi, theta, g)
+  return theta, loss
 
 
 # ------------------------------------------------------------------------------------------------

@@ -338,13 +338,8 @@ def plot_learning_curves(workdirs: Sequence[str], out: str, *, labels: Sequence[
     ax.grid(alpha=0.3)
   ax_loss.legend(fontsize=7, loc='upper right')
   fig.subplots_adjust(left=0.06, right=0.99, bottom=0.13, top=0.92, wspace=0.18)
-  d = os.path.dirname(os.path.abspath(out))
-  os.makedirs(d, exist_ok=True)
-  root, ext = os.path.splitext(os.path.basename(out))
-  tmp = os.path.join(d, f'.{root}.tmp.{os.getpid()}{ext or ".png"}')
-  fig.savefig(tmp, dpi=dpi)
-  os.replace(tmp, out)
-  return out
+  from metadrop_jax import visualize
+  return visualize.save_figure(fig, out, dpi)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ import numpy as np
 import optax
 
 from metadrop_jax import attacks
-from metadrop_jax import config as config_lib
 from metadrop_jax import episodes as episodes_lib
 from metadrop_jax import meta
 from metadrop_jax import metrics as metrics_lib
@@ -181,19 +180,9 @@ def evaluate_workdir(workdir: str, norms: Sequence[str], *, radii: dict | None =
                      config=None) -> dict[str, dict]:
   """Restores ``workdir``'s latest checkpoint, runs :func:`robustness_curves` and writes
   ``workdir/robustness_<norm>.json`` (``_<split>`` appended for splits other than test)."""
-  from metadrop_jax import data as data_lib
   from metadrop_jax import train
-  config = config or train.load_run_config(workdir)
-  config_lib.validate(config)
-  init_key, _ = train.run_keys(config)
-  template, _ = meta.create_state(init_key, config)
-  state = train.restore_latest(train.checkpoint_manager(workdir, config), template)
-  if state is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first '
-                            f'(launch.py --config=... --workdir={workdir})')
-  images = data_lib.load_split(config.data, split)
-  if images is None:
-    raise ValueError(f'data set {config.data.name} has no {split!r} split with this config')
+  config, state = train.restore_workdir(workdir, config)
+  images = train.load_eval_split(config, split)
   t0 = time.time()
   curves = robustness_curves(state.params, images, config, norms, radii=radii,
                              num_episodes=num_episodes, mc_samples=mc_samples, attack=attack,

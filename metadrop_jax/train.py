@@ -289,8 +289,9 @@ def _append_run_log(workdir, row):
     f.write(json.dumps(row) + '\n')
 
 
-def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, Any]:
-  """Restores the latest checkpoint and writes ``workdir/results.json`` (paper protocol)."""
+def restore_workdir(workdir: str, config=None) -> tuple[Any, meta.TrainState]:
+  """(config, latest TrainState) of a training workdir; config defaults to its config.json."""
+  config = config or load_run_config(workdir)
   config_lib.validate(config)
   init_key, _ = run_keys(config)
   template, _ = meta.create_state(init_key, config)
@@ -298,10 +299,22 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, 
   if state is None:
     raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first '
                             f'(launch.py --config=... --workdir={workdir})')
+  return config, state
+
+
+def load_eval_split(config, split: str):
+  """The split's images, checked against the episode shape; a clear error if it does not exist."""
   images = data_lib.load_split(config.data, split)
   if images is None:
     raise ValueError(f'data set {config.data.name} has no {split!r} split with this config')
   _check_split(images, config, split)
+  return images
+
+
+def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, Any]:
+  """Restores the latest checkpoint and writes ``workdir/results.json`` (paper protocol)."""
+  config, state = restore_workdir(workdir, config)
+  images = load_eval_split(config, split)
   t0 = time.time()
   r = evaluate(state.params, images, config, split=split)
   result = {

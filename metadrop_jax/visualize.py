@@ -49,13 +49,14 @@ def _figure(width_in: float, height_in: float):
   return fig
 
 
-def _save(fig, path: str) -> str:
-  """Saves at the figure's own size (no tight bbox: the pixel size is figsize * DPI)."""
+def save_figure(fig, path: str, dpi: int | None = None) -> str:
+  """Saves atomically (temp file + rename) at the figure's own size (no tight bbox: the pixel
+  size is figsize * dpi)."""
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   root, ext = os.path.splitext(os.path.basename(path))
   tmp = os.path.join(d, f'.{root}.tmp.{os.getpid()}{ext}')
-  fig.savefig(tmp, dpi=DPI)
+  fig.savefig(tmp, dpi=dpi or DPI)
   os.replace(tmp, path)
   return path
 
@@ -160,7 +161,7 @@ def plot_boundary(arrays: dict, task: int, step: int, out: str, *, label: str | 
   title = (f'{_method_label(arrays, label)}: task {task} (classes {cls[0]},{cls[1]}), '
            f'step {step}, test acc {float(arrays["acc_test"][task, step]):.0%}')
   draw_boundary(ax, arrays, task, step, seed=seed, title=title)
-  return _save(fig, out)
+  return save_figure(fig, out)
 
 
 def plot_all_boundaries(arrays: dict, out_dir: str, *, tasks: Sequence[int] | None = None,
@@ -192,7 +193,7 @@ def plot_boundary_panel(exports: Sequence[dict], out: str, *, task: int = 0,
                     title=f'{lab} ({_str(arrays.get("dataset"))}), step {k}, test acc {acc:.0%}')
   fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1 / nrow + 0.02, top=1 - 0.08 / nrow,
                       wspace=0.15, hspace=0.35)
-  return _save(fig, out)
+  return save_figure(fig, out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,7 +332,7 @@ def plot_feature_grid(maps: dict, out: str, *, channels: Sequence[int] | None = 
         ax.set_title(f'channel {channels[c - 1]}', fontsize=8)
   fig.suptitle(title or f'stochastic features u{maps.get("layer", 0)} (shared colour scale per '
                'channel)', fontsize=9, y=1 - 0.1 / (cell * nrow + 0.4))
-  return _save(fig, out)
+  return save_figure(fig, out)
 
 
 def stochastic_features_workdir(workdir: str, *, split: str = 'test', task_seed: int = 0,

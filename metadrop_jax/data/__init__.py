@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 
 from metadrop_jax.data.cache import DataError  # noqa: F401  (re-export: missing/corrupt data)
 
