@@ -86,9 +86,11 @@ def accuracy(logits, labels):
 # inner loop
 # ------------------------------------------------------------------------------------------------
 
-def _sampled(spec: MetaSpec) -> bool:
-  """Whether the support pass draws noise (methods without any noise take one pass)."""
-  return spec.method not in ('maml', 'metasgd', 'adv')
+def support_is_stochastic(method: str) -> bool:
+  """Whether the support pass draws noise (methods without any noise take one pass, and MC
+  samples do not apply to them)."""
+  return method not in ('maml', 'metasgd', 'adv')
+
 
 
 def support_loss(theta, params, x, y, key, spec: MetaSpec):
@@ -124,7 +126,7 @@ def support_loss(theta, params, x, y, key, spec: MetaSpec):
     logits, feats = nets.forward_features(p, x, k, spec.net, sample=True)
     return xent(logits, y) + spec.kl_beta * feats['kl']
 
-  if not _sampled(spec):
+  if not support_is_stochastic(spec.method):
     return xent(nets.forward(p, x, None, spec.net, sample=False), y)
   if spec.mc_samples == 1:
     return one(key)

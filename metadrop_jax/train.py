@@ -90,7 +90,7 @@ def evaluate(params, images, config, *, split: str = 'test', num_episodes: int |
   accs = np.concatenate(jax.device_get(accs))[:n]
   losses = np.concatenate(jax.device_get(losses))[:n]
   return {**metrics_lib.summarize(accs), 'loss': float(losses.mean()), 'accs': accs,
-          'mc_samples': mc, 'split': split}
+          'mc_samples': mc if meta.support_is_stochastic(config.method) else 1, 'split': split}
 
 
 # ------------------------------------------------------------------------------------------------
