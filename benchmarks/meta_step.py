@@ -57,13 +57,7 @@ def _build_config(name: str, method: str, overrides: dict):
   from metadrop_jax import config as config_lib
   c = importlib.import_module(f'configs.{name}').get_config()
   c.method = method
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return config_lib.validate(c)
+  return config_lib.validate(config_lib.override(c, overrides))
 
 
 def _synthetic_images(config):

@@ -117,6 +117,17 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets dotted fields in place (``{'model.channels': 8}``), as ``--config.model.channels=8``."""
+  for k, v in overrides.items():
+    node = config
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return config
+
+
 def resolved(config: ml_collections.ConfigDict, name: str):
   """Values that depend on the method: ``meta_lr``."""
   if name == 'meta_lr':

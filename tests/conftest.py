@@ -15,15 +15,10 @@ def tiny(method='metadrop', **over):
   """A config small enough to compile in seconds: 8x8 synthetic images, 2 blocks of 4 channels."""
   from configs import tiny as tiny_cfg
   c = tiny_cfg.get_config()
+  from metadrop_jax import config as config_lib
   c.method = method
   c.progress_bar = False
-  for k, v in over.items():
-    node = c
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return config_lib.override(c, over)
 
 
 @pytest.fixture

@@ -52,12 +52,7 @@ def test_paper_hyperparameters():
 ])
 def test_validate_names_the_bad_field(field, value, needle):
   from configs import tiny
-  c = tiny.get_config()
-  node = c
-  *path, leaf = field.split('.')
-  for p in path:
-    node = node[p]
-  node[leaf] = value
+  c = config_lib.override(tiny.get_config(), {field: value})
   with pytest.raises(config_lib.ConfigError, match=needle.replace('.', r'\.')):
     config_lib.validate(c)
 
