@@ -71,11 +71,8 @@ def load_workdir(workdir: str, data_path: str | None = None, cache_dir: str | No
 
 
 def load_images(config, split: str = 'test') -> np.ndarray:
-  from metadrop_jax import data as data_lib
-  images = data_lib.load_split(config.data, split)
-  if images is None:
-    raise ValueError(f'data set {config.data.name} has no {split!r} split with this config')
-  return images
+  from metadrop_jax import train
+  return train.require_split(config, split)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -302,11 +302,17 @@ def restore_workdir(workdir: str, config=None) -> tuple[Any, meta.TrainState]:
   return config, state
 
 
-def load_eval_split(config, split: str):
-  """The split's images, checked against the episode shape; a clear error if it does not exist."""
+def require_split(config, split: str):
+  """The split's images; a clear error if the data set has no such split with this config."""
   images = data_lib.load_split(config.data, split)
   if images is None:
     raise ValueError(f'data set {config.data.name} has no {split!r} split with this config')
+  return images
+
+
+def load_eval_split(config, split: str):
+  """:func:`require_split`, checked against the config's episode shape."""
+  images = require_split(config, split)
   _check_split(images, config, split)
   return images
 
