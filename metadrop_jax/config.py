@@ -94,8 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.methods.metasgd_init_lr = -1.0     # metasgd: initial per-parameter step (<0: inner_lr)
   c.methods.adv_norm = 'linf'          # adv: 'l1' | 'l2' | 'linf'
   c.methods.adv_eps = 0.02             # adv: training radius
-  c.methods.adv_steps = 5              # adv: PGD steps during training (step 2.5*eps/steps,
-                                       # random start; metadrop_jax/attacks.py)
+  c.methods.adv_steps = 5              # adv: PGD steps on the query set during training
+  c.methods.adv_step_size = -1.0       # adv: PGD step as a fraction of eps (<0: 2.5 / adv_steps)
+  c.methods.adv_restarts = 1           # adv: random starts; the worst per example is kept
+                                       # (metadrop_jax/attacks.py)
 
   # ---- evaluation -----------------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
@@ -188,7 +190,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.max_minutes_per_run >= 0, 'max_minutes_per_run: must be >= 0 (0 = no limit)')
   m = config.methods
   need(m.adv_norm in ('l1', 'l2', 'linf'), f"methods.adv_norm={m.adv_norm!r}: 'l1', 'l2' or 'linf'")
-  need(m.adv_eps >= 0 and m.adv_steps >= 1, 'methods.adv_eps must be >= 0 and adv_steps >= 1')
+  need(m.adv_eps >= 0, f'methods.adv_eps={m.adv_eps}: must be >= 0 (0 trains clean)')
+  need(isinstance(m.adv_steps, int) and m.adv_steps >= 1,
+       f'methods.adv_steps={m.adv_steps!r}: must be an integer >= 1')
+  need(isinstance(m.adv_restarts, int) and m.adv_restarts >= 1,
+       f'methods.adv_restarts={m.adv_restarts!r}: must be an integer >= 1')
+  need(m.adv_step_size != 0, 'methods.adv_step_size=0: PGD would not move; use <0 for the '
+       'default 2.5 / adv_steps or a positive fraction of eps')
   need(m.mixup_alpha > 0, 'methods.mixup_alpha must be > 0')
   need(0 < m.infodrop_max_alpha, 'methods.infodrop_max_alpha must be > 0')
   if config.data.name == 'synthetic':

@@ -39,6 +39,8 @@ class MetaSpec:
   adv_norm: str = 'linf'
   adv_eps: float = 0.0
   adv_steps: int = 5
+  adv_step_size: float | None = None  # fraction of adv_eps per PGD step; None: 2.5 / adv_steps
+  adv_restarts: int = 1
 
   @property
   def method(self) -> str:
@@ -55,7 +57,9 @@ def spec_from_config(config, mc_samples: int | None = None) -> MetaSpec:
       first_order=config.first_order,
       kl_beta=m.vib_beta if config.method in ('vib', 'infodrop') else 0.0,
       mixup_alpha=m.mixup_alpha,
-      adv_norm=m.adv_norm, adv_eps=m.adv_eps, adv_steps=m.adv_steps)
+      adv_norm=m.adv_norm, adv_eps=m.adv_eps, adv_steps=m.adv_steps,
+      adv_step_size=m.adv_step_size if m.adv_step_size > 0 else None,
+      adv_restarts=m.adv_restarts)
 
 
 def init_params(key, spec: MetaSpec, metasgd_init_lr: float | None = None) -> Params:
@@ -177,7 +181,7 @@ def task_loss(params: Params, ep: episodes_lib.Episode, key, spec: MetaSpec):
     qx = jax.lax.stop_gradient(attacks.pgd(
         lambda xx: xent(nets.forward(adapted, xx, None, spec.net, sample=False), ep.query_y),
         qx, jax.random.fold_in(key, spec.inner_steps), norm=spec.adv_norm, eps=spec.adv_eps,
-        steps=spec.adv_steps))
+        steps=spec.adv_steps, step_size=spec.adv_step_size, restarts=spec.adv_restarts))
   logits = nets.forward(adapted, qx, None, spec.net, sample=False)
   loss = xent(logits, ep.query_y)
   metrics = {'loss': loss, 'acc': accuracy(logits, ep.query_y)}

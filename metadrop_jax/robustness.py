@@ -202,7 +202,9 @@ def evaluate_workdir(workdir: str, norms: Sequence[str], *, radii: dict | None =
     }
     if config.method == 'adv':
       res['adv_training'] = {'norm': config.methods.adv_norm, 'eps': config.methods.adv_eps,
-                             'steps': config.methods.adv_steps}
+                             'steps': config.methods.adv_steps,
+                             'step_size': config.methods.adv_step_size,
+                             'restarts': config.methods.adv_restarts}
     suffix = '' if split == 'test' else f'_{split}'
     metrics_lib.write_json_atomic(os.path.join(workdir, f'robustness_{n}{suffix}.json'), res)
     results[n] = res

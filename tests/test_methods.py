@@ -262,3 +262,24 @@ def test_adv_attacks_the_query_set():
   adv_loss, _ = meta.task_loss(params, ep, key, spec)
   clean_loss, _ = meta.task_loss(params, ep, key, dataclasses.replace(spec, adv_eps=0.0))
   assert float(adv_loss) > float(clean_loss)
+
+
+def test_adv_attack_settings_reach_the_attack():
+  """methods.adv_step_size / adv_restarts go from the config into the PGD of adversarial
+  querying (the attack itself is tested in test_attacks.py): a different step size gives a
+  different adversarial query set, hence a different query loss."""
+  c, spec, params, ep = _setup('adv', inner_steps=1, **{
+      'methods.adv_eps': 0.1, 'methods.adv_step_size': 0.05, 'methods.adv_restarts': 3})
+  assert (spec.adv_step_size, spec.adv_restarts) == (0.05, 3)
+  assert meta.spec_from_config(tiny('adv')).adv_step_size is None   # default 2.5 / steps
+  key = jax.random.PRNGKey(10)
+  small, _ = meta.task_loss(params, ep, key, spec)
+  large, _ = meta.task_loss(params, ep, key, dataclasses.replace(spec, adv_step_size=0.5))
+  assert float(small) != float(large)
+
+
+@pytest.mark.parametrize('field,value', [('adv_restarts', 0), ('adv_step_size', 0.0),
+                                         ('adv_steps', 0), ('adv_eps', -1.0)])
+def test_bad_adv_settings_are_refused(field, value):
+  with pytest.raises(config_lib.ConfigError, match=f'methods.{field}'):
+    config_lib.validate(tiny('adv', **{f'methods.{field}': value}))
