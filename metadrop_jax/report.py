@@ -342,6 +342,47 @@ def plot_learning_curves(workdirs: Sequence[str], out: str, *, labels: Sequence[
   return visualize.save_figure(fig, out, dpi)
 
 
+def plot_accuracy_bars(runs: Sequence[dict], out: str, *, title: str | None = None,
+                       dpi: int = 100) -> str:
+  """Meta-test accuracy ± 95% CI of each run as a horizontal bar, one panel per setting
+  (dataset, way, shot), runs in the given order; the paper's figure, where it has one for the
+  method and setting, as a black tick with its interval. ``runs``: :func:`load_results` rows."""
+  from matplotlib.figure import Figure
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  if not runs:
+    raise ValueError('no results to plot (no workdir had a results.json)')
+  groups: dict[tuple, list[dict]] = {}
+  for r in runs:
+    groups.setdefault(setting_of(r), []).append(r)
+  height = 0.9 + 0.32 * max(len(g) for g in groups.values())
+  fig = Figure(figsize=(5.5 * len(groups), height), dpi=dpi)
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, len(groups), squeeze=False)[0]
+  for ax, (setting, rs) in zip(axes, groups.items()):
+    y = list(range(len(rs)))[::-1]
+    acc = [r['accuracy'] for r in rs]
+    ax.barh(y, acc, xerr=[r['ci95'] for r in rs], color=[f'C{i % 10}' for i in range(len(rs))],
+            alpha=0.8, capsize=3)
+    for yi, r in zip(y, rs):
+      ax.text(r['accuracy'] + r['ci95'] + 0.3, yi, f"{r['accuracy']:.1f}", va='center', fontsize=8)
+      paper = PAPER_TABLE1.get((r['method'], *setting))
+      if paper:
+        ax.errorbar(paper[0], yi, xerr=paper[1], fmt='|', color='k', ms=14, capsize=2)
+    ax.set_yticks(y, [method_label(r['method']) for r in rs], fontsize=8)
+    lo = min(a - r['ci95'] for a, r in zip(acc, rs))
+    ax.set_xlim(max(0.0, lo - 5.0), min(100.0, max(acc) + 6.0))
+    steps = sorted({int(r.get('step', 0)) for r in rs})
+    ax.set_title(f'{column_label(setting)}, {"/".join(map(str, steps))} meta-iterations',
+                 fontsize=9)
+    ax.set_xlabel('meta-test accuracy (%), mean ± 95% CI')
+    ax.grid(axis='x', alpha=0.3)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  from metadrop_jax import visualize
+  return visualize.save_figure(fig, out, dpi)
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
@@ -357,13 +398,16 @@ def _parser():
   p.add_argument('--labels', default='', help='comma-separated curve labels (default: method '
                  '(name))')
   p.add_argument('--smooth', type=int, default=1, help='moving-average window, train curves')
+  p.add_argument('--bars', default='', help='bar chart PNG of accuracy ± 95%% CI per run')
+  p.add_argument('--title', default='', help='title of the bar chart')
   return p
 
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   workdirs = [w for w in args.workdirs.split(',') if w]
-  table = build_table(load_results(workdirs))
+  runs = load_results(workdirs)
+  table = build_table(runs)
   print(table)
   if args.out:
     write_atomic(args.out, table)
@@ -373,6 +417,9 @@ def main(argv=None) -> int:
                          labels=args.labels.split(',') if args.labels else None,
                          smooth=args.smooth)
     print(f'wrote {args.curves}', file=sys.stderr)
+  if args.bars:
+    plot_accuracy_bars(runs, args.bars, title=args.title or None)
+    print(f'wrote {args.bars}', file=sys.stderr)
   return 0
 
 

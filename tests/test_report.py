@@ -198,3 +198,15 @@ def test_help(capsys):
     report.main(['--help'])
   assert e.value.code == 0
   assert '--workdirs' in capsys.readouterr().out
+
+
+def test_accuracy_bars_one_panel_per_setting(tmp_path, runs):
+  """--bars: one 5.5-inch panel per setting (runs has two settings), drawn (not blank)."""
+  out = tmp_path / 'bars.png'
+  assert report.main([f'--workdirs={",".join(runs)}', f'--bars={out}', '--title=t']) == 0
+  with Image.open(out) as im:
+    assert im.size[0] == 1100
+    colors = im.convert('RGB').getcolors(maxcolors=1 << 16)
+    assert colors is not None and len(colors) > 20
+  with pytest.raises(ValueError, match='no results'):
+    report.plot_accuracy_bars([], str(tmp_path / 'none.png'))
