@@ -9,7 +9,8 @@
 # MC (meta-test MC samples, default 10), ROOT (workdir root, default workdirs/method_study),
 # PYTHON (default python). A method whose ROOT/<method>/results.json exists is skipped, so an
 # interrupted study resumes by rerunning the same command (training itself resumes from the
-# last checkpoint too). Logs: ROOT/<method>.log. Table: ROOT/table.md.
+# last checkpoint too). Logs: ROOT/<method>.log. Table: ROOT/table.md; figures:
+# ROOT/accuracy.png (accuracy ± 95% CI per method), ROOT/curves.png (learning curves).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -36,4 +37,6 @@ for m in "${METHODS[@]}"; do
   fi
   DONE+=("$wd")
 done
-"$PYTHON" -m metadrop_jax.report --workdirs="$(IFS=,; echo "${DONE[*]}")" --out="$ROOT/table.md"
+"$PYTHON" -m metadrop_jax.report --workdirs="$(IFS=,; echo "${DONE[*]}")" --out="$ROOT/table.md" \
+    --bars="$ROOT/accuracy.png" --curves="$ROOT/curves.png" --smooth=5 \
+    --title="configs/omniglot_5way1shot_cpu.py, $EPISODES test episodes, $MC MC samples at meta-test"

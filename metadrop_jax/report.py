@@ -282,6 +282,14 @@ def _run_label(workdir: str) -> str:
   return os.path.basename(os.path.normpath(workdir))
 
 
+def _color(i: int, n: int):
+  """Colour of run ``i`` of ``n``: matplotlib's default cycle, tab20 beyond 10 runs."""
+  if n <= 10:
+    return f'C{i}'
+  from matplotlib import colormaps
+  return colormaps['tab20'](i % 20)
+
+
 def _smooth(y, window: int):
   import numpy as np
   y = np.asarray(y, np.float64)
@@ -316,7 +324,7 @@ def plot_learning_curves(workdirs: Sequence[str], out: str, *, labels: Sequence[
     if label in seen_labels:   # two runs with the same method/name: add the workdir
       label = f'{label} [{os.path.basename(os.path.normpath(wd))}]'
     seen_labels[label] = i
-    color = f'C{i % 10}'
+    color = _color(i, len(workdirs))
     for prefix, style in (('train', dict(ls='-', lw=1.3)),
                           ('val', dict(ls='--', lw=1.3, marker='o', ms=3))):
       for ax, key, scale in ((ax_acc, 'acc', 100.0), (ax_loss, 'loss', 1.0)):
@@ -361,7 +369,7 @@ def plot_accuracy_bars(runs: Sequence[dict], out: str, *, title: str | None = No
   for ax, (setting, rs) in zip(axes, groups.items()):
     y = list(range(len(rs)))[::-1]
     acc = [r['accuracy'] for r in rs]
-    ax.barh(y, acc, xerr=[r['ci95'] for r in rs], color=[f'C{i % 10}' for i in range(len(rs))],
+    ax.barh(y, acc, xerr=[r['ci95'] for r in rs], color=[_color(i, len(rs)) for i in range(len(rs))],
             alpha=0.8, capsize=3)
     for yi, r in zip(y, rs):
       ax.text(r['accuracy'] + r['ci95'] + 0.3, yi, f"{r['accuracy']:.1f}", va='center', fontsize=8)
@@ -377,7 +385,8 @@ def plot_accuracy_bars(runs: Sequence[dict], out: str, *, title: str | None = No
     ax.set_xlabel('meta-test accuracy (%), mean ± 95% CI')
     ax.grid(axis='x', alpha=0.3)
   if title:
-    fig.suptitle(title, fontsize=10)
+    import textwrap
+    fig.suptitle('\n'.join(textwrap.wrap(title, int(11 * fig.get_figwidth()))), fontsize=9)
   fig.tight_layout()
   from metadrop_jax import visualize
   return visualize.save_figure(fig, out, dpi)
