@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -216,6 +217,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   window, last_log = [], time.time()
   step = start
   stopped = 'finished'
+  warned_inner = False
   while step < end:
     if config.data.sampler == 'device':
       state, m = step_fn(state, images, train_key)
@@ -233,6 +235,10 @@ def train(config, workdir: str) -> dict[str, Any]:
       if not all(np.isfinite(v) for v in scalars.values()):
         raise FloatingPointError(f'non-finite training metrics in steps {step - len(window) + 1}-'
                                  f'{step}: {scalars}. Lower meta_lr / inner_lr, or check the data.')
+      diverging = inner_loop_diverging(scalars)
+      if diverging and not warned_inner:
+        warnings.warn(f'steps {step - len(window) + 1}-{step}: {diverging}', RuntimeWarning)
+        warned_inner = True
       now = time.time()
       scalars['train/steps_per_sec'] = len(window) / max(now - last_log, 1e-9)
       writer.write_scalars(step, scalars)
@@ -261,6 +267,22 @@ def train(config, workdir: str) -> dict[str, Any]:
             'done': step >= config.num_steps, 'minutes_this_run': (time.time() - t0) / 60.0}
   _append_run_log(workdir, {**status, 'start_step': start, **provenance()})
   return status | {'state': state}
+
+
+def inner_loop_diverging(scalars: dict, factor: float = 10.0) -> str | None:
+  """A message when the logged support loss grows ``factor``-fold over the inner loop (mean over
+  the logging window: ``train/inner_loss_last`` vs ``train/inner_loss_first``), else None.
+
+  SGD on the support set should lower its loss; a loss that grows by an order of magnitude over
+  the K inner steps means the inner learning rate is too large for this loss (e.g. VIB's KL
+  term at an inner lr tuned for cross-entropy) and the run's accuracy says little.
+  """
+  first, last = scalars.get('train/inner_loss_first'), scalars.get('train/inner_loss_last')
+  if first is None or last is None or not first > 0 or not last > factor * first:
+    return None
+  return (f'the inner loop diverges: support loss {first:.3g} before the inner steps, {last:.3g} '
+          f'after them. Lower --config.inner_lr (or, for vib / infodrop, '
+          f'--config.methods.vib_beta).')
 
 
 def _check_split(images, config, split):

@@ -96,3 +96,15 @@ def test_launch_end_to_end(tmp_path):
                       '--config.method=dropout'], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode != 0 and 'method=' in r.stderr
+
+
+def test_inner_loop_divergence_is_reported():
+  """The VIB run of docs/results.md (support loss 10.2 -> 4.9e7 over 5 inner steps) is named;
+  a loss that falls, rises a little, or is missing (no inner steps) is not."""
+  msg = train.inner_loop_diverging({'train/inner_loss_first': 10.2,
+                                    'train/inner_loss_last': 4.9e7})
+  assert msg and 'inner_lr' in msg and '4.9e+07' in msg
+  for first, last in ((1.6, 1.1), (1.6, 1.9), (1.6, 15.9)):
+    assert train.inner_loop_diverging({'train/inner_loss_first': first,
+                                       'train/inner_loss_last': last}) is None
+  assert train.inner_loop_diverging({'train/loss': 1.0}) is None
