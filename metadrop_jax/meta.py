@@ -96,7 +96,6 @@ def support_is_stochastic(method: str) -> bool:
   return method not in ('maml', 'metasgd', 'adv')
 
 
-
 def support_loss(theta, params, x, y, key, spec: MetaSpec):
   """MC estimate of the perturbed support loss ``1/S sum_s CE(f(x; theta, phi, eps_s), y)``.
 
