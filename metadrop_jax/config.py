@@ -29,6 +29,12 @@ DATASETS = ('omniglot', 'miniimagenet', 'synthetic')
 CONV_IMPLS = ('auto', 'xla', 'im2col')
 TASK_MAPS = ('auto', 'vmap', 'map')
 INNER_LOOPS = ('unroll', 'scan')
+# How the meta-gradient treats the inner loop (README, "Which meta-gradient"):
+#   'exact'       second order through the unrolled inner loop: the method as the paper states it;
+#   'authors'     what the authors' TF code computes: every batch norm's backward pass acts as a
+#                 constant to the outer gradient (docs/authors_gradient.md), else second order;
+#   'first_order' the inner gradients are constants (first-order MAML).
+META_GRADIENTS = ('exact', 'authors', 'first_order')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -54,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.channels = 1
   c.data.synthetic_noise = 0.3
   c.data.sampler = 'device'       # 'device': episodes drawn inside the jitted step; 'host': numpy
+  c.data.shared_classes = False   # True: the tasks of a training meta-batch share task 0's class
+                                  # set (the authors' final code; independent classes otherwise)
 
   # ---- episodes -------------------------------------------------------------------------------
   c.way = 5
@@ -76,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.inner_steps = 5
   c.inner_lr = 0.01
   c.train_mc_samples = 1          # MC samples of the perturbed support loss in meta-training
-  c.first_order = False           # drop second-order terms of the meta-gradient
+  c.meta_gradient = 'exact'       # one of META_GRADIENTS
 
   # ---- outer loop -----------------------------------------------------------------------------
   c.meta_batch = 4                # tasks per meta-iteration
@@ -178,6 +186,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f'model.inner_loop={config.model.inner_loop!r}: choose one of {INNER_LOOPS}')
   need(config.model.compute_dtype in ('float32', 'bfloat16'),
        f"model.compute_dtype={config.model.compute_dtype!r}: choose 'float32' or 'bfloat16'")
+  need(config.meta_gradient in META_GRADIENTS,
+       f'meta_gradient={config.meta_gradient!r}: choose one of {META_GRADIENTS}')
+  need(isinstance(config.data.shared_classes, bool),
+       f'data.shared_classes={config.data.shared_classes!r}: must be True or False')
   need(config.model.bn_eps > 0, f'model.bn_eps={config.model.bn_eps}: must be > 0')
   ev = config.eval
   for f in ('num_episodes', 'mc_samples', 'batch_tasks', 'val_episodes', 'val_mc_samples'):

@@ -7,7 +7,7 @@ Two samplers with one contract, a pure function of a key / (seed, index):
 * :func:`sample_batch_host` draws the same kind of episodes with numpy on the host.
 
 Every task draws its own classes (the authors' final code reused one class set for the whole
-meta-batch; we do not). Within a task the N classes are distinct, and each class contributes
+meta-batch: ``shared_classes=True``, ``config.data.shared_classes``, reproduces that). Within a task the N classes are distinct, and each class contributes
 K + Q distinct images, the first K to the support set and the rest to the query set. Label k is
 the k-th drawn class, in class-major order: ``support_y = [0]*K + [1]*K + ...``.
 """
@@ -67,20 +67,33 @@ def sample_episode(key, images, way: int, shot: int, query: int) -> Episode:
   return gather(images, idx, way, shot, query)
 
 
-def sample_batch(key, images, num_tasks: int, way: int, shot: int, query: int) -> Episode:
-  """``num_tasks`` independent episodes, each from its own ``fold_in(key, t)``; jit-friendly."""
+def sample_batch(key, images, num_tasks: int, way: int, shot: int, query: int,
+                 shared_classes: bool = False) -> Episode:
+  """``num_tasks`` independent episodes, each from its own ``fold_in(key, t)``; jit-friendly.
+
+  ``shared_classes``: every task takes task 0's classes (its own images), as the authors' final
+  code did within a training meta-batch; task 0 is the same episode either way.
+  """
   keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(num_tasks))
-  return jax.vmap(lambda k: sample_episode(k, images, way, shot, query))(keys)
+  idx = jax.vmap(lambda k: sample_index(k, images.shape[0], images.shape[1], way, shot, query))(
+      keys)
+  if shared_classes:
+    idx = idx._replace(classes=jnp.broadcast_to(idx.classes[:1], idx.classes.shape))
+  return jax.vmap(lambda i: gather(images, i, way, shot, query))(idx)
 
 
 def sample_batch_host(seed: int, index: int, images: np.ndarray, num_tasks: int, way: int,
-                      shot: int, query: int) -> Episode:
-  """The host-side sampler: numpy episodes from ``default_rng([seed, index])``."""
+                      shot: int, query: int, shared_classes: bool = False) -> Episode:
+  """The host-side sampler: numpy episodes from ``default_rng([seed, index])``
+  (``shared_classes`` as in :func:`sample_batch`)."""
   rng = np.random.default_rng([seed, index])
   c, m = images.shape[:2]
   eps = []
-  for _ in range(num_tasks):
-    classes = rng.permutation(c)[:way]
+  for t in range(num_tasks):
+    drawn = rng.permutation(c)[:way]   # drawn for every task: the stream is the same either way
+    if t == 0:
+      first = drawn
+    classes = first if shared_classes else drawn
     inst = np.stack([rng.permutation(m)[:shot + query] for _ in range(way)])
     eps.append(_assemble(images[classes[:, None], inst], way, shot, query, np))
   return Episode(*[np.stack(f) for f in zip(*eps)])

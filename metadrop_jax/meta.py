@@ -6,7 +6,8 @@ Inner loop (authors' ``model.py``): ``theta_{k+1} = theta_k - alpha * grad_theta
 ``L_k = 1/S sum_s CE(f(x_s; theta_k, phi, eps_{k,s}), y_s)``, fresh noise at every step and MC
 sample; only theta adapts (phi and the batch-norm offsets are meta-learned only). The meta-loss
 is the query cross-entropy of ``f(x_q; theta_K, phi)`` without sampling, averaged over tasks.
-Meta-gradients are exact (second order through the unrolled inner loop) unless ``first_order``.
+Meta-gradients are exact (second order through the unrolled inner loop) unless
+``meta_gradient`` is 'first_order' or 'authors' (config.META_GRADIENTS).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class MetaSpec:
   inner_steps: int = 5
   inner_lr: float = 0.01
   mc_samples: int = 1
-  first_order: bool = False
+  meta_gradient: str = 'exact'   # config.META_GRADIENTS; 'authors' acts in nets.batch_norm
   kl_beta: float = 0.0          # vib / infodrop weight of the KL term in the support loss
   mixup_alpha: float = 2.0
   adv_norm: str = 'linf'
@@ -42,9 +43,19 @@ class MetaSpec:
   adv_step_size: float | None = None  # fraction of adv_eps per PGD step; None: 2.5 / adv_steps
   adv_restarts: int = 1
 
+  def __post_init__(self):
+    # meta_gradient is the one source; the network's batch-norm backward follows it.
+    bn = 'constant' if self.meta_gradient == 'authors' else 'exact'
+    if self.net.bn_backward != bn:
+      object.__setattr__(self, 'net', dataclasses.replace(self.net, bn_backward=bn))
+
   @property
   def method(self) -> str:
     return self.net.method
+
+  @property
+  def first_order(self) -> bool:
+    return self.meta_gradient == 'first_order'
 
 
 def spec_from_config(config, mc_samples: int | None = None) -> MetaSpec:
@@ -54,7 +65,7 @@ def spec_from_config(config, mc_samples: int | None = None) -> MetaSpec:
       inner_steps=config.inner_steps,
       inner_lr=config.inner_lr,
       mc_samples=config.train_mc_samples if mc_samples is None else mc_samples,
-      first_order=config.first_order,
+      meta_gradient=config.meta_gradient,
       kl_beta=m.vib_beta if config.method in ('vib', 'infodrop') else 0.0,
       mixup_alpha=m.mixup_alpha,
       adv_norm=m.adv_norm, adv_eps=m.adv_eps, adv_steps=m.adv_steps,
@@ -249,7 +260,8 @@ def sample_train_episodes(images, step_key_root, step, config) -> episodes_lib.E
   """The training episodes of ``step``: a pure function of (train key, step)."""
   step_key = jax.random.fold_in(step_key_root, step)
   return episodes_lib.sample_batch(jax.random.fold_in(step_key, 0), images, config.meta_batch,
-                                   config.way, config.shot, config.query)
+                                   config.way, config.shot, config.query,
+                                   shared_classes=config.data.shared_classes)
 
 
 def make_train_step(config, tx, sharding=None):

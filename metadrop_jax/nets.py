@@ -23,6 +23,7 @@ MAML: ``u = mu`` and no logit noise; phi is never read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -42,6 +43,7 @@ class NetSpec:
   num_layers: int = 4
   method: str = 'metadrop'
   bn_eps: float = 1e-3
+  bn_backward: str = 'exact'      # 'exact' | 'constant'; set by meta.MetaSpec from meta_gradient
   conv_impl: str = 'xla'          # resolved: 'xla' | 'im2col'
   fuse_noise_conv: bool = True
   compute_dtype: str = 'float32'
@@ -148,15 +150,43 @@ def conv3x3(x: jax.Array, w: jax.Array, b: jax.Array, impl: str, dtype: str = 'f
   return y + b
 
 
-def batch_norm(x: jax.Array, beta: jax.Array, eps: float) -> jax.Array:
+def batch_norm(x: jax.Array, beta: jax.Array, eps: float, backward: str = 'exact') -> jax.Array:
   """Transductive batch norm: statistics of this batch over N, H, W; offset only, no scale.
 
-  Matches ``tf.contrib.layers.batch_norm(is_training=True, scale=False, epsilon=1e-3)`` in value;
-  its gradient is the exact one (see README: TF's second derivative differs).
+  Matches ``tf.contrib.layers.batch_norm(is_training=True, scale=False, epsilon=1e-3)`` in value
+  and first derivative. ``backward='exact'`` differentiates it exactly to every order;
+  ``backward='constant'`` keeps the exact first derivative but makes that backward pass a
+  constant to any further differentiation, which is what the authors' TF graph computes for the
+  meta-gradient (docs/authors_gradient.md).
   """
+  if backward == 'constant':
+    return _batch_norm_constant_backward(x, beta, eps)
+  if backward != 'exact':
+    raise ValueError(f"batch_norm backward={backward!r}: use 'exact' or 'constant'")
   mean = jnp.mean(x, axis=(0, 1, 2))
   var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
   return (x - mean) * jax.lax.rsqrt(var + eps) + beta
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _batch_norm_constant_backward(x, beta, eps):
+  return batch_norm(x, beta, eps)
+
+
+def _bn_fwd(x, beta, eps):
+  return batch_norm(x, beta, eps), (x, beta)
+
+
+def _bn_bwd(eps, residuals, g):
+  # The exact vector-Jacobian product, detached: its value is the true first derivative, its own
+  # derivative (w.r.t. x, beta and the incoming cotangent g) is zero. In TF 2.x compat.v1 the
+  # second derivative of FusedBatchNormGrad comes back None inside the v1 tf.map_fn the authors
+  # use, which is this.
+  _, vjp = jax.vjp(lambda xx, bb: batch_norm(xx, bb, eps), *residuals)
+  return jax.tree.map(jax.lax.stop_gradient, vjp(g))
+
+
+_batch_norm_constant_backward.defvjp(_bn_fwd, _bn_bwd)
 
 
 def max_pool(x: jax.Array) -> jax.Array:
@@ -312,7 +342,7 @@ def forward_features(params: Params, x: jax.Array, key: jax.Array | None, spec: 
     u, kl = perturb(spec, mu, a, keys[l], sample)
     kl_total = kl_total + kl
     feats[f'u{l}'] = u
-    h = max_pool(jax.nn.relu(batch_norm(u, bn[name]['beta'], spec.bn_eps)))
+    h = max_pool(jax.nn.relu(batch_norm(u, bn[name]['beta'], spec.bn_eps, spec.bn_backward)))
     h = _mix(h, mix, l + 1)
   feat = h.reshape(h.shape[0], -1)
   logits = feat @ theta['dense']['w'] + theta['dense']['b']

@@ -223,7 +223,8 @@ def train(config, workdir: str) -> dict[str, Any]:
       state, m = step_fn(state, images, train_key)
     else:
       eps = episodes_lib.sample_batch_host(config.seed, step, train_np, config.meta_batch,
-                                           config.way, config.shot, config.query)
+                                           config.way, config.shot, config.query,
+                                           config.data.shared_classes)
       state, m = step_fn(state, jax.device_put(eps, sharding), train_key)
     step += 1
     window.append(m)

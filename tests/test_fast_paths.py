@@ -108,8 +108,8 @@ def test_defaults_resolve_per_backend():
 
 
 def test_first_order_scan_matches_unroll():
-  _, _, ref = _meta_grad(_config('metadrop', {}, first_order=True))
-  _, _, got = _meta_grad(_config('metadrop', FAST_PATHS['all'], first_order=True))
+  _, _, ref = _meta_grad(_config('metadrop', {}, meta_gradient='first_order'))
+  _, _, got = _meta_grad(_config('metadrop', FAST_PATHS['all'], meta_gradient='first_order'))
   assert _rel_l2(got, ref) < 1e-5
 
 

@@ -139,7 +139,7 @@ def test_meta_gradient_matches_finite_differences(method):
 
 def test_first_order_differs_from_second_order():
   _, spec, params, eps, keys = setup()
-  fo = dataclasses.replace(spec, first_order=True)
+  fo = dataclasses.replace(spec, meta_gradient='first_order')
   g2 = jax.grad(lambda p: meta.batch_loss(p, eps, keys, spec)[0])(params)
   g1 = jax.grad(lambda p: meta.batch_loss(p, eps, keys, fo)[0])(params)
   # same loss value, different gradients (theta and phi)
