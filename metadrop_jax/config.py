@@ -188,8 +188,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f"model.compute_dtype={config.model.compute_dtype!r}: choose 'float32' or 'bfloat16'")
   need(config.meta_gradient in META_GRADIENTS,
        f'meta_gradient={config.meta_gradient!r}: choose one of {META_GRADIENTS}')
-  need(isinstance(config.data.shared_classes, bool),
-       f'data.shared_classes={config.data.shared_classes!r}: must be True or False')
   need(config.model.bn_eps > 0, f'model.bn_eps={config.model.bn_eps}: must be > 0')
   ev = config.eval
   for f in ('num_episodes', 'mc_samples', 'batch_tasks', 'val_episodes', 'val_mc_samples'):
