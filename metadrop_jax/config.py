@@ -7,6 +7,8 @@ method-dependent values (e.g. the meta learning rate, which the authors set per 
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -155,6 +157,27 @@ class ConfigError(ValueError):
   """A config that cannot run. The message says which field and how to fix it."""
 
 
+# jax.random.PRNGKey(seed) keeps the low 32 bits of a Python int (x64 off): -1 and 2**32 - 1 give the
+# same key, as do 99999999999 and 1215752191. Seeds are therefore refused outside [0, 2**31 - 1]
+# (non-negative int32: one key per seed, with or without jax_enable_x64, and valid for numpy).
+SEED_MAX = 2**31 - 1
+
+
+def _leaves(node, prefix=''):
+  """(dotted name, value) of every leaf field of a ConfigDict (dicts are walked too)."""
+  items = node.items() if hasattr(node, 'items') else []
+  for k, v in items:
+    name = f'{prefix}{k}'
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      yield from _leaves(v, name + '.')
+    else:
+      yield name, v
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field once; raises ConfigError naming the field and the fix. Returns config."""
   errors = []
@@ -163,6 +186,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not cond:
       errors.append(msg)
 
+  # Every number must be finite: nan slips through every ``x >= 0`` check below as False, but
+  # inf passes them (inner_lr=inf trains on nan), and nan noise makes synthetic images all zero.
+  non_finite = [(k, v) for k, v in _leaves(config) if isinstance(v, float) and not math.isfinite(v)]
+  for k, v in non_finite:
+    errors.append(f'{k}={v!r}: must be a finite number (set --config.{k}=<number>)')
+  if non_finite:   # the range checks below would only repeat these fields
+    raise ConfigError('invalid config: ' + '; '.join(errors))
+  for f in ('seed', 'eval.seed'):
+    v = config.eval.seed if f == 'eval.seed' else config.seed
+    need(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SEED_MAX,
+         f'{f}={v!r}: must be an integer in [0, {SEED_MAX}] (jax.random.PRNGKey keeps 32 bits, '
+         'so negative or larger seeds can repeat another seed\'s run)')
   need(config.method in METHODS, f'method={config.method!r}: choose one of {METHODS}')
   need(config.data.name in DATASETS, f'data.name={config.data.name!r}: choose one of {DATASETS}')
   need(config.data.sampler in ('device', 'host'),
@@ -172,9 +207,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.way >= 2, f'way={config.way}: a classification task needs at least 2 classes')
   need(isinstance(config.inner_steps, int) and config.inner_steps >= 0,
        f'inner_steps={config.inner_steps!r}: must be an integer >= 0')
-  need(config.inner_lr >= 0, f'inner_lr={config.inner_lr}: must be >= 0')
+  need(_is_real(config.inner_lr) and config.inner_lr >= 0,
+       f'inner_lr={config.inner_lr!r}: must be a number >= 0')
   lr = config.meta_lr if config.meta_lr is not None else config.meta_lr_by_method.get(config.method)
-  need(lr is not None and lr > 0, f'meta_lr={lr!r}: must be > 0 (set --config.meta_lr)')
+  need(_is_real(lr) and lr > 0, f'meta_lr={lr!r}: must be > 0 (set --config.meta_lr)')
   need(config.grad_clip > 0, f'grad_clip={config.grad_clip}: must be > 0')
   need(config.model.num_layers >= 1, f'model.num_layers={config.model.num_layers}: must be >= 1')
   need(config.model.channels >= 1, f'model.channels={config.model.channels}: must be >= 1')
@@ -214,11 +250,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for split in ('train', 'val', 'test'):
       n = d.num_classes.get(split, 0)
       need(n >= config.way, f'data.num_classes.{split}={n}: synthetic split needs >= way={config.way} classes')
+    need(_is_real(d.synthetic_noise) and d.synthetic_noise >= 0,
+         f'data.synthetic_noise={d.synthetic_noise!r}: must be a number >= 0 (pixel noise std)')
+    for f in ('images_per_class', 'image_size', 'channels'):
+      need(isinstance(d[f], int) and d[f] >= 1, f'data.{f}={d[f]!r}: must be an integer >= 1')
     need(d.images_per_class >= config.shot + config.query,
          f'data.images_per_class={d.images_per_class}: needs >= shot+query={config.shot + config.query}')
     need(d.image_size >= 2 ** config.model.num_layers,
          f'data.image_size={d.image_size}: {config.model.num_layers} max-pools need >= '
          f'{2 ** config.model.num_layers} pixels (lower model.num_layers or raise image_size)')
   if errors:
-    raise ConfigError('invalid config:\n  - ' + '\n  - '.join(errors))
+    raise ConfigError('invalid config: ' + '; '.join(errors))
   return config
