@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Mapping
 
 import numpy as np
@@ -37,19 +38,39 @@ def write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, *, skipped: list | None = None, warn: bool = True) -> list[dict]:
+  """The JSON-object rows of a JSONL file; [] if it does not exist.
+
+  A line that is not a JSON object (garbage, or the last line cut by a crash) is skipped with a
+  warning naming ``path:line``; every other row is kept, before and after it. ``skipped``, if
+  given, receives ``(line number, raw bytes of the line)`` of each skipped line.
+  """
   if not os.path.exists(path):
     return []
   rows = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          break  # a line cut by a crash: everything before it is good
+  with open(path, 'rb') as f:
+    for i, raw in enumerate(f, start=1):
+      line = raw.strip()
+      if not line:
+        continue
+      try:
+        row = json.loads(line)
+      except ValueError:
+        row = None
+      if not isinstance(row, dict):
+        if skipped is not None:
+          skipped.append((i, raw))
+        if warn:
+          warnings.warn(f'{path}:{i}: not a JSON object, line skipped ({_clip(line)})',
+                        RuntimeWarning, stacklevel=2)
+        continue
+      rows.append(row)
   return rows
+
+
+def _clip(line: bytes, n: int = 60) -> str:
+  text = line.decode('utf-8', errors='replace')
+  return repr(text if len(text) <= n else text[:n] + '...')
 
 
 class MetricWriter:
@@ -57,15 +78,35 @@ class MetricWriter:
   tensorboardX is installed, TensorBoard event files in ``workdir/tb``.
 
   On resume, rows past the restored step (written after the last checkpoint of a killed run)
-  are dropped, so the log matches an uninterrupted run.
+  are dropped, so the log matches an uninterrupted run. Every other row is kept: a line that is
+  not a JSON row (a garbage line, a line cut by a crash) is skipped with a warning naming
+  ``metrics.jsonl:<line>`` and appended, as it was, to ``metrics.jsonl.skipped``.
   """
 
   def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    rows = [r for r in read_jsonl(self.path) if r.get('step', 0) <= resume_step]
+    skipped = []
+    rows = read_jsonl(self.path, skipped=skipped, warn=False)
+    keep = []
+    for r in rows:
+      step = r.get('step')
+      if not isinstance(step, (int, float)) or isinstance(step, bool):
+        skipped.append((None, (json.dumps(r) + '\n').encode()))
+      elif step <= resume_step:
+        keep.append(r)
+    if skipped:
+      side = self.path + '.skipped'
+      with open(side, 'ab') as f:
+        for _, raw in skipped:
+          f.write(raw if raw.endswith(b'\n') else raw + b'\n')
+      where = [f'{self.path}:{i}' if i else f'{self.path} (a row without a step)'
+               for i, _ in skipped]
+      where = ', '.join(where[:5]) + (f' and {len(where) - 5} more' if len(where) > 5 else '')
+      warnings.warn(f'{where}: not a metrics row, skipped and kept in {side}; the other rows '
+                    'are kept', RuntimeWarning, stacklevel=2)
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
-      for r in rows:
+      for r in keep:
         f.write(json.dumps(r) + '\n')
     os.replace(tmp, self.path)
     self._f = open(self.path, 'a')
