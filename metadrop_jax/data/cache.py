@@ -27,6 +27,7 @@ before this check existed gets its CRC recorded at its first load.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -42,6 +43,29 @@ MANIFEST = 'manifest.json'
 
 class DataError(ValueError):
   """Data that is missing, corrupt or not what was expected. The message says what and how to fix."""
+
+
+def read_error(e: OSError, path=None) -> DataError:
+  """A one-line DataError for an OSError met while reading the user's data (source or cache)."""
+  path = e.filename or path
+  if isinstance(e, PermissionError):
+    fix = ('make it readable for this user (e.g. chmod -R a+rX on the data folder) or point '
+           '--config.data.path at a readable copy')
+  elif isinstance(e, FileNotFoundError):
+    fix = 'check --config.data.path (did the data move while being read?)'
+  else:
+    fix = 'check the file and the disk it is on, or get a fresh copy'
+  return DataError(f'{path}: cannot read it ({e.strerror or one_line(e)}); {fix}')
+
+
+def write_error(e: OSError, directory) -> DataError:
+  """A one-line DataError for an OSError met while writing the cache ``directory``."""
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return DataError(f'disk full at {directory} while writing the data cache: free space or set '
+                     '--config.data.cache_dir to a folder on another disk')
+  return DataError(f'cannot write the data cache {e.filename or directory} ('
+                   f'{e.strerror or one_line(e)}): set --config.data.cache_dir to a writable '
+                   'folder')
 
 
 def expand(path) -> Path:
@@ -70,7 +94,7 @@ def fingerprint(paths, sha256: bool = False) -> list[dict]:
     if p.is_dir():
       h = hashlib.sha256()
       n = total = 0
-      for root, dirs, files in os.walk(p):
+      for root, dirs, files in os.walk(p, onerror=raise_error):
         dirs.sort()
         for name in sorted(files):
           f = Path(root) / name
@@ -89,6 +113,10 @@ def fingerprint(paths, sha256: bool = False) -> list[dict]:
     else:
       raise DataError(f'{p}: source file or folder does not exist')
   return out
+
+
+def raise_error(e: OSError):
+  raise e
 
 
 def _same_files(a: list[dict], b: list[dict]) -> bool:
@@ -160,28 +188,37 @@ def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[],
   ``build()``: ``({split: uint8 array}, extra manifest fields)``.
   """
   directory = cache_path(cache_dir, dataset, key)
-  files = source_files()
+  try:
+    files = source_files()
+  except OSError as e:
+    raise read_error(e) from e
   manifest = read_manifest(directory)
   if not force and manifest_matches(manifest, key, files, directory):
     return directory, manifest
   try:
     directory.mkdir(parents=True, exist_ok=True)
+    if (directory / MANIFEST).exists():
+      (directory / MANIFEST).unlink()   # a rebuild in progress is never mistaken for a valid cache
   except OSError as e:
-    raise DataError(f'cannot create the cache directory {directory}: {e} '
-                    '(set data.cache_dir / --cache_dir to a writable folder)') from e
-  if (directory / MANIFEST).exists():
-    (directory / MANIFEST).unlink()   # a rebuild in progress is never mistaken for a valid cache
+    raise write_error(e, directory) from e
   log(f'preparing {dataset} into {directory} (done once; later runs load the arrays) ...')
-  # Record sha256 of source files once per build (e.g. the 160 MB miniImageNet zip).
-  files = fingerprint([f['path'] for f in files if f['kind'] == 'file'], sha256=True) + [
-      f for f in files if f['kind'] != 'file']
   t0 = time.time()
-  arrays, extra = build()
+  try:
+    # Record sha256 of source files once per build (e.g. the 160 MB miniImageNet zip).
+    files = fingerprint([f['path'] for f in files if f['kind'] == 'file'], sha256=True) + [
+        f for f in files if f['kind'] != 'file']
+    arrays, extra = build()
+  except OSError as e:   # unreadable source files (permissions, I/O errors): name the file
+    raise read_error(e) from e
   seconds = time.time() - t0
   for split, a in arrays.items():
     if a.dtype != np.uint8 or a.ndim != 5:
       raise AssertionError(f'{dataset}/{split}: builder returned {a.dtype} {a.shape}')
-    _atomic_save_npy(directory / f'{split}.npy', a)
+  try:
+    for split, a in arrays.items():
+      _atomic_save_npy(directory / f'{split}.npy', a)
+  except OSError as e:
+    raise write_error(e, directory) from e
   manifest = {
       'dataset': dataset,
       'key': dict(key),
@@ -195,7 +232,10 @@ def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[],
       'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
       **extra,
   }
-  _atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+  try:
+    _atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+  except OSError as e:
+    raise write_error(e, directory) from e
   return directory, manifest
 
 
@@ -204,8 +244,10 @@ def load(directory: Path, manifest: dict, split: str, log=print) -> np.ndarray:
   path = directory / f'{split}.npy'
   try:
     a = np.load(path, allow_pickle=False)
+  except PermissionError as e:
+    raise read_error(e, path) from e
   except (OSError, ValueError) as e:
-    raise DataError(f'{path}: cannot read the prepared array ({_one_line(e)}); delete {directory} '
+    raise DataError(f'{path}: cannot read the prepared array ({one_line(e)}); delete {directory} '
                     'to rebuild it') from e
   entry = manifest['splits'][split]
   want = entry['shape']
@@ -236,7 +278,7 @@ def _record_crc32(directory: Path, split: str, crc: str) -> None:
     pass   # a read-only cache stays usable, just unchecked
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
   return ' '.join(str(e).split())
 
 

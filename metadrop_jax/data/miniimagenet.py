@@ -34,6 +34,7 @@ import csv
 import io
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,8 @@ class _Tree:
       try:
         self.zip = zipfile.ZipFile(path)
         names = self.zip.namelist()
+      except PermissionError as e:
+        raise cache.read_error(e, path) from e
       except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f'{path}: not a readable zip file ({e}); get a fresh copy.\n'
                         f'{MANUAL_DOWNLOAD_INSTRUCTIONS}') from e
@@ -149,8 +152,15 @@ class _Tree:
   def read(self, rel: str) -> bytes:
     try:
       return self.zip.read(self.root + rel) if self.zip else (self.root / rel).read_bytes()
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
-      raise DataError(f'{self.label(rel)}: cannot read ({e})') from e
+    except PermissionError as e:
+      raise cache.read_error(e, self.label(rel)) from e
+    # zlib.error: a corrupt deflate stream; NotImplementedError: unsupported compression method;
+    # RuntimeError: an encrypted member
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, zlib.error, NotImplementedError,
+            RuntimeError) as e:
+      what = f'member {self.root + rel} of {self.path}' if self.zip else str(self.root / rel)
+      raise DataError(f'{what} is corrupt or unreadable ({type(e).__name__}: '
+                      f'{cache.one_line(e)}); get a fresh copy of {self.path.name}') from e
 
   def images_under(self, split: str) -> set[str]:
     """Relative paths of all files under ``<split>/`` (to catch files no CSV lists)."""
@@ -162,7 +172,8 @@ class _Tree:
     if not base.is_dir():
       return set()
     return {str(Path(r, f).relative_to(self.root)).replace(os.sep, '/')
-            for r, _, fs in os.walk(base) for f in fs if not f.startswith('.')}
+            for r, _, fs in os.walk(base, onerror=cache.raise_error) for f in fs
+            if not f.startswith('.')}
 
 
 def read_local(path, split_classes=None, n_images: int = IMAGES_PER_CLASS, log=None):

@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import threading
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +139,8 @@ def _list_archive(name: str, src: Path):
     try:
       zf = zipfile.ZipFile(src)
       members = [m for m in zf.infolist() if not m.is_dir()]
+    except PermissionError as e:
+      raise cache.read_error(e, src) from e
     except (zipfile.BadZipFile, OSError) as e:
       raise DataError(f'{src}: not a readable zip file ({e}); download {src.name} again.\n'
                       f'{_DOWNLOAD_HELP}') from e
@@ -150,11 +155,17 @@ def _list_archive(name: str, src: Path):
       def reader(zf=zf, m=m, src=src):
         try:
           return zf.read(m)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:   # CRC error, truncated data
-          raise DataError(f'{src}: member {m.filename}: corrupt ({e})') from e
+        except PermissionError as e:
+          raise cache.read_error(e, src) from e
+        # CRC error, truncated data, corrupt deflate stream (zlib.error), unsupported compression
+        # method (NotImplementedError), encrypted member (RuntimeError)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError,
+                RuntimeError) as e:
+          raise DataError(f'{src}: member {m.filename} is corrupt ({type(e).__name__}: '
+                          f'{cache.one_line(e)}); get a fresh copy of {src.name}') from e
       add(parts[1:], f'{src}:{m.filename}', reader)
   else:
-    for root, dirs, files in os.walk(src):
+    for root, dirs, files in os.walk(src, onerror=cache.raise_error):
       dirs.sort()
       for f in files:
         p = Path(root) / f
@@ -212,9 +223,80 @@ def _tfds_read_order(split: str, alphabet: str, char_id: int, label: int, n: int
   return np.argsort(keys, kind='stable')
 
 
+# Where TFDS's omniglot builder downloads from (github.com/brendenlake/omniglot/raw/master/python/).
+TFDS_HOST = ('github.com', 443)
+TFDS_FILES = ('images_background.zip', 'images_evaluation.zip', 'images_background_small1.zip',
+              'images_background_small2.zip')
+
+
+def network_reachable(host=TFDS_HOST, timeout: float = 2.0) -> bool:
+  """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (name lookup included).
+
+  With a proxy configured (``https_proxy`` / ``all_proxy``) the answer is True: TFDS goes
+  through the proxy, which this check cannot judge.
+  """
+  if any(os.environ.get(v) for v in ('https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY')):
+    return True
+  result = []
+
+  def probe():
+    try:
+      with socket.create_connection(host, timeout=timeout):
+        result.append(True)
+    except OSError:
+      result.append(False)
+  t = threading.Thread(target=probe, daemon=True)   # getaddrinfo ignores the socket timeout
+  t.start()
+  t.join(timeout + 0.5)
+  return bool(result and result[0])
+
+
+def tfds_root(data_dir=None) -> Path:
+  """TFDS's data_dir: ``data_dir``, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  return cache.expand(data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
+
+
+def tfds_has_local_copy(data_dir=None, manual_dir=None) -> bool:
+  """Whether TFDS can build omniglot without the network: prepared already, the zips in its
+  manual dir, or earlier downloads present (then TFDS itself decides)."""
+  root = tfds_root(data_dir)
+  if any(root.glob('omniglot/3.*/dataset_info.json')):
+    return True
+  manual = cache.expand(manual_dir) if manual_dir else root / 'downloads' / 'manual'
+  if all((manual / f).is_file() for f in TFDS_FILES[:2]):
+    return True
+  downloads = root / 'downloads'
+  return downloads.is_dir() and any(p.name != 'manual' for p in downloads.iterdir())
+
+
+def offline_error(data_dir=None) -> DataError:
+  """The one-line error for TFDS without network and without a local copy."""
+  manual = tfds_root(data_dir) / 'downloads' / 'manual'
+  if data_dir:
+    return DataError(
+        f'Omniglot via TFDS: {data_dir} holds no prepared omniglot and there is no network to '
+        f'download it ({TFDS_HOST[0]} unreachable): use --config.data.source=local '
+        '--config.data.path=<folder with images_background.zip and images_evaluation.zip>, or '
+        f'put the four TFDS zips in {manual}')
+  from metadrop_jax.data import default_search_dirs
+  where = ', '.join(default_search_dirs('omniglot'))
+  return DataError(
+      f'Omniglot: no local copy (data.path is empty; nothing in {where}) and no network to '
+      f'download it through TFDS ({TFDS_HOST[0]} unreachable): put images_background.zip and '
+      'images_evaluation.zip in ./data/omniglot (or $METADROP_DATA_DIR/omniglot), or pass '
+      '--config.data.path=<folder with them>')
+
+
 def read_tfds(data_dir=None, n_characters: int = NUM_CHARACTERS,
               images_per_character: int = IMAGES_PER_CHARACTER, download_config=None):
-  """Builds TFDS's omniglot (train + test) and returns the same as :func:`read_local`."""
+  """Builds TFDS's omniglot (train + test) and returns the same as :func:`read_local`.
+
+  Offline without a local copy it fails at once (:func:`network_reachable`, 2 s) instead of
+  letting TFDS retry its downloads for minutes.
+  """
+  manual_dir = getattr(download_config, 'manual_dir', None)
+  if not tfds_has_local_copy(data_dir, manual_dir) and not network_reachable():
+    raise offline_error(data_dir)
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
