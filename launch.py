@@ -7,13 +7,20 @@
 Modes: train_eval (default: train to num_steps, resuming if the workdir has a checkpoint, then
 evaluate), train (stop after training), eval (meta-test the latest checkpoint), prepare (build
 the data cache only). Every config field can be overridden: --config.<field>=<value>.
+
+Errors a user can fix (a missing or broken config file, an unknown or bad field, missing or
+corrupt data, an empty workdir, a full disk, ...) print one line, ``error: <problem>: <fix>``, on
+stderr and exit with code 2. ``--verbose`` (or METADROP_VERBOSE=1) prints the traceback too.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,37 +33,245 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, result
 flags.DEFINE_enum('mode', 'train_eval', ['train_eval', 'train', 'eval', 'prepare'],
                   'What to run.')
 flags.DEFINE_enum('split', 'test', ['test', 'val'], 'eval mode: which split to meta-test on.')
+flags.DEFINE_bool('verbose', False, 'On an error, print the full traceback as well '
+                  '(same as METADROP_VERBOSE=1).')
 FLAGS = flags.FLAGS
 
+EXIT_USER_ERROR = 2
+# Fields that fix the shapes of the parameters in a checkpoint: evaluating a workdir with other
+# values cannot restore it.
+_SHAPE_FIELDS = ('method', 'way', 'model.channels', 'model.num_layers', 'data.name',
+                 'data.image_size', 'data.channels')
+
+
+class UserError(Exception):
+  """An error whose message already names the problem and the fix (printed as is)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# one-line error reports
+# ------------------------------------------------------------------------------------------------
+
+def verbose(argv=None) -> bool:
+  """--verbose or METADROP_VERBOSE=1 (argv is read directly when the flags did not parse)."""
+  if os.environ.get('METADROP_VERBOSE', '').strip().lower() not in ('', '0', 'false', 'no'):
+    return True
+  if FLAGS.is_parsed():
+    return bool(FLAGS.verbose)
+  argv = sys.argv if argv is None else argv
+  return any(a in ('--verbose', '-verbose', '--verbose=true', '--verbose=True', '--verbose=1')
+             for a in argv)
+
+
+def _chain(e: BaseException):
+  """e, its cause / context, and so on."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def _one_line(text) -> str:
+  return ' '.join(str(text).split())
+
+
+def _config_arg(argv) -> str | None:
+  """The value of --config in argv (without a ':args' suffix), or None."""
+  argv = list(argv or [])
+  for i, a in enumerate(argv):
+    if re.match(r'^--?config=', a):
+      return a.split('=', 1)[1].split(':', 1)[0]
+    if a in ('--config', '-config') and i + 1 < len(argv):
+      return argv[i + 1].split(':', 1)[0]
+  return None
+
+
+def _config_file_error(e: BaseException, path: str | None) -> str | None:
+  """A config file that does not exist, does not compile, lacks get_config, or fails in it."""
+  if not path:
+    return None
+  if not os.path.exists(path):
+    return (f'config file {path!r} not found (relative to {os.getcwd()}): pass an existing file, '
+            'e.g. --config=configs/omniglot_20way1shot.py')
+  if os.path.isdir(path):
+    return f'--config={path} is a folder: pass a config file, e.g. --config=configs/tiny.py'
+  try:
+    with open(path, 'rb') as f:
+      compile(f.read(), path, 'exec')
+  except SyntaxError as s:
+    return (f'config file {path}, line {s.lineno}: syntax error ({s.msg}): fix the file '
+            '(python -m py_compile shows the spot)')
+  except OSError as o:
+    return f'config file {path}: cannot read it ({o.strerror or o}): check its permissions'
+  target = os.path.abspath(path)
+  for x in _chain(e):
+    if isinstance(x, AttributeError) and 'get_config' in str(x):
+      return (f'config file {path} has no get_config(): define get_config() returning an '
+              'ml_collections.ConfigDict (see configs/tiny.py)')
+    frames = [f for f in traceback.extract_tb(x.__traceback__)
+              if os.path.abspath(f.filename) == target]
+    if frames:
+      return (f'config file {path}, line {frames[-1].lineno}: get_config() raised '
+              f'{type(x).__name__}: {_one_line(x)}: fix the file')
+    if 'Error whilst parsing config file' in str(x):
+      last = str(x).strip().splitlines()[-1]
+      return f'config file {path}: get_config() failed ({_one_line(last)}): fix the file'
+  return None
+
+
+def _override_error(e: BaseException, argv) -> str | None:
+  """--config.<field> names no field: one line, with ml_collections' "did you mean"."""
+  overrides = [a.lstrip('-').split('=', 1)[0].split('.', 1)[1] for a in argv or []
+               if re.match(r'^--?(no)?config\.', a)]
+  for x in _chain(e):
+    if not isinstance(x, (AttributeError, KeyError)):
+      continue
+    text = str(x.args[0]) if x.args else str(x)
+    m = re.search(r"'([^'\"\\]+)'", text.replace("\\'", "'"))
+    if not m:
+      continue
+    key = m.group(1)
+    hits = [o for o in overrides if key in o.split('.')]
+    if not hits:
+      continue
+    bad = hits[0]
+    hint = ''
+    s = re.search(r'Did you mean "([^"]+)"', text)
+    if s:
+      parts = bad.split('.')
+      parts[parts.index(key)] = s.group(1)
+      hint = f'; did you mean --config.{".".join(parts)}?'
+    return (f'--config.{bad}: the config has no field {key!r}{hint} (every field and its default '
+            'is in metadrop_jax/config.py)')
+  return None
+
+
+def error_line(e: BaseException, argv=None, workdir: str | None = None) -> str | None:
+  """The one line (problem and fix) for an error a user can fix; None for anything else (a bug:
+  the traceback is the useful report)."""
+  config_path = _config_arg(argv)
+  config_failed = any(isinstance(x, OSError) and 'Configuration is not available' in str(x)
+                      for x in _chain(e))
+  if isinstance(e, flags.Error) or config_failed or getattr(e, '_metadrop_flags', False):
+    line = _config_file_error(e, config_path) or _override_error(e, argv)
+    if line:
+      return line
+    if isinstance(e, flags.Error):
+      text = _one_line(str(e).strip().splitlines()[0])
+      if text.startswith('flag --config.'):
+        return f'{text}: give the field a value of its type (see metadrop_jax/config.py)'
+      return f'{text} (python launch.py --helpshort lists the flags)'
+  from metadrop_jax import config as config_lib   # light: no jax
+  if isinstance(e, (UserError, app.UsageError)):
+    return str(e)
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+      where = x.filename or workdir or os.getcwd()
+      return f'disk full at {where}: free space or choose another --workdir'
+    if isinstance(x, OSError) and x.errno == errno.EROFS:
+      where = x.filename or workdir
+      return f'read-only file system at {where}: choose a writable --workdir'
+  if isinstance(e, config_lib.ConfigError):
+    return str(e)
+  from metadrop_jax.data.cache import DataError   # light: numpy only
+  if isinstance(e, DataError):
+    return str(e)
+  if isinstance(e, PermissionError):
+    return (f'permission denied: {e.filename}: make it accessible to this user, or choose '
+            'another --workdir / --config.data.path / --config.data.cache_dir')
+  if isinstance(e, FileNotFoundError):
+    if e.filename is None:     # ours: the message names the file and the fix
+      return str(e)
+    return f'{e.filename}: no such file or directory: check the path'
+  if isinstance(e, FloatingPointError):
+    return str(e)
+  return None
+
+
+def report(e: BaseException, argv=None, workdir: str | None = None):
+  """Prints ``error: <line>`` and exits with code 2 for a user error; re-raises anything else.
+
+  Must be called inside the ``except`` block that caught ``e``."""
+  line = error_line(e, argv, workdir)
+  if line is None:
+    raise e
+  if verbose(argv):
+    traceback.print_exception(e)
+  print(f'error: {line}', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def parse_flags(argv):
+  """app.run's flag parser: a bad flag, config file or override is one line, exit code 2."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    e._metadrop_flags = True   # raised while parsing the flags  # pylint: disable=protected-access
+    report(e, argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
 
 def main(argv):
+  workdir = FLAGS.workdir
+  try:
+    _main(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    report(e, sys.argv, workdir)
+
+
+def _main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise UserError(f'unexpected arguments {argv[1:]}: every option is a --flag '
+                    '(python launch.py --helpshort lists them)')
   # Keep TensorFlow (pulled in by TFDS only) off the accelerator.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  import jax
   from metadrop_jax import config as config_lib
+  try:
+    config = FLAGS.config
+    if config is not None:
+      config.method   # pylint: disable=pointless-statement  (a file that failed to load raises here)
+  except Exception as e:  # pylint: disable=broad-except
+    e._metadrop_flags = True   # pylint: disable=protected-access
+    raise
+  import jax
   from metadrop_jax import train
 
-  config = FLAGS.config
   if config is None and FLAGS.workdir and FLAGS.mode == 'eval':
     config = train.load_run_config(FLAGS.workdir)
   if config is None:
-    raise app.UsageError('--config is required (e.g. --config=configs/omniglot_20way1shot.py)')
-  try:
-    config_lib.validate(config)
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e))
-  from metadrop_jax.data import DataError
+    raise UserError('--config is required (e.g. --config=configs/omniglot_20way1shot.py; '
+                    '--mode=eval --workdir=DIR reads DIR/config.json instead)')
+  config_lib.validate(config)
   logging.info('devices: %s', jax.devices())
 
   workdir = FLAGS.workdir or os.path.join('workdirs', f'{config.name}_{config.method}')
   logging.info('workdir: %s', workdir)
-  try:
-    _run(config, workdir, train)
-  except (DataError, config_lib.ConfigError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  _run(config, workdir, train)
+
+
+def check_eval_config(config, workdir: str, train) -> None:
+  """Eval of ``workdir`` with a config whose parameter shapes differ from the trained ones: a
+  clear error instead of orbax's shape mismatch."""
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    return
+  stored = train.load_run_config(workdir)
+  diff = []
+  for k in _SHAPE_FIELDS:
+    a, b = stored, config
+    for p in k.split('.'):
+      a, b = a.get(p), b.get(p)
+    if a != b:
+      diff.append((k, a, b))
+  if diff:
+    now = ', '.join(f'{k}={b!r}' for k, _, b in diff)
+    then = ', '.join(f'{k}={a!r}' for k, a, _ in diff)
+    raise UserError(f'{now} does not match the checkpoint in {workdir}, trained with {then}: '
+                    f'evaluate with the workdir\'s own config (launch.py --mode=eval '
+                    f'--workdir={workdir}, without --config) or use a new --workdir')
 
 
 def _run(config, workdir, train):
@@ -67,6 +282,8 @@ def _run(config, workdir, train):
       print(f'{split}: {None if x is None else x.shape}')
     return
   if FLAGS.mode == 'eval':
+    if FLAGS.config is not None:
+      check_eval_config(config, workdir, train)
     result = train.evaluate_checkpoint(config, workdir, split=FLAGS.split)
     print(json.dumps(result, indent=2))
     return
@@ -82,4 +299,4 @@ def _run(config, workdir, train):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

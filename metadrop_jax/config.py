@@ -209,8 +209,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f'inner_steps={config.inner_steps!r}: must be an integer >= 0')
   need(_is_real(config.inner_lr) and config.inner_lr >= 0,
        f'inner_lr={config.inner_lr!r}: must be a number >= 0')
-  lr = config.meta_lr if config.meta_lr is not None else config.meta_lr_by_method.get(config.method)
-  need(_is_real(lr) and lr > 0, f'meta_lr={lr!r}: must be > 0 (set --config.meta_lr)')
+  if config.method in METHODS or config.meta_lr is not None:
+    lr = config.meta_lr if config.meta_lr is not None else config.meta_lr_by_method.get(config.method)
+    need(_is_real(lr) and lr > 0, f'meta_lr={lr!r}: must be > 0 (set --config.meta_lr)')
   need(config.grad_clip > 0, f'grad_clip={config.grad_clip}: must be > 0')
   need(config.model.num_layers >= 1, f'model.num_layers={config.model.num_layers}: must be >= 1')
   need(config.model.channels >= 1, f'model.channels={config.model.channels}: must be >= 1')

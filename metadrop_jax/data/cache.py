@@ -278,6 +278,12 @@ def _record_crc32(directory: Path, split: str, crc: str) -> None:
     pass   # a read-only cache stays usable, just unchecked
 
 
+def describe(e: BaseException) -> str:
+  """``zlib.error``, ``zipfile.BadZipFile``, ``OSError``: the exception's type as a user can look it up."""
+  t = type(e)
+  return t.__name__ if t.__module__ == 'builtins' else f'{t.__module__}.{t.__name__}'
+
+
 def one_line(e: BaseException) -> str:
   return ' '.join(str(e).split())
 

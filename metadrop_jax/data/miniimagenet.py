@@ -159,7 +159,7 @@ class _Tree:
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, zlib.error, NotImplementedError,
             RuntimeError) as e:
       what = f'member {self.root + rel} of {self.path}' if self.zip else str(self.root / rel)
-      raise DataError(f'{what} is corrupt or unreadable ({type(e).__name__}: '
+      raise DataError(f'{what} is corrupt or unreadable ({cache.describe(e)}: '
                       f'{cache.one_line(e)}); get a fresh copy of {self.path.name}') from e
 
   def images_under(self, split: str) -> set[str]:

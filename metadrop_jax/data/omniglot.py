@@ -161,7 +161,7 @@ def _list_archive(name: str, src: Path):
         # method (NotImplementedError), encrypted member (RuntimeError)
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError,
                 RuntimeError) as e:
-          raise DataError(f'{src}: member {m.filename} is corrupt ({type(e).__name__}: '
+          raise DataError(f'{src}: member {m.filename} is corrupt ({cache.describe(e)}: '
                           f'{cache.one_line(e)}); get a fresh copy of {src.name}') from e
       add(parts[1:], f'{src}:{m.filename}', reader)
   else:
