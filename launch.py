@@ -166,8 +166,10 @@ def error_line(e: BaseException, argv=None, workdir: str | None = None) -> str |
   if isinstance(e, (UserError, app.UsageError)):
     return str(e)
   for x in _chain(e):
-    if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
-      where = x.filename or workdir or os.getcwd()
+    # An OSError with its errno, or (tensorstore, under orbax) only the OS's words in a message.
+    if ((isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT)) or
+        any(t in str(x) for t in ('No space left on device', 'Disk quota exceeded'))):
+      where = getattr(x, 'filename', None) or workdir or os.getcwd()
       return f'disk full at {where}: free space or choose another --workdir'
     if isinstance(x, OSError) and x.errno == errno.EROFS:
       where = x.filename or workdir

@@ -301,6 +301,19 @@ def test_disk_full_names_the_place_and_the_fix(monkeypatch, capsys, tmp_path):
                     '--workdir')
 
 
+def test_disk_full_reported_only_in_words(monkeypatch, capsys, tmp_path):
+  """tensorstore (orbax's array writer) reports ENOSPC as a ValueError carrying the OS's words."""
+  from metadrop_jax import train
+
+  def full(*a, **k):
+    raise ValueError('Error writing "d/0.0" in OCDBT: OUT_OF_RANGE: [OS error: No space left on '
+                     'device] [source locations=...]')
+  monkeypatch.setattr(train, 'train', full)
+  rc, _, err = run_launch(monkeypatch, capsys, '--config=configs/tiny.py', '--mode=train',
+                          f'--workdir={tmp_path}')
+  assert_user_error(rc, err, f'disk full at {tmp_path}: free space')
+
+
 def test_permission_denied_is_one_line(monkeypatch, capsys, tmp_path):
   from metadrop_jax import train
 
@@ -418,13 +431,20 @@ def test_cache_from_before_the_check_gets_its_digest_recorded(tmp_path):
 
 
 def test_disk_full_while_writing_the_cache(tmp_path, monkeypatch):
-  def full(fd):
-    raise OSError(errno.ENOSPC, 'No space left on device')
-  monkeypatch.setattr(os, 'fsync', full)
-  with pytest.raises(DataError, match=r'disk full at .*cache.*--config\.data\.cache_dir') as e:
+  """A real ENOSPC from the kernel: the array's temporary file is a link to /dev/full."""
+  d = cache.cache_path(tmp_path / 'cache', 'fake', {'v': 1})
+  if os.path.exists('/dev/full'):
+    d.mkdir(parents=True)
+    os.symlink('/dev/full', d / f'.train.npy.tmp-{os.getpid()}')
+  else:
+    def full(fd):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', full)
+  with pytest.raises(DataError, match=rf'disk full at {d} while writing the data cache: free '
+                                      r'space or set --config\.data\.cache_dir') as e:
     _prepare_fake(tmp_path)
   assert '\n' not in str(e.value)
-  assert not [p for p in (tmp_path / 'cache').rglob('*') if p.is_file()]   # nothing half-written
+  assert not [p for p in d.iterdir()]              # nothing half-written left behind
 
 
 def test_unwritable_cache_dir(tmp_path, monkeypatch):
