@@ -276,6 +276,9 @@ def test_eval_on_missing_and_empty_workdir(monkeypatch, capsys, tmp_path):
   (tmp_path / 'empty').mkdir()
   rc, _, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={tmp_path / "empty"}')
   assert_user_error(rc, err, f'{tmp_path / "empty"}/config.json not found', 'train first')
+  rc, _, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={tmp_path / "empty"}',
+                          '--config=configs/tiny.py')
+  assert_user_error(rc, err, str(tmp_path / 'empty'), 'train first')
 
 
 def test_eval_with_a_different_way_names_the_field(monkeypatch, capsys, tmp_path):
