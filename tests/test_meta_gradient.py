@@ -122,3 +122,11 @@ def test_shared_classes_reuse_task_zeros_class_set(seed):
   h_sh = episodes.sample_batch_host(seed, 3, images, 4, 5, 1, 2, shared_classes=True)
   assert len(set(_classes(h_sh.support_x))) == 1
   np.testing.assert_array_equal(h_sh.support_x[0], h_ind.support_x[0])
+
+
+def test_paper_configs_default_to_the_authors_meta_gradient():
+  import importlib
+  for name in ('omniglot_20way1shot', 'omniglot_20way5shot', 'mimgnet_5way1shot',
+               'mimgnet_5way5shot', 'omniglot_5way1shot_cpu'):
+    assert importlib.import_module(f'configs.{name}').get_config().meta_gradient == 'authors'
+  assert config_lib.base_config().meta_gradient == 'exact'
