@@ -30,11 +30,22 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, results.json '
                     '(default: workdirs/<config.name>_<config.method>).')
-flags.DEFINE_enum('mode', 'train_eval', ['train_eval', 'train', 'eval', 'prepare'],
-                  'What to run.')
+flags.DEFINE_enum('mode', 'train_eval', ['train_eval', 'train', 'eval', 'prepare', 'campaign'],
+                  'What to run (campaign: a sitting of the Table-1 campaign, '
+                  'metadrop_jax/campaign.py).')
 flags.DEFINE_enum('split', 'test', ['test', 'val'], 'eval mode: which split to meta-test on.')
 flags.DEFINE_bool('verbose', False, 'On an error, print the full traceback as well '
                   '(same as METADROP_VERBOSE=1).')
+flags.DEFINE_string('campaign_dir', 'results/table1', 'campaign mode: the campaign state.')
+flags.DEFINE_float('budget_minutes', 10.0, 'campaign mode: wall time of this sitting.')
+flags.DEFINE_bool('plan', False, 'campaign mode: print what the next sitting would run; no work.')
+flags.DEFINE_bool('report_only', False, 'campaign mode: regenerate the tables only.')
+flags.DEFINE_list('campaign_settings', None, 'campaign mode, new campaign only: configs/<name>.py '
+                  'settings (default: the four of Table 1).')
+flags.DEFINE_list('campaign_overrides', None, 'campaign mode, new campaign only: field=value '
+                  'overrides of every run (tests: val_every=0).')
+flags.DEFINE_string('precision_choice', None, "campaign mode: 'highest' | 'default', used when "
+                    "the campaign's matmul precision is still 'auto' (window.py decides it).")
 FLAGS = flags.FLAGS
 
 EXIT_USER_ERROR = 2
@@ -242,6 +253,8 @@ def _main(argv):
   import jax
   from metadrop_jax import train
 
+  if FLAGS.mode == 'campaign':
+    return _campaign()
   if config is None and FLAGS.workdir and FLAGS.mode == 'eval':
     config = train.load_run_config(FLAGS.workdir)
   if config is None:
@@ -298,6 +311,31 @@ def _run(config, workdir, train):
   if not status['done']:
     print(f"paused at step {status['step']}/{status['num_steps']} ({status['stopped']}); "
           'run the same command again to continue.', file=sys.stderr)
+
+
+def _campaign():
+  from metadrop_jax import campaign
+  cdir = FLAGS.campaign_dir
+  if FLAGS.campaign_settings:
+    overrides = {}
+    for item in FLAGS.campaign_overrides or []:
+      k, _, v = item.partition('=')
+      try:
+        overrides[k] = json.loads(v.replace('True', 'true').replace('False', 'false'))
+      except json.JSONDecodeError:
+        overrides[k] = v
+    campaign.init_campaign(cdir, FLAGS.campaign_settings, overrides)
+  elif not os.path.exists(campaign.campaign_path(cdir)):
+    campaign.init_campaign(cdir)
+  if FLAGS.plan:
+    print(campaign.format_plan(campaign.plan(cdir)))
+    return
+  if FLAGS.report_only:
+    print('\n'.join(campaign.write_reports(cdir)))
+    return
+  summary = campaign.sitting(cdir, FLAGS.budget_minutes * 60.0,
+                             precision_choice=FLAGS.precision_choice)
+  print(json.dumps(summary, indent=2))
 
 
 if __name__ == '__main__':

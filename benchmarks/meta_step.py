@@ -37,6 +37,27 @@ METHODS = ('metadrop', 'maml')
 # The reference formulation every fast path is tested against (tests/test_fast_paths.py).
 NAIVE = {'model.conv_impl': 'xla', 'model.task_map': 'vmap', 'model.inner_loop': 'unroll',
          'model.fuse_noise_conv': False}
+# Dense peak rates of the cards the GPU windows get (vendor datasheets, TFLOP/s; the "989
+# TFLOP/s" bf16 / "495" tf32 figures are dense, the datasheets' larger ones assume sparsity).
+# 'float32': CUDA-core FMA rate ('highest' precision); 'tf32': tensor cores on float32 inputs
+# (jax_default_matmul_precision='default' on Hopper); the fraction reported uses the one that
+# matches the run's precision.
+PEAK_TFLOPS = {
+    'H100 PCIe': {'float32': 51.2, 'tf32': 378.0, 'bf16': 756.0},
+    'H100': {'float32': 66.9, 'tf32': 494.7, 'bf16': 989.4},     # SXM5 ('NVIDIA H100 80GB HBM3')
+    'H200': {'float32': 66.9, 'tf32': 494.7, 'bf16': 989.4},     # same chip as H100 SXM
+}
+
+
+def peak_tflops(device_kind: str, precision: str):
+  """The card's dense peak for this precision ('highest' -> float32, 'default' -> tf32), or None."""
+  kind = 'float32' if precision in ('highest', 'float32') else 'tf32'
+  for name, rates in PEAK_TFLOPS.items():   # 'H100 PCIe' is tested before 'H100'
+    if all(w in device_kind for w in name.split()):
+      return rates[kind]
+  return None
+
+
 # Authors' TF 1.x code (oneDNN) on this 2-core CPU, s/iteration (issue #5).
 TF_REFERENCE = {('omniglot_20way1shot', 'metadrop'): 2.27, ('omniglot_20way1shot', 'maml'): 1.25,
                 ('mimgnet_5way1shot', 'metadrop'): 2.06, ('mimgnet_5way1shot', 'maml'): 1.06}
@@ -65,7 +86,7 @@ def _synthetic_images(config):
   from metadrop_jax import data as data_lib
   h, w, ch = data_lib.image_shape(config.data)
   if config.data.name == 'omniglot':
-    classes, per_class = 1200, 20
+    classes, per_class = 4800, 20       # the prepared train split (1200 characters x 4 rotations)
   elif config.data.name == 'miniimagenet':
     classes, per_class = 64, 600
   else:
@@ -92,18 +113,25 @@ def _cost(compiled):
   return float((ca or {}).get('flops', float('nan')))
 
 
-def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int) -> dict:
-  """Compiles and times the train step of one (config, method, formulation) in this process."""
+def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int,
+                precision: str | None = None) -> dict:
+  """Compiles and times the train step of one (config, method, formulation) in this process.
+
+  The step is built exactly as ``train.train`` builds it (same keys, same image shape), so
+  with a persistent compilation cache a later training run of the same config reuses it.
+  """
   import jax
   import numpy as np
-  from metadrop_jax import meta, nets
+  from metadrop_jax import meta, nets, train
 
+  if precision:
+    jax.config.update('jax_default_matmul_precision', precision)
   config = _build_config(name, method, overrides)
   net = nets.spec_from_config(config)
   images = jax.device_put(_synthetic_images(config))
-  state, tx = meta.create_state(jax.random.key(config.seed), config)
+  init_key, train_key = train.run_keys(config)
+  state, tx = meta.create_state(init_key, config)
   step = meta.make_train_step(config, tx)
-  train_key = jax.random.key(1)
 
   t0 = time.perf_counter()
   lowered = step.lower(state, images, train_key)
@@ -128,7 +156,11 @@ def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int
   device = jax.devices()[0]
   peak, peak_kind = _peak_memory(device)
   med = float(np.median(times))
-  return {
+  peak_tf = peak_tflops(device.device_kind, precision or 'default') if device.platform == 'gpu' \
+      else None
+  return {'jax': jax.__version__, 'precision': precision or 'default',
+      'peak_tflops': peak_tf,
+      'peak_fraction': flops / med / 1e12 / peak_tf if peak_tf and med > 0 else None,
       'config': name, 'method': method, 'overrides': overrides,
       'resolved': {'conv_impl': net.conv_impl, 'task_map': net.task_map,
                    'inner_loop': net.inner_loop, 'fuse_noise_conv': net.fuse_noise_conv,
@@ -144,13 +176,13 @@ def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int
   }
 
 
-def _run_subprocess(name, method, overrides, iters, warmup, xla_flags, timeout):
+def _run_subprocess(name, method, overrides, iters, warmup, xla_flags, timeout, precision=None):
   env = dict(os.environ)
   if xla_flags is not None:
     env['XLA_FLAGS'] = xla_flags
   cmd = [sys.executable, os.path.abspath(__file__), '--_single',
          json.dumps({'name': name, 'method': method, 'overrides': overrides, 'iters': iters,
-                     'warmup': warmup})]
+                     'warmup': warmup, 'precision': precision})]
   try:
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
   except subprocess.TimeoutExpired:
@@ -219,6 +251,10 @@ def main(argv=None):
   ap.add_argument('--xla-flags', default=None,
                   help='XLA_FLAGS of the fast variant (default: inherit the environment)')
   ap.add_argument('--timeout', type=float, default=3600, help='seconds per measurement')
+  ap.add_argument('--precision', default=None, choices=['highest', 'default'],
+                  help='jax_default_matmul_precision of the fast variant (GPU: TF32 or not)')
+  ap.add_argument('--deadline', type=float, default=0.0,
+                  help='unix time after which no measurement starts (GPU windows)')
   ap.add_argument('--out', default=None, help='write the rows as JSON here')
   ap.add_argument('--_single', default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -226,7 +262,8 @@ def main(argv=None):
   if args._single:
     a = json.loads(args._single)
     sys.path.insert(0, ROOT)
-    r = measure_one(a['name'], a['method'], a['overrides'], a['iters'], a['warmup'])
+    r = measure_one(a['name'], a['method'], a['overrides'], a['iters'], a['warmup'],
+                    a.get('precision'))
     print('RESULT ' + json.dumps(r))
     return
 
@@ -246,25 +283,39 @@ def main(argv=None):
     overrides[k] = _parse_value(v)
 
   rows = []
+
+  def save():   # after every row: a window that runs out of time keeps what it measured
+    if args.out:
+      meta = {'host': platform.node(), 'cpu_count': os.cpu_count(),
+              'python': sys.version.split()[0], 'argv': sys.argv[1:], 'rows': rows}
+      with open(args.out, 'w') as f:
+        json.dump(meta, f, indent=1)
+
   for name in configs:
     for method in args.methods.split(','):
       variants = [('fast', overrides, iters, args.xla_flags)]
       if not args.no_naive:
         variants.append(('naive', NAIVE, naive_iters, None))
       for variant, ov, n, flags in variants:
+        if args.deadline and time.time() > args.deadline - 15.0:
+          rows.append({'config': name, 'method': method, 'overrides': ov, 'variant': variant,
+                       'error': 'not run: deadline'})
+          continue
         print(f'[{name} {method} {variant}] ...', file=sys.stderr, flush=True)
-        r = _run_subprocess(name, method, ov, n, warmup, flags, args.timeout)
+        timeout = args.timeout
+        if args.deadline:
+          timeout = max(1.0, min(timeout, args.deadline - time.time()))
+        r = _run_subprocess(name, method, ov, n, warmup, flags, timeout,
+                            args.precision if variant == 'fast' else None)
         r['variant'] = variant
         if 'error' not in r:
           print(f"[{name} {method} {variant}] compile {r['compile_s']:.1f} s, "
                 f"{r['s_per_iter']:.3f} s/iter", file=sys.stderr, flush=True)
         rows.append(r)
+        save()
   print_table(rows)
+  save()
   if args.out:
-    meta = {'host': platform.node(), 'cpu_count': os.cpu_count(), 'python': sys.version.split()[0],
-            'argv': sys.argv[1:], 'rows': rows}
-    with open(args.out, 'w') as f:
-      json.dump(meta, f, indent=1)
     print(f'wrote {args.out}')
 
 

@@ -67,6 +67,14 @@ METHOD_LABELS = {
     'adv': 'MAML + adv. training',
 }
 _ROW_ORDER = list(METHOD_LABELS)
+# config.meta_gradient of a run (results.json, else the workdir's config.json): runs of the same
+# setting computed with different meta-gradients get separate columns.
+META_GRADIENT_LABELS = {
+    'authors': "authors' meta-gradient",
+    'exact': 'exact meta-gradient',
+    'first_order': 'first-order meta-gradient',
+}
+_MG_ORDER = [None, 'authors', 'exact', 'first_order']
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,6 +97,14 @@ def load_results(workdirs: Sequence[str]) -> list[dict[str, Any]]:
       warnings.warn(f'{path} has no "accuracy" field; skipped')
       continue
     r['workdir'] = wd
+    if 'meta_gradient' not in r:
+      cfg_path = os.path.join(wd, 'config.json')
+      if os.path.exists(cfg_path):
+        try:
+          with open(cfg_path) as f:
+            r['meta_gradient'] = json.load(f).get('meta_gradient')
+        except (OSError, json.JSONDecodeError):
+          pass
     runs.append(r)
   return runs
 
@@ -97,11 +113,15 @@ def setting_of(run: dict) -> tuple[str, int, int]:
   return (str(run.get('dataset', '?')).lower(), int(run.get('way', 0)), int(run.get('shot', 0)))
 
 
-def column_label(setting: tuple[str, int, int]) -> str:
+def column_label(setting: tuple[str, int, int], meta_gradient: str | None = None) -> str:
   if setting in PAPER_COLUMNS:
-    return PAPER_COLUMNS[setting]
-  d, w, s = setting
-  return f'{d} {w}-way {s}-shot'
+    label = PAPER_COLUMNS[setting]
+  else:
+    d, w, s = setting
+    label = f'{d} {w}-way {s}-shot'
+  if meta_gradient:
+    label += f', {META_GRADIENT_LABELS.get(meta_gradient, meta_gradient)}'
+  return label
 
 
 def method_label(method: str) -> str:
@@ -132,7 +152,7 @@ def compare(run: dict) -> dict[str, Any]:
          'num_steps': run.get('num_steps'), 'episodes': run.get('episodes'),
          'mc_samples': run.get('mc_samples'), 'workdir': run.get('workdir', ''),
          'name': run.get('name', ''), 'commit': run.get('commit', ''),
-         'device': run.get('device', '')}
+         'device': run.get('device', ''), 'meta_gradient': run.get('meta_gradient')}
   for src in ('paper', 'rerun'):
     ref = out[src]
     out[f'diff_{src}'] = None if ref is None else acc - ref[0]
@@ -182,24 +202,31 @@ def _cell(c: dict | None, method: str, setting) -> str:
 def build_table(runs: Sequence[dict]) -> str:
   """The markdown report: Table-1 layout, a gain row, and a per-run detail table."""
   comps = [compare(r) for r in runs]
-  settings = list(PAPER_COLUMNS)
+  base = list(PAPER_COLUMNS)
   for c in comps:
-    if c['setting'] not in settings:
-      settings.append(c['setting'])
-  # cells[method] = list of {setting: comparison}; a second run of the same method and setting
+    if c['setting'] not in base:
+      base.append(c['setting'])
+  # one column per (setting, meta-gradient) that has runs; a setting without runs keeps one
+  settings = []
+  for s in base:
+    mgs = {c['meta_gradient'] for c in comps if c['setting'] == s}
+    order = sorted(mgs, key=lambda m: _MG_ORDER.index(m) if m in _MG_ORDER else len(_MG_ORDER))
+    settings += [(s, m) for m in (order or [None])]
+  # cells[method] = list of {column: comparison}; a second run of the same method and column
   # opens a second row for that method.
   cells: dict[str, list[dict]] = {'maml': [{}], 'metadrop': [{}]}
   for c in comps:
+    col = (c['setting'], c['meta_gradient'])
     rows = cells.setdefault(c['method'], [{}])
     for row in rows:
-      if c['setting'] not in row:
-        row[c['setting']] = c
+      if col not in row:
+        row[col] = c
         break
     else:
-      rows.append({c['setting']: c})
+      rows.append({col: c})
   order = sorted(cells, key=lambda m: (_ROW_ORDER.index(m) if m in _ROW_ORDER else len(_ROW_ORDER),
                                        m))
-  header = ['Method'] + [column_label(s) for s in settings]
+  header = ['Method'] + [column_label(s, m) for s, m in settings]
   lines = ['## Few-shot classification (layout of the paper\'s Table 1)', '',
            'Accuracy (%) ± 95% CI over meta-test episodes. "paper": the paper\'s Table 1; '
            '"re-run": the authors\' re-run of their released code (paper_facts §2.1); '
@@ -209,12 +236,13 @@ def build_table(runs: Sequence[dict]) -> str:
   for m in order:
     for i, row in enumerate(cells[m]):
       label = method_label(m) + (f' ({i + 1})' if i else '')
-      lines.append('| ' + ' | '.join([label] + [_cell(row.get(s), m, s) for s in settings])
-                   + ' |')
+      lines.append('| ' + ' | '.join([label] + [_cell(row.get(col), m, col[0])
+                                                for col in settings]) + ' |')
   # gain row: Meta-dropout − MAML (first run of each)
   gains = []
-  for s in settings:
-    a, b = cells['metadrop'][0].get(s), cells['maml'][0].get(s)
+  for col in settings:
+    s = col[0]
+    a, b = cells['metadrop'][0].get(col), cells['maml'][0].get(col)
     parts = []
     if a and b:
       parts.append(f"**{a['accuracy'] - b['accuracy']:+.2f}**")
@@ -237,7 +265,8 @@ def build_table(runs: Sequence[dict]) -> str:
   for c in comps:
     f = lambda v: 'n/a' if v is None else f'{v:+.2f}'
     lines.append('| ' + ' | '.join([
-        method_label(c['method']), column_label(c['setting']), f"`{c['workdir']}`",
+        method_label(c['method']), column_label(c['setting'], c['meta_gradient']),
+        f"`{c['workdir']}`",
         f"{c['accuracy']:.2f}" + (f" ± {c['ci95']:.2f}" if c['ci95'] is not None else ''),
         _pm(c['paper']) if c['paper'] else 'n/a', f(c['diff_paper']), _yes_no(c['paper_in_ci']),
         _pm(c['rerun']) if c['rerun'] else 'n/a', f(c['diff_rerun']),

@@ -154,8 +154,10 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def provenance() -> dict:
+  # METADROP_COMMIT: set where the code runs from a copy without .git (a GPU window's device)
+  commit = os.environ.get('METADROP_COMMIT', '')
   try:
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+    commit = commit or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
                             text=True, cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
   except Exception:  # pylint: disable=broad-except
     commit = ''

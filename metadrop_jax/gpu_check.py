@@ -1,0 +1,213 @@
+"""GPU smoke test: the meta-gradient of one task on the accelerator vs a float64 CPU reference.
+
+  python -m metadrop_jax.gpu_check --setting=omniglot_20way1shot --out=smoke.json
+
+One task of a paper config (its network, inner loop and episode shape, at its initial
+parameters; sparse binary images of the data set's shape), the real ``meta.task_loss`` and its
+gradient w.r.t. every parameter, computed
+
+* on the default device in float32, once per matmul precision: ``'highest'`` (true float32
+  products) and ``'default'`` (XLA's default: TF32 tensor-core products for float32 matmuls
+  and convolutions on Ampere/Hopper GPUs; exact float32 on the CPU);
+* on the CPU in float64 (the reference, as tests/test_meta.py's finite-difference test).
+
+The noise draws are made in float32 in both (``jax.random.normal`` draws different bits for
+float64, so the float64 reference draws in float32 and upcasts): the only difference between
+the two computations is arithmetic precision. Reported per (meta-gradient, precision): the
+relative error of the whole gradient ``|g - g_ref| / |g_ref|`` (2-norms over all parameters),
+the worst such error of any single parameter array, and the loss's relative error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+# The point where the meta-gradient is checked: the Omniglot 20-way 1-shot network and episode
+# (64 channels, 28x28, 20 + 300 images, 5 inner steps) at its initial parameters, with the inner
+# learning rate lowered from the paper's 0.1 to 0.01. At 0.1 the meta-gradient of these networks
+# is so ill-conditioned that float32 and float64 differ by 20-70 % already on the CPU (each inner
+# step amplifies rounding ~10-30x: 1e-3 after one step); that is the algorithm, not the device,
+# and would hide any device error. At 0.01 float32 on the CPU is 4.7e-5 from float64
+# (docs/gpu_window.md).
+SMOKE_SETTING = 'omniglot_20way1shot'
+SMOKE_OVERRIDES = {'inner_lr': 0.01}
+# Tolerances on the global relative error: 'highest' 10x the CPU's float32 error at that point
+# (other summation orders on the GPU); TF32 rounds products to 10 mantissa bits (2^-11 ~ 5e-4
+# each), and a meta-gradient within 1e-2 of the exact one is far inside the minibatch noise of a
+# 4-task meta-gradient, which is the condition for letting TF32 train the campaign.
+TOL_HIGHEST = 5e-4
+TOL_TF32 = 1e-2
+
+
+@contextlib.contextmanager
+def _x64():
+  import jax
+  if hasattr(jax, 'enable_x64'):
+    with jax.enable_x64(True):
+      yield
+    return
+  from jax.experimental import enable_x64
+  with enable_x64():
+    yield
+
+
+@contextlib.contextmanager
+def _float32_noise():
+  """``jax.random.normal`` draws float32 bits, then casts to the requested dtype."""
+  import jax
+  import jax.numpy as jnp
+  orig = jax.random.normal
+
+  def normal(key, shape=(), dtype=None, *args, **kwargs):
+    dt = jnp.float32 if dtype is None else dtype
+    return orig(key, shape, jnp.float32, *args, **kwargs).astype(dt)
+
+  jax.random.normal = normal
+  try:
+    yield
+  finally:
+    jax.random.normal = orig
+
+
+def _rel(a, b):
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  nb = np.linalg.norm(b.ravel())
+  return float(np.linalg.norm((a - b).ravel()) / (nb if nb > 0 else 1.0))
+
+
+def _problem(setting: str, method: str, gradient: str, overrides=None):
+  """(config, params f32, one episode f32, key) on the host: the config's initial parameters and
+  one episode of sparse binary images (12 % ink, like Omniglot's strokes) of the data set's shape.
+  """
+  import jax
+  import numpy as np
+  from metadrop_jax import campaign, episodes, meta
+  from metadrop_jax import data as data_lib
+  run = {'setting': setting, 'method': method, 'meta_gradient': gradient}
+  cfg = campaign.run_config(run, {'overrides': overrides or {}}, on_accelerator=False)
+  h, w, ch = data_lib.image_shape(cfg.data)
+  rng = np.random.default_rng(0)
+  images = (255 * (rng.random((cfg.way + 2, cfg.shot + cfg.query, h, w, ch)) < 0.12)).astype(
+      np.uint8)
+  ep = episodes.sample_episode(jax.random.PRNGKey(1), images, cfg.way, cfg.shot, cfg.query)
+  state, _ = meta.create_state(jax.random.PRNGKey(cfg.seed), cfg)
+  return cfg, jax.device_get(state.params), jax.device_get(ep), jax.random.PRNGKey(2)
+
+
+def _grad(cfg, params, ep, key, *, device, dtype, conv_impl):
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  from metadrop_jax import meta
+  spec = meta.spec_from_config(cfg)
+  spec = dataclasses.replace(spec, net=dataclasses.replace(spec.net, conv_impl=conv_impl))
+  cast = lambda v: jnp.asarray(v, dtype) if v.dtype.kind == 'f' else jnp.asarray(v)
+  p = jax.device_put(jax.tree.map(cast, params), device)
+  e = jax.device_put(jax.tree.map(cast, ep), device)
+  k = jax.device_put(key, device)
+  f = jax.jit(jax.value_and_grad(lambda pp: meta.task_loss(pp, e, k, spec)[0]))
+  t0 = time.perf_counter()
+  loss, g = f(p)
+  jax.block_until_ready(g)
+  return float(loss), jax.device_get(g), time.perf_counter() - t0
+
+
+def check(setting=SMOKE_SETTING, method='metadrop', gradients=('authors', 'exact'),
+          precisions=('highest', 'default'), overrides=None, save=None) -> dict:
+  import jax
+  import numpy as np
+  dev = jax.devices()[0]
+  cpu = jax.devices('cpu')[0]
+  out = {'setting': setting, 'method': method, 'overrides': overrides or {}, 'device': f'{dev.platform}:{dev.device_kind}',
+         'jax': jax.__version__, 'tolerance': {'highest': TOL_HIGHEST, 'default': TOL_TF32},
+         'rows': []}
+  for gradient in gradients:
+    cfg, params, ep, key = _problem(setting, method, gradient, overrides)
+    with _float32_noise(), _x64():
+      ref_loss, ref, t_ref = _grad(cfg, params, ep, key, device=cpu, dtype=np.float64,
+                                   conv_impl='xla')
+    for prec in precisions:
+      if dev.platform == 'cpu' and prec != 'highest':
+        continue    # float32 dots are float32 on the CPU whatever the setting: nothing to learn
+      jax.config.update('jax_default_matmul_precision', prec)
+      try:
+        impl = 'im2col' if dev.platform == 'cpu' else 'xla'
+        loss, g, t = _grad(cfg, params, ep, key, device=dev, dtype=np.float32, conv_impl=impl)
+      finally:
+        jax.config.update('jax_default_matmul_precision', None)
+      flat_g, flat_r = jax.tree.leaves(g), jax.tree.leaves(ref)
+      per = [_rel(a, b) for a, b in zip(flat_g, flat_r) if np.linalg.norm(b) > 0]
+      err = _rel(np.concatenate([a.ravel() for a in flat_g]),
+                 np.concatenate([b.ravel() for b in flat_r]))
+      row = {'meta_gradient': gradient, 'precision': prec, 'rel_err': err,
+             'max_leaf_rel_err': max(per), 'loss': loss, 'ref_loss': ref_loss,
+             'loss_rel_err': abs(loss - ref_loss) / abs(ref_loss), 'finite': bool(
+                 all(np.all(np.isfinite(a)) for a in flat_g)),
+             'seconds': round(t, 2), 'ref_seconds': round(t_ref, 2)}
+      row['pass'] = bool(row['finite'] and err <= out['tolerance'][prec])
+      out['rows'].append(row)
+      _verdict(out)
+      if save:
+        save(out)
+  return _verdict(out)
+
+
+def _verdict(out):
+  by = lambda p: [r['pass'] for r in out['rows'] if r['precision'] == p]
+  out['pass_highest'] = bool(by('highest')) and all(by('highest'))
+  out['pass_default'] = bool(by('default')) and all(by('default'))
+  return out
+
+
+def format_check(out: dict) -> str:
+  lines = [f"meta-gradient of one {out['setting']} {out['method']} task on {out['device']} "
+           f"(jax {out['jax']}) vs float64 CPU:"]
+  for r in out['rows']:
+    lines.append(f"  {r['meta_gradient']:<8} precision={r['precision']:<8} rel err {r['rel_err']:.2e}"
+                 f" (worst array {r['max_leaf_rel_err']:.2e}, loss {r['loss_rel_err']:.1e}) "
+                 f"tol {out['tolerance'][r['precision']]:.0e}: {'PASS' if r['pass'] else 'FAIL'}")
+  return '\n'.join(lines)
+
+
+def _parse_value(v: str):
+  for cast in (int, float):
+    try:
+      return cast(v)
+    except ValueError:
+      pass
+  return {'true': True, 'false': False}.get(v.lower(), v)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--setting', default=SMOKE_SETTING)
+  ap.add_argument('--method', default='metadrop')
+  ap.add_argument('--gradients', default='authors,exact')
+  ap.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
+  ap.add_argument('--out', default='')
+  a = ap.parse_args(argv)
+  overrides = dict(SMOKE_OVERRIDES) if a.setting == SMOKE_SETTING else {}
+  for s in a.set:
+    k, _, v = s.partition('=')
+    overrides[k] = _parse_value(v)
+  def save(out):   # after every row: a smoke test cut by its timeout keeps what it measured
+    if a.out:
+      with open(a.out + '.tmp', 'w') as f:
+        json.dump(out, f, indent=1)
+      os.replace(a.out + '.tmp', a.out)
+
+  out = check(a.setting, a.method, tuple(a.gradients.split(',')), overrides=overrides, save=save)
+  print(format_check(out))
+  save(out)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.exit(main())

@@ -1,0 +1,571 @@
+"""One GPU window, start to end, inside a time budget; and unpacking what it brings back.
+
+On the device (through ``scripts/device_window.sh BUDGET_S``, which installs the carried wheels,
+lays out the data and sets the compile cache first):
+
+  python -m metadrop_jax.window run --budget_s=450 --out=$OUT
+
+runs, in this order, each phase with its own deadline so that the last one always happens:
+
+a. ``info`` (devices, versions, nvidia-smi) and the smoke test (``metadrop_jax.gpu_check``: the
+   meta-gradient of one task vs the float64 CPU reference, at 'highest' and default (TF32)
+   matmul precision); a failed 'highest' check stops the window before the campaign;
+b. the benchmark (``benchmarks/meta_step.py``: every paper config x both methods in the
+   campaign's computation; TF32 and non-deterministic variants of the first cell) and the
+   torch.func peer (``benchmarks/torch_peer.py``: one-task check against JAX, then timings);
+c. a campaign sitting (``launch.py --mode=campaign``) for the rest of the budget;
+d. packing into ``$OUT``: ``window.json`` (everything measured), ``window.log``, the campaign's
+   changed state as ``campaign.tgz`` (split into ``campaign.tgz.N`` parts of <= 15 MiB if it is
+   larger) and, when it fits, ``jax_cache.tgz`` (the compile cache, to carry next time):
+   at most 8 files of at most 16 MiB.
+
+Back here:
+
+  python -m metadrop_jax.window unpack /path/to/returned/files
+
+puts the campaign state in place (each returned run directory replaces the local one), stores
+``window.json`` and the log under ``docs/bench/windows/``, regenerates the campaign tables,
+``docs/results.md``'s status block and ``docs/performance.md``'s GPU block, and keeps the compile
+cache in ``.gpu_cache/`` (git-ignored) for the next window. docs/gpu_window.md has the sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_FILES = 8
+MAX_FILE_BYTES = 16 * 2**20
+PART_BYTES = 15 * 2**20
+PAPER_SETTINGS = ('omniglot_20way1shot', 'omniglot_20way5shot', 'mimgnet_5way1shot',
+                  'mimgnet_5way5shot')
+TF32_MIN_SPEEDUP = 1.25   # TF32 trains the campaign only if it is at least this much faster
+# Fractions of the budget the phases may use at most (the campaign gets the rest).
+SMOKE_FRACTION = 0.2
+BENCH_FRACTION = {'full': 0.55, 'quick': 0.3, 'skip': 0.0}
+PACK_RESERVE_S = 15.0
+
+
+class Log:
+  """Timestamped lines to stdout and a log file; subprocess output is appended to the file."""
+
+  def __init__(self, path):
+    self.path = path
+    self.t0 = time.time()
+    self.f = open(path, 'a')
+
+  def __call__(self, msg):
+    line = f'[{time.time() - self.t0:7.1f}s] {msg}'
+    print(line, flush=True)
+    self.f.write(line + '\n')
+    self.f.flush()
+
+  def run(self, cmd, timeout, env=None):
+    """Runs ``cmd`` (list), its output into the log; returns (rc, seconds). Never raises."""
+    self(f"$ {' '.join(cmd)}   (timeout {timeout:.0f} s)")
+    t = time.time()
+    if timeout <= 1:
+      self('  skipped: no time left')
+      return None, 0.0
+    self.f.flush()
+    try:
+      p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=self.f, stderr=subprocess.STDOUT,
+                         timeout=timeout)
+      rc = p.returncode
+    except subprocess.TimeoutExpired:
+      rc = 'timeout'
+    self(f'  -> rc {rc} in {time.time() - t:.1f} s')
+    return rc, time.time() - t
+
+
+def _read_json(path, default=None):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return default
+
+
+# ------------------------------------------------------------------------------------------------
+# phase a: info
+# ------------------------------------------------------------------------------------------------
+
+def info() -> dict:
+  import importlib.metadata as md
+  import platform
+  out = {'python': sys.version.split()[0], 'host': platform.node(),
+         'commit': os.environ.get('METADROP_COMMIT', ''), 'xla_flags': os.environ.get(
+             'XLA_FLAGS', ''), 'cpu_count': os.cpu_count(), 'versions': {}}
+  for pkg in ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda12-plugin', 'flax', 'optax',
+              'orbax-checkpoint', 'ml_collections', 'numpy', 'torch', 'tensorstore'):
+    try:
+      out['versions'][pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      pass
+  import jax
+  out['devices'] = [str(d) for d in jax.devices()]
+  out['backend'] = jax.default_backend()
+  out['device_kind'] = jax.devices()[0].device_kind
+  if shutil.which('nvidia-smi'):
+    try:
+      out['nvidia_smi'] = subprocess.run(
+          ['nvidia-smi', '--query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit',
+           '--format=csv,noheader'], capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as e:  # noqa: BLE001
+      out['nvidia_smi'] = repr(e)
+  return out
+
+
+def choose_precision(smoke: dict | None, bench_rows: list[dict]) -> tuple[str, str]:
+  """('highest' | 'default', why). TF32 ('default') only where the smoke test passed it and the
+  benchmark measured it at least TF32_MIN_SPEEDUP faster on the same cell; else 'highest'."""
+  if not smoke or not smoke.get('pass_default'):
+    return 'highest', 'TF32 meta-gradient check failed or missing'
+  ok = [r for r in bench_rows if 'error' not in r and r.get('s_per_iter')]
+  for h in ok:
+    if h.get('precision') != 'highest':
+      continue
+    for d in ok:
+      if (d.get('precision') == 'default' and d['config'] == h['config'] and
+          d['method'] == h['method'] and d.get('xla_flags') == h.get('xla_flags')):
+        speed = h['s_per_iter'] / d['s_per_iter']
+        if speed >= TF32_MIN_SPEEDUP:
+          return 'default', f"TF32 passed the check and was {speed:.2f}x faster ({h['config']})"
+        return 'highest', f"TF32 only {speed:.2f}x faster ({h['config']}): not worth it"
+  return 'highest', 'no TF32 timing to compare'
+
+
+# ------------------------------------------------------------------------------------------------
+# the window
+# ------------------------------------------------------------------------------------------------
+
+def run_window(a) -> dict:
+  t0 = time.time()
+  end = t0 + a.budget_s                     # everything, packing included, before this
+  work = os.path.abspath(a.work or os.path.join('/tmp', f'metadrop_window_{os.getpid()}'))
+  os.makedirs(work, exist_ok=True)
+  os.makedirs(a.out, exist_ok=True)
+  log = Log(os.path.join(work, 'window.log'))
+  summary: dict = {'start': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t0)),
+                   'budget_s': a.budget_s, 'phases': {}, 'argv': sys.argv[1:]}
+  env = dict(os.environ)
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  py = sys.executable
+  pack_reserve = min(PACK_RESERVE_S, 0.1 * a.budget_s)
+
+  def phase(name, fn):
+    t = time.time()
+    try:
+      summary['phases'][name] = {'result': fn()}
+    except Exception as e:  # noqa: BLE001 - a broken phase must not cost the packing
+      import traceback
+      log(f'{name} failed: {e!r}\n{traceback.format_exc()}')
+      summary['phases'][name] = {'error': repr(e)}
+    summary['phases'][name]['seconds'] = round(time.time() - t, 1)
+
+  # a. info + smoke test
+  phase('info', info)
+  log(f"devices {summary['phases']['info'].get('result', {}).get('devices')}")
+  smoke_path = os.path.join(work, 'smoke.json')
+
+  def smoke():
+    cmd = [py, '-m', 'metadrop_jax.gpu_check', f'--setting={a.smoke_setting}',
+           f'--gradients={a.smoke_gradients}', f'--out={smoke_path}']
+    rc, _ = log.run(cmd, max(SMOKE_FRACTION * a.budget_s, min(20.0, 0.35 * a.budget_s)), env)
+    res = _read_json(smoke_path)
+    if res:
+      from metadrop_jax import gpu_check
+      log(gpu_check.format_check(res))
+    return {'rc': rc, **(res or {})}
+
+  phase('smoke', smoke)
+  smoke_res = summary['phases']['smoke'].get('result') or {}
+
+  # b. benchmark + torch peer
+  bench_mode = a.bench
+  if bench_mode == 'auto':
+    kind = summary['phases']['info'].get('result', {}).get('device_kind', '')
+    done = any(_read_json(p, {}).get('device_kind') == kind
+               for p in glob.glob(os.path.join(ROOT, 'docs', 'bench', 'windows', '*.json')))
+    bench_mode = 'quick' if done else 'full'
+  bench_end = time.time() + BENCH_FRACTION.get(bench_mode, 0.0) * a.budget_s
+  bench_rows: list[dict] = []
+
+  def bench():
+    if bench_mode == 'skip':
+      return {'mode': 'skip'}
+    configs = a.bench_configs.split(',')
+    base = [py, 'benchmarks/meta_step.py', '--no-naive', f'--iters={a.bench_iters}',
+            f'--warmup={a.bench_warmup}', f'--set=meta_gradient={a.bench_gradient}']
+    first = configs[0]
+    # 1. the first cell at both precisions (decides TF32), and without deterministic ops
+    jobs = [('highest', [first], 'metadrop', None)]
+    if summary['phases']['info'].get('result', {}).get('backend') != 'cpu':
+      jobs.append(('default', [first], 'metadrop', None))    # TF32 (no such thing on a CPU)
+    flags = os.environ.get('XLA_FLAGS', '')
+    if 'xla_gpu_deterministic_ops' in flags:
+      nondet = ' '.join(f for f in flags.split() if 'xla_gpu_deterministic_ops' not in f)
+      jobs.append(('highest', [first], 'metadrop', nondet))
+    if bench_mode == 'full':
+      jobs.append(('highest', [first], 'maml', None))
+      rest = [c for c in configs[1:]]
+      if rest:
+        jobs.append(('highest', rest, 'metadrop,maml', None))
+    for i, (prec, cfgs, methods, xflags) in enumerate(jobs):
+      out = os.path.join(work, f'bench_{i}.json')
+      cmd = base + [f'--configs={",".join(cfgs)}', f'--methods={methods}', f'--precision={prec}',
+                    f'--deadline={bench_end}', f'--out={out}']
+      if xflags is not None:
+        cmd.append(f'--xla-flags={xflags}')
+      log.run(cmd, bench_end - time.time(), env)
+      bench_rows.extend((_read_json(out) or {}).get('rows', []))
+    return {'mode': bench_mode, 'rows': bench_rows}
+
+  phase('bench', bench)
+
+  def torch_peer():
+    if bench_mode == 'skip' or a.torch == 'skip':
+      return {'skipped': 'not asked'}
+    try:
+      import importlib.util
+      if importlib.util.find_spec('torch') is None:
+        return {'skipped': 'torch is not installed here'}
+    except Exception as e:  # noqa: BLE001
+      return {'skipped': repr(e)}
+    out = os.path.join(work, 'torch.json')
+    configs = a.bench_configs if bench_mode == 'full' else a.bench_configs.split(',')[0]
+    prec = 'highest'
+    torch_end = bench_end + a.torch_share * a.budget_s
+    cmd = [py, 'benchmarks/torch_peer.py', f'--configs={configs}', '--methods=metadrop,maml',
+           f'--precision={prec}', '--check', f'--iters={a.bench_iters}',
+           f'--deadline={torch_end - 20}', f'--out={out}']
+    log.run(cmd, torch_end - time.time(), env)
+    return _read_json(out) or {'error': 'no output'}
+
+  phase('torch', torch_peer)
+
+  # c. the campaign
+  precision, why = choose_precision(smoke_res, bench_rows)
+  summary['precision_choice'] = {'precision': precision, 'why': why}
+  log(f'matmul precision for a campaign still on auto: {precision} ({why})')
+  cdir = os.path.abspath(a.campaign_dir)
+
+  def campaign_phase():
+    if smoke_res and smoke_res.get('rows') and not smoke_res.get('pass_highest'):
+      return {'skipped': 'the float32 meta-gradient check failed: no training on this device'}
+    budget = end - pack_reserve - time.time()
+    cmd = [py, 'launch.py', '--mode=campaign', f'--campaign_dir={cdir}',
+           f'--budget_minutes={max(budget - 10.0, 0.0) / 60.0:.4f}',
+           f'--precision_choice={precision}']
+    if a.campaign_settings:
+      cmd.append(f'--campaign_settings={a.campaign_settings}')
+      if a.campaign_overrides:
+        cmd.append(f'--campaign_overrides={a.campaign_overrides}')
+    rc, _ = log.run(cmd, budget, env)
+    rows = _read_jsonl_tail(os.path.join(cdir, 'sittings.jsonl'))
+    return {'rc': rc, 'sitting': rows if rows and rows.get('start', '') >= summary['start']
+            else None}
+
+  phase('campaign', campaign_phase)
+
+  # d. pack
+  summary['seconds_before_pack'] = round(time.time() - t0, 1)
+  cache_dir = os.environ.get('JAX_COMPILATION_CACHE_DIR', '')
+  files = pack(a.out, work, cdir, since=t0, summary=summary, log=log,
+               cache_dir=cache_dir if a.pack_cache else '')
+  summary['files'] = files
+  log(f'packed {len(files)} files into {a.out}: ' +
+      ', '.join(f"{n} ({s / 2**20:.1f} MiB)" for n, s in files.items()))
+  log(format_window(summary))
+  # window.json last, with the final summary (the log above is already in window.log)
+  shutil.copy(log.path, os.path.join(a.out, 'window.log')) if os.path.getsize(log.path) \
+      <= MAX_FILE_BYTES else _tail_copy(log.path, os.path.join(a.out, 'window.log'))
+  with open(os.path.join(a.out, 'window.json'), 'w') as f:
+    json.dump(summary, f, indent=1, default=str)
+  return summary
+
+
+def _read_jsonl_tail(path):
+  from metadrop_jax import metrics as metrics_lib
+  rows = metrics_lib.read_jsonl(path)
+  return rows[-1] if rows else None
+
+
+def _tail_copy(src, dst, limit=MAX_FILE_BYTES - 2**20):
+  with open(src, 'rb') as f:
+    f.seek(max(0, os.path.getsize(src) - limit))
+    data = f.read()
+  with open(dst, 'wb') as f:
+    f.write(b'[... log truncated ...]\n' + data)
+
+
+# ------------------------------------------------------------------------------------------------
+# packing
+# ------------------------------------------------------------------------------------------------
+
+SKIP_PARTS = ('tb', '__pycache__')
+
+
+def _skip(rel: str) -> bool:
+  parts = rel.split(os.sep)
+  return (any(p in SKIP_PARTS for p in parts) or any('.tmp' in p or 'orbax-checkpoint-tmp' in p
+                                                     for p in parts))
+
+
+def campaign_members(cdir: str, since: float) -> list[str]:
+  """Relative paths to pack: every top-level file, and every file of each run directory that
+  changed since ``since`` (the whole directory, so that unpacking can replace it)."""
+  out = []
+  for name in sorted(os.listdir(cdir)):
+    p = os.path.join(cdir, name)
+    if os.path.isfile(p):
+      out.append(name)
+      continue
+    files = []
+    newest = 0.0
+    for root, dirs, fs in os.walk(p):
+      dirs.sort()
+      for fn in sorted(fs):
+        full = os.path.join(root, fn)
+        rel = os.path.relpath(full, cdir)
+        if _skip(rel):
+          continue
+        files.append(rel)
+        newest = max(newest, os.path.getmtime(full))
+    if files and newest >= since - 1.0:
+      out += files
+  return out
+
+
+def pack(out_dir, work, cdir, *, since, summary, log=print, cache_dir='') -> dict[str, int]:
+  """Writes the campaign archive (split if needed) and the compile cache into ``out_dir``.
+  window.json and window.log are written by the caller. Returns {file name: bytes}."""
+  files: dict[str, int] = {}
+  budget_files = MAX_FILES - 2     # window.json, window.log
+  if os.path.isdir(cdir):
+    buf = io.BytesIO()
+    members = campaign_members(cdir, since)
+    with tarfile.open(fileobj=buf, mode='w:gz', compresslevel=6) as tar:
+      for rel in members:
+        tar.add(os.path.join(cdir, rel), arcname=rel, recursive=False)
+    data = buf.getvalue()
+    summary['campaign_members'] = len(members)
+    summary['campaign_runs_packed'] = sorted({m.split(os.sep)[0] for m in members
+                                              if os.sep in m})
+    parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [b'']
+    if len(parts) > budget_files:
+      log(f'campaign archive is {len(data)} bytes: more than {budget_files} parts; packing the '
+          'first runs only is not implemented, so the tail is lost')
+      parts = parts[:budget_files]
+    names = ['campaign.tgz'] if len(parts) == 1 else [f'campaign.tgz.{i}' for i in range(len(parts))]
+    for n, d in zip(names, parts):
+      with open(os.path.join(out_dir, n), 'wb') as f:
+        f.write(d)
+      files[n] = len(d)
+    budget_files -= len(parts)
+  if cache_dir and os.path.isdir(cache_dir) and budget_files >= 1:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode='w:gz', compresslevel=1) as tar:
+      for fn in sorted(os.listdir(cache_dir)):
+        tar.add(os.path.join(cache_dir, fn), arcname=fn)
+    if 0 < len(buf.getvalue()) <= MAX_FILE_BYTES - 2**20:
+      with open(os.path.join(out_dir, 'jax_cache.tgz'), 'wb') as f:
+        f.write(buf.getvalue())
+      files['jax_cache.tgz'] = len(buf.getvalue())
+    else:
+      log(f'compile cache is {len(buf.getvalue())} bytes compressed: not brought back')
+  return files
+
+
+def format_window(s: dict) -> str:
+  """The short table printed last (the device tool returns the output's tail)."""
+  lines = ['=' * 78, f"window {s['start']}  budget {s['budget_s']:.0f} s"]
+  inf = s['phases'].get('info', {}).get('result', {})
+  lines.append(f"device {inf.get('device_kind')}  jax {inf.get('versions', {}).get('jax')}  "
+               f"torch {inf.get('versions', {}).get('torch')}")
+  sm = s['phases'].get('smoke', {}).get('result') or {}
+  for r in sm.get('rows', []):
+    lines.append(f"smoke {r['meta_gradient']:<7} {r['precision']:<8} rel err {r['rel_err']:.1e} "
+                 f"{'PASS' if r['pass'] else 'FAIL'}")
+  for r in (s['phases'].get('bench', {}).get('result') or {}).get('rows', []):
+    if 'error' in r:
+      lines.append(f"bench {r['config']} {r['method']}: {str(r['error'])[:60]}")
+      continue
+    det = 'nondet' if 'xla_gpu_deterministic_ops' not in r.get('xla_flags', '') else ''
+    frac = r.get('peak_fraction')
+    lines.append(f"bench {r['config']:<20} {r['method']:<8} {r.get('precision', ''):<8}{det:<7}"
+                 f"{r['s_per_iter'] * 1e3:8.2f} ms/it  compile {r['compile_s']:5.1f} s  "
+                 f"{r['xla_gflops_per_s']:8.0f} GFLOP/s" + (f"  {frac:.1%} of peak" if frac else ''))
+  for r in (s['phases'].get('torch', {}).get('result') or {}).get('rows', []):
+    if 'error' in r:
+      lines.append(f"torch {r['config']} {r['method']}: {str(r['error'])[:60]}")
+    elif r.get('kind') == 'check':
+      lines.append(f"torch check {r['config']} {r['method']}: loss rel {r['loss_rel_err']:.1e} "
+                   f"grad rel {r['grad_rel_err']:.1e}")
+    else:
+      lines.append(f"torch {r['config']:<20} {r['method']:<8} {r['s_per_iter'] * 1e3:8.2f} ms/it")
+  pc = s.get('precision_choice', {})
+  lines.append(f"precision choice: {pc.get('precision')} ({pc.get('why')})")
+  camp = (s['phases'].get('campaign', {}).get('result') or {})
+  sit = camp.get('sitting') or {}
+  for r in sit.get('runs', []):
+    acc = f"  test {r['accuracy']:.2f} ± {r['ci95']:.2f}" if r.get('accuracy') is not None else ''
+    lines.append(f"campaign {r['name']:<40} {r['from']:>6} -> {r['to']:<6} "
+                 f"{r['minutes']:.2f} min{acc}")
+  if camp.get('skipped'):
+    lines.append(f"campaign skipped: {camp['skipped']}")
+  for r in sit.get('skipped', []):
+    lines.append(f"campaign skipped {r['name']}: {r['why']}")
+  lines.append(f"files: {s.get('files')}")
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# unpacking (here, after the window)
+# ------------------------------------------------------------------------------------------------
+
+def unpack(src: str, repo: str = ROOT, campaign_dir: str | None = None, log=print) -> dict:
+  """Puts a window's returned files in place (see the module docstring). Returns a summary."""
+  cdir = os.path.join(repo, campaign_dir or os.path.join('results', 'table1'))
+  summary = _read_json(os.path.join(src, 'window.json'))
+  if summary is None:
+    raise FileNotFoundError(f'{src}/window.json missing: not a window\'s returned files')
+  parts = sorted(glob.glob(os.path.join(src, 'campaign.tgz.*')),
+                 key=lambda p: int(p.rsplit('.', 1)[1]))
+  if os.path.exists(os.path.join(src, 'campaign.tgz')):
+    parts = [os.path.join(src, 'campaign.tgz')]
+  data = b''.join(open(p, 'rb').read() for p in parts)
+  replaced = []
+  if data:
+    with tarfile.open(fileobj=io.BytesIO(data), mode='r:gz') as tar:
+      members = tar.getmembers()
+      for m in members:
+        if m.name.startswith('/') or '..' in m.name.split('/') or not (m.isfile() or m.isdir()):
+          raise ValueError(f'unsafe member in the campaign archive: {m.name}')
+      runs = sorted({m.name.split('/')[0] for m in members if '/' in m.name})
+      os.makedirs(cdir, exist_ok=True)
+      for r in runs:
+        shutil.rmtree(os.path.join(cdir, r), ignore_errors=True)
+        replaced.append(r)
+      safe = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
+      for m in members:
+        tar.extract(m, cdir, **safe)
+  stamp = summary['start'].replace(':', '').replace('-', '')
+  kind = (summary['phases'].get('info', {}).get('result', {}).get('device_kind', 'unknown')
+          .replace(' ', '_'))
+  bench_dir = os.path.join(repo, 'docs', 'bench', 'windows')
+  os.makedirs(bench_dir, exist_ok=True)
+  base = os.path.join(bench_dir, f'{stamp}_{kind}')
+  summary['device_kind'] = summary['phases'].get('info', {}).get('result', {}).get('device_kind')
+  with open(base + '.json', 'w') as f:
+    json.dump(summary, f, indent=1, default=str)
+  if os.path.exists(os.path.join(src, 'window.log')):
+    _tail_copy(os.path.join(src, 'window.log'), base + '.log', limit=512 * 1024)
+  if os.path.exists(os.path.join(src, 'jax_cache.tgz')):
+    os.makedirs(os.path.join(repo, '.gpu_cache'), exist_ok=True)
+    shutil.copy(os.path.join(src, 'jax_cache.tgz'), os.path.join(repo, '.gpu_cache'))
+  written = []
+  if os.path.exists(os.path.join(cdir, 'campaign.json')):
+    from metadrop_jax import campaign
+    written = campaign.write_reports(cdir, results_md=os.path.join(repo, 'docs', 'results.md'))
+  written.append(write_performance_block(repo))
+  log(format_window(summary))
+  log(f'replaced runs: {replaced}\nwrote {base}.json/.log and {written}')
+  return {'replaced': replaced, 'bench': base + '.json', 'written': written}
+
+
+PERF_BEGIN = '<!-- gpu-windows:begin (generated by python -m metadrop_jax.window unpack) -->'
+PERF_END = '<!-- gpu-windows:end -->'
+
+
+def perf_table(repo: str = ROOT) -> str:
+  lines = ['| window | card | jax | config | method | precision | XLA det. ops | compile s | '
+           'ms / iter | GFLOP / iter | TFLOP/s | of peak | peak GPU MiB | torch.func ms / iter | '
+           'torch / JAX |', '|' + '---|' * 15]
+  for p in sorted(glob.glob(os.path.join(repo, 'docs', 'bench', 'windows', '*.json'))):
+    s = _read_json(p, {})
+    inf = s.get('phases', {}).get('info', {}).get('result', {})
+    torch_rows = [r for r in (s.get('phases', {}).get('torch', {}).get('result') or {})
+                  .get('rows', []) if r.get('kind') == 'time']
+    for r in (s.get('phases', {}).get('bench', {}).get('result') or {}).get('rows', []):
+      if 'error' in r:
+        continue
+      t = next((x for x in torch_rows if x['config'] == r['config'] and
+                x['method'] == r['method'] and x['precision'] == r.get('precision')), None)
+      det = 'yes' if 'xla_gpu_deterministic_ops=true' in r.get('xla_flags', '') else 'no'
+      frac = r.get('peak_fraction')
+      lines.append(' | '.join([
+          f"| {s.get('start', '')[:16]}", str(inf.get('device_kind')), str(r.get('jax')),
+          r['config'], r['method'], str(r.get('precision')), det, f"{r['compile_s']:.1f}",
+          f"{r['s_per_iter'] * 1e3:.2f}", f"{r['xla_flops_per_iter'] / 1e9:.1f}",
+          f"{r['xla_gflops_per_s'] / 1e3:.2f}", f'{frac:.1%}' if frac else 'n/a',
+          f"{r['peak_mem_bytes'] / 2**20:.0f}",
+          f"{t['s_per_iter'] * 1e3:.2f}" if t else '—',
+          f"{t['s_per_iter'] / r['s_per_iter']:.2f}" if t else '—']) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_performance_block(repo: str = ROOT) -> str:
+  path = os.path.join(repo, 'docs', 'performance.md')
+  if not os.path.exists(path):
+    return ''
+  with open(path) as f:
+    text = f.read()
+  if PERF_BEGIN not in text or PERF_END not in text:
+    return ''
+  a, rest = text.split(PERF_BEGIN, 1)
+  _, b = rest.split(PERF_END, 1)
+  from metadrop_jax import report
+  return report.write_atomic(path, a + PERF_BEGIN + '\n' + perf_table(repo) + PERF_END + b)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog='python -m metadrop_jax.window',
+                               description=__doc__.split('\n')[0])
+  sub = ap.add_subparsers(dest='cmd', required=True)
+  r = sub.add_parser('run', help='one window (on the device)')
+  r.add_argument('--budget_s', type=float, required=True)
+  r.add_argument('--out', default=os.environ.get('OUT', '/tmp/window_out'))
+  r.add_argument('--work', default='')
+  r.add_argument('--campaign_dir', default=os.path.join('results', 'table1'))
+  r.add_argument('--campaign_settings', default='', help='new campaign only (tests: tiny)')
+  r.add_argument('--campaign_overrides', default='', help='new campaign only: k=v,k=v')
+  r.add_argument('--smoke_setting', default='omniglot_20way1shot')
+  r.add_argument('--smoke_gradients', default='authors,exact')
+  r.add_argument('--bench', default='auto', choices=['auto', 'full', 'quick', 'skip'],
+                 help="auto: full on a card kind with no committed window, else quick")
+  r.add_argument('--bench_configs', default=','.join(PAPER_SETTINGS))
+  r.add_argument('--bench_gradient', default='authors')
+  r.add_argument('--bench_iters', type=int, default=20)
+  r.add_argument('--bench_warmup', type=int, default=3)
+  r.add_argument('--torch', default='auto', choices=['auto', 'skip'])
+  r.add_argument('--torch_share', type=float, default=0.1,
+                 help='fraction of the budget for the torch peer, after the benchmark')
+  r.add_argument('--pack_cache', type=int, default=1)
+  u = sub.add_parser('unpack', help="put a window's returned files in place (here)")
+  u.add_argument('src')
+  u.add_argument('--repo', default=ROOT)
+  u.add_argument('--campaign_dir', default=os.path.join('results', 'table1'))
+  a = ap.parse_args(argv)
+  if a.cmd == 'run':
+    run_window(a)
+  else:
+    unpack(a.src, a.repo, a.campaign_dir)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,116 @@
+"""The Table-1 campaign (order, shares, state), report columns per meta-gradient, and the GPU
+window's dry run on the CPU (the real scripts/device_window.sh path, tiny config, 60 s)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from metadrop_jax import campaign, gpu_check, report, train, window
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_campaign_order_authors_first_then_exact():
+  names = [r['name'] for r in campaign.default_runs()]
+  assert len(names) == 16
+  assert names[:8] == [
+      'omniglot_20way1shot_metadrop_authors', 'omniglot_20way1shot_maml_authors',
+      'mimgnet_5way1shot_metadrop_authors', 'mimgnet_5way1shot_maml_authors',
+      'omniglot_20way5shot_metadrop_authors', 'omniglot_20way5shot_maml_authors',
+      'mimgnet_5way5shot_metadrop_authors', 'mimgnet_5way5shot_maml_authors']
+  assert [n.replace('_exact', '_authors') for n in names[8:]] == names[:8]
+
+
+def test_committed_campaign_state_matches_the_code():
+  """results/table1/campaign.json is the default campaign; every run's config builds."""
+  camp = campaign.load_campaign(os.path.join(ROOT, campaign.DEFAULT_DIR))
+  assert camp['runs'] == campaign.default_runs()
+  for run in camp['runs']:
+    c = campaign.run_config(run, camp, on_accelerator=False)
+    assert c.keep_checkpoints == 1 and c.num_steps == 60000
+    assert (c.method, c.meta_gradient) == (run['method'], run['meta_gradient'])
+  with pytest.raises(ValueError, match='campaign of'):
+    campaign.init_campaign(os.path.join(ROOT, campaign.DEFAULT_DIR), ['tiny'])
+
+
+def test_plan_and_status_of_an_empty_campaign(tmp_path):
+  campaign.init_campaign(str(tmp_path), ['tiny'])
+  rows = campaign.plan(str(tmp_path))
+  assert [r['action'] for r in rows] == ['train'] * 4 and all(r['data_here'] for r in rows)
+  assert 'next: tiny_metadrop_authors (train)' in campaign.format_plan(rows)
+  md = tmp_path / 'results.md'
+  md.write_text(f'a\n{campaign.STATUS_BEGIN}\nold\n{campaign.STATUS_END}\nb\n')
+  campaign.write_reports(str(tmp_path), results_md=str(md))
+  text = md.read_text()
+  assert 'old' not in text and '`tiny_maml_exact`' in text and text.endswith('b\n')
+
+
+def test_report_has_a_column_per_meta_gradient(tmp_path):
+  def run(name, method, mg, acc):
+    wd = tmp_path / name
+    wd.mkdir()
+    (wd / 'results.json').write_text(json.dumps(
+        {'method': method, 'dataset': 'omniglot', 'way': 20, 'shot': 1, 'accuracy': acc,
+         'ci95': 0.1, 'step': 60000, 'num_steps': 60000, 'episodes': 1000}))
+    (wd / 'config.json').write_text(json.dumps({'meta_gradient': mg}))
+    return str(wd)
+  wds = [run('a', 'metadrop', 'authors', 96.0), run('b', 'maml', 'authors', 95.0),
+         run('c', 'metadrop', 'exact', 96.5)]
+  table = report.build_table(report.load_results(wds))
+  header = table.splitlines()[4]
+  assert ("Omniglot 20-way 1-shot, authors' meta-gradient | Omniglot 20-way 1-shot, exact "
+          'meta-gradient | Omniglot 20-way 5-shot |') in header
+  gain = next(l for l in table.splitlines() if l.startswith('| Gain'))
+  assert gain.split(' | ')[1].startswith('**+1.00**') and gain.split(' | ')[2].startswith('—')
+
+
+def _params(workdir):
+  config = train.load_run_config(workdir)
+  _, state = train.restore_workdir(workdir, config)
+  return jax.device_get(state)
+
+
+def test_window_dry_run_on_cpu(tmp_path):
+  """scripts/device_window.sh end to end with a 60-s budget: smoke test, benchmark of the tiny
+  config, torch peer (skipped: no torch here), a campaign sitting, packing into <= 8 files of
+  <= 16 MiB; then unpacking into another tree restores the same checkpoint bit for bit."""
+  out, cdir = tmp_path / 'out', tmp_path / 'camp'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'OUT': str(out),
+         'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
+         'METADROP_DATA_DIR': str(tmp_path / 'data'), 'PYTHON': sys.executable}
+  cmd = ['bash', 'scripts/device_window.sh', '60', f'--campaign_dir={cdir}',
+         '--campaign_settings=tiny', '--smoke_setting=tiny', '--smoke_gradients=authors',
+         '--campaign_overrides=val_every=0,eval.num_episodes=10', '--bench=quick',
+         '--bench_configs=tiny', '--bench_iters=3', '--bench_warmup=1', f'--work={tmp_path / "w"}']
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  files = sorted(os.listdir(out))
+  assert len(files) <= window.MAX_FILES and {'window.json', 'window.log'} <= set(files)
+  assert all(os.path.getsize(out / f) <= window.MAX_FILE_BYTES for f in files)
+  s = json.loads((out / 'window.json').read_text())
+  assert s['phases']['info']['result']['backend'] == 'cpu'
+  smoke = s['phases']['smoke']['result']
+  assert smoke['pass_highest'] and smoke['rows'][0]['rel_err'] < gpu_check.TOL_HIGHEST
+  bench = [b for b in s['phases']['bench']['result']['rows'] if 'error' not in b]
+  assert bench and bench[0]['config'] == 'tiny' and bench[0]['s_per_iter'] > 0
+  assert 'skipped' in s['phases']['torch']['result']
+  sitting = s['phases']['campaign']['result']['sitting']
+  trained = [x for x in sitting['runs'] if x['to'] > x['from']]
+  assert trained, s['phases']['campaign']
+  # back "here": unpack into another tree, the state is the device's, bit for bit
+  repo = tmp_path / 'repo'
+  (repo / 'docs').mkdir(parents=True)
+  window.unpack(str(out), repo=str(repo), campaign_dir='camp')
+  for x in trained:
+    a, b = _params(str(cdir / x['name'])), _params(str(repo / 'camp' / x['name']))
+    assert int(b.step) == x['to']
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(u, v)
+    assert not (repo / 'camp' / x['name'] / 'tb').exists()
+  assert (repo / 'camp' / 'status.md').exists()
+  assert list((repo / 'docs' / 'bench' / 'windows').glob('*.json'))
