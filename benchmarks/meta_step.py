@@ -297,7 +297,7 @@ def main(argv=None):
       if not args.no_naive:
         variants.append(('naive', NAIVE, naive_iters, None))
       for variant, ov, n, flags in variants:
-        if args.deadline and time.time() > args.deadline - 15.0:
+        if args.deadline and time.time() > args.deadline - 3.0:
           rows.append({'config': name, 'method': method, 'overrides': ov, 'variant': variant,
                        'error': 'not run: deadline'})
           continue

@@ -50,7 +50,11 @@ GRADIENTS = ('authors', 'exact')
 PRECISIONS = ('highest', 'default', 'auto')
 # Loop fields a campaign sets on every run (never change results; see train._LOOP_FIELDS).
 RUN_LOOP_FIELDS = {'keep_checkpoints': 1, 'progress_bar': False}
-GPU_EVAL_BATCH_TASKS = 25     # episodes per compiled eval call on an accelerator (CPU: config's)
+# Meta-test on an accelerator: episodes per compiled call chosen so that one call adapts on about
+# this many support images (way x shot x MC samples per episode), at most GPU_EVAL_MAX_TASKS; the
+# CPU keeps the config's value. Only speed and memory depend on it, not the numbers.
+GPU_EVAL_SUPPORT_IMAGES = 3000
+GPU_EVAL_MAX_TASKS = 25
 MIN_SHARE_S = 20.0            # a run is not started with less than this
 
 
@@ -126,7 +130,9 @@ def run_config(run: dict, camp: dict, on_accelerator: bool | None = None):
     import jax
     on_accelerator = jax.default_backend() != 'cpu'
   if on_accelerator:
-    c.eval.batch_tasks = max(c.eval.batch_tasks, GPU_EVAL_BATCH_TASKS)
+    per_episode = c.way * c.shot * c.eval.mc_samples
+    c.eval.batch_tasks = max(c.eval.batch_tasks, min(GPU_EVAL_MAX_TASKS,
+                                                     GPU_EVAL_SUPPORT_IMAGES // per_episode))
   return config_lib.validate(c)
 
 

@@ -36,10 +36,14 @@ import time
 # (docs/gpu_window.md).
 SMOKE_SETTING = 'omniglot_20way1shot'
 SMOKE_OVERRIDES = {'inner_lr': 0.01}
-# Tolerances on the global relative error: 'highest' 10x the CPU's float32 error at that point
-# (other summation orders on the GPU); TF32 rounds products to 10 mantissa bits (2^-11 ~ 5e-4
-# each), and a meta-gradient within 1e-2 of the exact one is far inside the minibatch noise of a
+# Tolerances on the global relative error. The float32 floor is measured in the same call: the
+# CPU's float32 meta-gradient vs the float64 one (authors' meta-gradient 4.7e-5 here; the exact
+# one 1.3e-3, its batch-norm second-order terms being worse conditioned). 'highest' passes within
+# FLOOR_FACTOR x that floor (other summation orders on the GPU) or TOL_HIGHEST; TF32 rounds
+# products to 10 mantissa bits (2^-11 ~ 5e-4 each) and passes within TOL_TF32 (or the factor x
+# floor): a meta-gradient within 1e-2 of the exact one is far inside the minibatch noise of a
 # 4-task meta-gradient, which is the condition for letting TF32 train the campaign.
+FLOOR_FACTOR = 10.0
 TOL_HIGHEST = 5e-4
 TOL_TF32 = 1e-2
 
@@ -120,37 +124,54 @@ def _grad(cfg, params, ep, key, *, device, dtype, conv_impl):
 
 def check(setting=SMOKE_SETTING, method='metadrop', gradients=('authors', 'exact'),
           precisions=('highest', 'default'), overrides=None, save=None) -> dict:
+  """Rows per (meta-gradient, precision); see the module docstring and TOL_* for the verdict."""
   import jax
   import numpy as np
   dev = jax.devices()[0]
   cpu = jax.devices('cpu')[0]
-  out = {'setting': setting, 'method': method, 'overrides': overrides or {}, 'device': f'{dev.platform}:{dev.device_kind}',
-         'jax': jax.__version__, 'tolerance': {'highest': TOL_HIGHEST, 'default': TOL_TF32},
+  out = {'setting': setting, 'method': method, 'overrides': overrides or {},
+         'device': f'{dev.platform}:{dev.device_kind}', 'jax': jax.__version__,
+         'tolerance': {'highest': f'max({TOL_HIGHEST:g}, {FLOOR_FACTOR:g} x CPU float32 error)',
+                       'default': f'max({TOL_TF32:g}, {FLOOR_FACTOR:g} x CPU float32 error)'},
          'rows': []}
+
+  def compare(gradient, prec, loss, g, t, ref_loss, ref, t_ref):
+    flat_g, flat_r = jax.tree.leaves(g), jax.tree.leaves(ref)
+    per = [_rel(a, b) for a, b in zip(flat_g, flat_r) if np.linalg.norm(b) > 0]
+    return {'meta_gradient': gradient, 'precision': prec,
+            'rel_err': _rel(np.concatenate([a.ravel() for a in flat_g]),
+                            np.concatenate([b.ravel() for b in flat_r])),
+            'max_leaf_rel_err': max(per), 'loss': loss, 'ref_loss': ref_loss,
+            'loss_rel_err': abs(loss - ref_loss) / abs(ref_loss),
+            'finite': bool(all(np.all(np.isfinite(a)) for a in flat_g)),
+            'seconds': round(t, 2), 'ref_seconds': round(t_ref, 2)}
+
   for gradient in gradients:
     cfg, params, ep, key = _problem(setting, method, gradient, overrides)
     with _float32_noise(), _x64():
       ref_loss, ref, t_ref = _grad(cfg, params, ep, key, device=cpu, dtype=np.float64,
                                    conv_impl='xla')
+    # the float32 floor: the CPU's float32 meta-gradient (its default im2col formulation)
+    cpu32 = compare(gradient, 'cpu_float32', *_grad(cfg, params, ep, key, device=cpu,
+                                                     dtype=np.float32, conv_impl='im2col'),
+                    ref_loss, ref, t_ref)
+    floor = cpu32['rel_err']
     for prec in precisions:
       if dev.platform == 'cpu' and prec != 'highest':
         continue    # float32 dots are float32 on the CPU whatever the setting: nothing to learn
-      jax.config.update('jax_default_matmul_precision', prec)
-      try:
-        impl = 'im2col' if dev.platform == 'cpu' else 'xla'
-        loss, g, t = _grad(cfg, params, ep, key, device=dev, dtype=np.float32, conv_impl=impl)
-      finally:
-        jax.config.update('jax_default_matmul_precision', None)
-      flat_g, flat_r = jax.tree.leaves(g), jax.tree.leaves(ref)
-      per = [_rel(a, b) for a, b in zip(flat_g, flat_r) if np.linalg.norm(b) > 0]
-      err = _rel(np.concatenate([a.ravel() for a in flat_g]),
-                 np.concatenate([b.ravel() for b in flat_r]))
-      row = {'meta_gradient': gradient, 'precision': prec, 'rel_err': err,
-             'max_leaf_rel_err': max(per), 'loss': loss, 'ref_loss': ref_loss,
-             'loss_rel_err': abs(loss - ref_loss) / abs(ref_loss), 'finite': bool(
-                 all(np.all(np.isfinite(a)) for a in flat_g)),
-             'seconds': round(t, 2), 'ref_seconds': round(t_ref, 2)}
-      row['pass'] = bool(row['finite'] and err <= out['tolerance'][prec])
+      if dev.platform == 'cpu':   # the device is the CPU (dry run): the floor is the answer
+        row = {**cpu32, 'precision': prec}
+      else:
+        jax.config.update('jax_default_matmul_precision', prec)
+        try:
+          row = compare(gradient, prec, *_grad(cfg, params, ep, key, device=dev,
+                                               dtype=np.float32, conv_impl='xla'),
+                        ref_loss, ref, t_ref)
+        finally:
+          jax.config.update('jax_default_matmul_precision', None)
+      tol = max(TOL_HIGHEST if prec == 'highest' else TOL_TF32, FLOOR_FACTOR * floor)
+      row.update(cpu_float32_rel_err=floor, tol=tol,
+                 **{'pass': bool(row['finite'] and row['rel_err'] <= tol)})
       out['rows'].append(row)
       _verdict(out)
       if save:
@@ -171,7 +192,8 @@ def format_check(out: dict) -> str:
   for r in out['rows']:
     lines.append(f"  {r['meta_gradient']:<8} precision={r['precision']:<8} rel err {r['rel_err']:.2e}"
                  f" (worst array {r['max_leaf_rel_err']:.2e}, loss {r['loss_rel_err']:.1e}) "
-                 f"tol {out['tolerance'][r['precision']]:.0e}: {'PASS' if r['pass'] else 'FAIL'}")
+                 f"CPU float32 {r['cpu_float32_rel_err']:.1e}, tol {r['tol']:.1e}: "
+                 f"{'PASS' if r['pass'] else 'FAIL'}")
   return '\n'.join(lines)
 
 
