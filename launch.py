@@ -324,7 +324,10 @@ def _campaign():
         overrides[k] = json.loads(v.replace('True', 'true').replace('False', 'false'))
       except json.JSONDecodeError:
         overrides[k] = v
-    campaign.init_campaign(cdir, FLAGS.campaign_settings, overrides)
+    try:
+      campaign.init_campaign(cdir, FLAGS.campaign_settings, overrides)
+    except ValueError as e:
+      raise UserError(str(e)) from e
   elif not os.path.exists(campaign.campaign_path(cdir)):
     campaign.init_campaign(cdir)
   if FLAGS.plan:
