@@ -81,6 +81,13 @@ def _build_config(name: str, method: str, overrides: dict):
   return config_lib.validate(config_lib.override(c, overrides))
 
 
+def config_lib_override(config, **fields):
+  c = config.copy_and_resolve_references()
+  for k, v in fields.items():
+    c[k] = v
+  return c
+
+
 def _synthetic_images(config):
   import numpy as np
   from metadrop_jax import data as data_lib
@@ -114,7 +121,7 @@ def _cost(compiled):
 
 
 def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int,
-                precision: str | None = None) -> dict:
+                precision: str | None = None, seeds: int = 1) -> dict:
   """Compiles and times the train step of one (config, method, formulation) in this process.
 
   The step is built exactly as ``train.train`` builds it (same keys, same image shape), so
@@ -132,6 +139,14 @@ def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int
   init_key, train_key = train.run_keys(config)
   state, tx = meta.create_state(init_key, config)
   step = meta.make_train_step(config, tx)
+  if seeds > 1:
+    # S independent runs of this config as one vmapped step (seed s: keys of config.seed + s):
+    # what a seeds-as-a-batch-axis trainer would run. Measured here only, to price the idea.
+    import jax.numpy as jnp
+    keys = [train.run_keys(config_lib_override(config, seed=config.seed + s)) for s in range(seeds)]
+    init_keys, train_key = jnp.stack([k[0] for k in keys]), jnp.stack([k[1] for k in keys])
+    state = jax.vmap(lambda k: meta.create_state(k, config)[0])(init_keys)
+    step = jax.jit(jax.vmap(step, in_axes=(0, None, 0)), donate_argnums=(0,))
 
   t0 = time.perf_counter()
   lowered = step.lower(state, images, train_key)
@@ -158,7 +173,7 @@ def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int
   med = float(np.median(times))
   peak_tf = peak_tflops(device.device_kind, precision or 'default') if device.platform == 'gpu' \
       else None
-  return {'jax': jax.__version__, 'precision': precision or 'default',
+  return {'jax': jax.__version__, 'precision': precision or 'default', 'seeds': seeds,
       'peak_tflops': peak_tf,
       'peak_fraction': flops / med / 1e12 / peak_tf if peak_tf and med > 0 else None,
       'config': name, 'method': method, 'overrides': overrides,
@@ -176,13 +191,14 @@ def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int
   }
 
 
-def _run_subprocess(name, method, overrides, iters, warmup, xla_flags, timeout, precision=None):
+def _run_subprocess(name, method, overrides, iters, warmup, xla_flags, timeout, precision=None,
+                    seeds=1):
   env = dict(os.environ)
   if xla_flags is not None:
     env['XLA_FLAGS'] = xla_flags
   cmd = [sys.executable, os.path.abspath(__file__), '--_single',
          json.dumps({'name': name, 'method': method, 'overrides': overrides, 'iters': iters,
-                     'warmup': warmup, 'precision': precision})]
+                     'warmup': warmup, 'precision': precision, 'seeds': seeds})]
   try:
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
   except subprocess.TimeoutExpired:
@@ -253,6 +269,9 @@ def main(argv=None):
   ap.add_argument('--timeout', type=float, default=3600, help='seconds per measurement')
   ap.add_argument('--precision', default=None, choices=['highest', 'default'],
                   help='jax_default_matmul_precision of the fast variant (GPU: TF32 or not)')
+  ap.add_argument('--seeds', type=int, default=1,
+                  help='fast variant: S seeds of the config as one vmapped step (s_per_iter is '
+                       'for all S)')
   ap.add_argument('--deadline', type=float, default=0.0,
                   help='unix time after which no measurement starts (GPU windows)')
   ap.add_argument('--out', default=None, help='write the rows as JSON here')
@@ -263,7 +282,7 @@ def main(argv=None):
     a = json.loads(args._single)
     sys.path.insert(0, ROOT)
     r = measure_one(a['name'], a['method'], a['overrides'], a['iters'], a['warmup'],
-                    a.get('precision'))
+                    a.get('precision'), a.get('seeds', 1))
     print('RESULT ' + json.dumps(r))
     return
 
@@ -306,7 +325,8 @@ def main(argv=None):
         if args.deadline:
           timeout = max(1.0, min(timeout, args.deadline - time.time()))
         r = _run_subprocess(name, method, ov, n, warmup, flags, timeout,
-                            args.precision if variant == 'fast' else None)
+                            args.precision if variant == 'fast' else None,
+                            args.seeds if variant == 'fast' else 1)
         r['variant'] = variant
         if 'error' not in r:
           print(f"[{name} {method} {variant}] compile {r['compile_s']:.1f} s, "

@@ -50,11 +50,9 @@ GRADIENTS = ('authors', 'exact')
 PRECISIONS = ('highest', 'default', 'auto')
 # Loop fields a campaign sets on every run (never change results; see train._LOOP_FIELDS).
 RUN_LOOP_FIELDS = {'keep_checkpoints': 1, 'progress_bar': False}
-# Meta-test on an accelerator: episodes per compiled call chosen so that one call adapts on about
-# this many support images (way x shot x MC samples per episode), at most GPU_EVAL_MAX_TASKS; the
-# CPU keeps the config's value. Only speed and memory depend on it, not the numbers.
-GPU_EVAL_SUPPORT_IMAGES = 3000
-GPU_EVAL_MAX_TASKS = 25
+# eval.batch_tasks stays the config's on every machine: the test episodes of evaluate() are drawn
+# per compiled call of batch_tasks episodes, so the same value is what lets a CPU meta-test of a
+# committed checkpoint see the very episodes (and noise) the GPU's did.
 MIN_SHARE_S = 20.0            # a run is not started with less than this
 
 
@@ -115,7 +113,7 @@ def save_campaign(cdir: str, camp: dict) -> None:
   metrics_lib.write_json_atomic(campaign_path(cdir), camp)
 
 
-def run_config(run: dict, camp: dict, on_accelerator: bool | None = None):
+def run_config(run: dict, camp: dict):
   """The training config of one campaign run (paper config + method + meta-gradient)."""
   from metadrop_jax import config as config_lib
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,13 +124,6 @@ def run_config(run: dict, camp: dict, on_accelerator: bool | None = None):
   c.meta_gradient = run['meta_gradient']
   config_lib.override(c, dict(RUN_LOOP_FIELDS))
   config_lib.override(c, camp.get('overrides', {}))
-  if on_accelerator is None:
-    import jax
-    on_accelerator = jax.default_backend() != 'cpu'
-  if on_accelerator:
-    per_episode = c.way * c.shot * c.eval.mc_samples
-    c.eval.batch_tasks = max(c.eval.batch_tasks, min(GPU_EVAL_MAX_TASKS,
-                                                     GPU_EVAL_SUPPORT_IMAGES // per_episode))
   return config_lib.validate(c)
 
 
@@ -182,7 +173,7 @@ def plan(cdir: str, camp: dict | None = None) -> list[dict]:
   out = []
   for run in camp['runs']:
     p = progress(cdir, run)
-    cfg = run_config(run, camp, on_accelerator=False)
+    cfg = run_config(run, camp)
     p['num_steps'] = p['num_steps'] or cfg.num_steps
     p['trained'] = p['step'] >= p['num_steps']
     action = 'done' if p['trained'] and p['evaluated'] else ('eval' if p['trained'] else 'train')
@@ -247,7 +238,7 @@ def sitting(cdir: str, budget_s: float, *, eval_reserve_s: float | None = None,
     if row['action'] == 'eval' and row['data_here'] and left() > eval_reserve_s:
       run = _run_of(camp, row['name'])
       entry = {'name': run['name'], 'from': row['step'], 'to': row['step'], 'minutes': 0.0}
-      evaluate(run, run_config(run, camp, on_acc), entry)
+      evaluate(run, run_config(run, camp), entry)
       summary['runs'].append(entry)
   # 2. training, group by group, equal shares within a group.
   todo = [r for r in rows if r['action'] == 'train']
@@ -262,7 +253,7 @@ def sitting(cdir: str, budget_s: float, *, eval_reserve_s: float | None = None,
   for g, members in groups.items():
     for i, row in enumerate(members):
       run = _run_of(camp, row['name'])
-      cfg = run_config(run, camp, on_acc)
+      cfg = run_config(run, camp)
       t_data = time.time()
       data_lib.load_split(cfg.data, 'train')   # prepares the cache outside the run's share
       if time.time() - t_data > 1:

@@ -94,7 +94,7 @@ def _problem(setting: str, method: str, gradient: str, overrides=None):
   from metadrop_jax import campaign, episodes, meta
   from metadrop_jax import data as data_lib
   run = {'setting': setting, 'method': method, 'meta_gradient': gradient}
-  cfg = campaign.run_config(run, {'overrides': overrides or {}}, on_accelerator=False)
+  cfg = campaign.run_config(run, {'overrides': overrides or {}})
   h, w, ch = data_lib.image_shape(cfg.data)
   rng = np.random.default_rng(0)
   images = (255 * (rng.random((cfg.way + 2, cfg.shot + cfg.query, h, w, ch)) < 0.12)).astype(

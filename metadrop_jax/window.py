@@ -50,7 +50,7 @@ PAPER_SETTINGS = ('omniglot_20way1shot', 'omniglot_20way5shot', 'mimgnet_5way1sh
                   'mimgnet_5way5shot')
 TF32_MIN_SPEEDUP = 1.25   # TF32 trains the campaign only if it is at least this much faster
 # Fractions of the budget the phases may use at most (the campaign gets the rest).
-SMOKE_FRACTION = 0.2
+SMOKE_FRACTION = 0.3     # runs beside the benchmark
 BENCH_FRACTION = {'full': 0.55, 'quick': 0.3, 'skip': 0.0}
 PACK_RESERVE_S = 15.0
 
@@ -77,14 +77,60 @@ class Log:
       self('  skipped: no time left')
       return None, 0.0
     self.f.flush()
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.f, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    _CHILDREN.append(p)
     try:
-      p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=self.f, stderr=subprocess.STDOUT,
-                         timeout=timeout)
-      rc = p.returncode
+      rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+      _kill_group(p)
       rc = 'timeout'
     self(f'  -> rc {rc} in {time.time() - t:.1f} s')
     return rc, time.time() - t
+
+
+_CHILDREN: list = []   # process groups to end if this process is terminated (timeout in the .sh)
+
+
+def _on_term(signum, frame):
+  for p in _CHILDREN:
+    if p.poll() is None:
+      _kill_group(p)
+  sys.exit(128 + signum)
+
+
+def _kill_group(p):
+  """Kills a child started with start_new_session=True and everything it started."""
+  import signal
+  try:
+    os.killpg(p.pid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    p.kill()
+  p.wait()
+
+
+class Background:
+  """A subprocess running beside the main sequence (its output in its own log file)."""
+
+  def __init__(self, log, cmd, logfile, env):
+    log(f"$ {' '.join(cmd)}   (in the background)")
+    self.log, self.logfile, self.t = log, logfile, time.time()
+    self.f = open(logfile, 'w')
+    self.p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.f, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    _CHILDREN.append(self.p)
+
+  def wait(self, deadline):
+    try:
+      rc = self.p.wait(timeout=max(0.1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+      _kill_group(self.p)
+      rc = 'timeout'
+    self.f.close()
+    with open(self.logfile) as f:
+      self.log.f.write(f.read())
+    self.log(f'  -> background rc {rc} in {time.time() - self.t:.1f} s')
+    return rc
 
 
 def _read_json(path, default=None):
@@ -177,18 +223,13 @@ def run_window(a) -> dict:
   log(f"devices {summary['phases']['info'].get('result', {}).get('devices')}")
   smoke_path = os.path.join(work, 'smoke.json')
 
-  def smoke():
-    cmd = [py, '-m', 'metadrop_jax.gpu_check', f'--setting={a.smoke_setting}',
-           f'--gradients={a.smoke_gradients}', f'--out={smoke_path}']
-    rc, _ = log.run(cmd, max(SMOKE_FRACTION * a.budget_s, min(20.0, 0.35 * a.budget_s)), env)
-    res = _read_json(smoke_path)
-    if res:
-      from metadrop_jax import gpu_check
-      log(gpu_check.format_check(res))
-    return {'rc': rc, **(res or {})}
-
-  phase('smoke', smoke)
-  smoke_res = summary['phases']['smoke'].get('result') or {}
+  # The smoke test (mostly the float64 reference on the CPU) runs beside the benchmark (on the
+  # GPU): their overlap is a few seconds of small GPU work, and saves a minute of the window.
+  smoke_cmd = [py, '-m', 'metadrop_jax.gpu_check', f'--setting={a.smoke_setting}',
+               f'--gradients={a.smoke_gradients}', f'--out={smoke_path}']
+  smoke_cmd += [f'--set={x}' for x in a.smoke_set.split(',') if x]
+  smoke_proc = Background(log, smoke_cmd, os.path.join(work, 'smoke.log'), env)
+  smoke_end = time.time() + SMOKE_FRACTION * a.budget_s
 
   # b. benchmark + torch peer
   bench_mode = a.bench
@@ -217,13 +258,16 @@ def run_window(a) -> dict:
       jobs.append(('highest', [first], 'metadrop', nondet))
     if bench_mode == 'full':
       jobs.append(('highest', [first], 'maml', None))
+      jobs.append(('highest', [first], 'metadrop', None, a.bench_seeds))  # seeds as a batch axis
       rest = [c for c in configs[1:]]
       if rest:
         jobs.append(('highest', rest, 'metadrop,maml', None))
-    for i, (prec, cfgs, methods, xflags) in enumerate(jobs):
+    for i, (prec, cfgs, methods, xflags, *seeds) in enumerate(jobs):
       out = os.path.join(work, f'bench_{i}.json')
       cmd = base + [f'--configs={",".join(cfgs)}', f'--methods={methods}', f'--precision={prec}',
                     f'--deadline={bench_end}', f'--out={out}']
+      if seeds and seeds[0] > 1:
+        cmd.append(f'--seeds={seeds[0]}')
       if xflags is not None:
         cmd.append(f'--xla-flags={xflags}')
       log.run(cmd, bench_end - time.time(), env)
@@ -231,6 +275,17 @@ def run_window(a) -> dict:
     return {'mode': bench_mode, 'rows': bench_rows}
 
   phase('bench', bench)
+
+  def smoke():
+    rc = smoke_proc.wait(smoke_end)
+    res = _read_json(smoke_path)
+    if res:
+      from metadrop_jax import gpu_check
+      log(gpu_check.format_check(res))
+    return {'rc': rc, **(res or {})}
+
+  phase('smoke', smoke)
+  smoke_res = summary['phases']['smoke'].get('result') or {}
 
   def torch_peer():
     if bench_mode == 'skip' or a.torch == 'skip':
@@ -401,6 +456,9 @@ def format_window(s: dict) -> str:
       lines.append(f"bench {r['config']} {r['method']}: {str(r['error'])[:60]}")
       continue
     det = 'nondet' if 'xla_gpu_deterministic_ops' not in r.get('xla_flags', '') else ''
+    if r.get('seeds', 1) > 1:
+      det = f"x{r['seeds']}seeds"
+
     frac = r.get('peak_fraction')
     lines.append(f"bench {r['config']:<20} {r['method']:<8} {r.get('precision', ''):<8}{det:<7}"
                  f"{r['s_per_iter'] * 1e3:8.2f} ms/it  compile {r['compile_s']:5.1f} s  "
@@ -488,9 +546,9 @@ PERF_END = '<!-- gpu-windows:end -->'
 
 
 def perf_table(repo: str = ROOT) -> str:
-  lines = ['| window | card | jax | config | method | precision | XLA det. ops | compile s | '
+  lines = ['| window | card | jax | config | method | seeds | precision | XLA det. ops | compile s | '
            'ms / iter | GFLOP / iter | TFLOP/s | of peak | peak GPU MiB | torch.func ms / iter | '
-           'torch / JAX |', '|' + '---|' * 15]
+           'torch / JAX |', '|' + '---|' * 16]
   for p in sorted(glob.glob(os.path.join(repo, 'docs', 'bench', 'windows', '*.json'))):
     s = _read_json(p, {})
     inf = s.get('phases', {}).get('info', {}).get('result', {})
@@ -501,11 +559,14 @@ def perf_table(repo: str = ROOT) -> str:
         continue
       t = next((x for x in torch_rows if x['config'] == r['config'] and
                 x['method'] == r['method'] and x['precision'] == r.get('precision')), None)
+      if r.get('seeds', 1) > 1 or 'xla_gpu_deterministic_ops=true' not in r.get('xla_flags', ''):
+        t = None
       det = 'yes' if 'xla_gpu_deterministic_ops=true' in r.get('xla_flags', '') else 'no'
       frac = r.get('peak_fraction')
       lines.append(' | '.join([
           f"| {s.get('start', '')[:16]}", str(inf.get('device_kind')), str(r.get('jax')),
-          r['config'], r['method'], str(r.get('precision')), det, f"{r['compile_s']:.1f}",
+          r['config'], r['method'], str(r.get('seeds', 1)), str(r.get('precision')), det,
+          f"{r['compile_s']:.1f}",
           f"{r['s_per_iter'] * 1e3:.2f}", f"{r['xla_flops_per_iter'] / 1e9:.1f}",
           f"{r['xla_gflops_per_s'] / 1e3:.2f}", f'{frac:.1%}' if frac else 'n/a',
           f"{r['peak_mem_bytes'] / 2**20:.0f}",
@@ -545,12 +606,15 @@ def main(argv=None) -> int:
   r.add_argument('--campaign_overrides', default='', help='new campaign only: k=v,k=v')
   r.add_argument('--smoke_setting', default='omniglot_20way1shot')
   r.add_argument('--smoke_gradients', default='authors,exact')
+  r.add_argument('--smoke_set', default='', help='config overrides of the smoke test: k=v,k=v')
   r.add_argument('--bench', default='auto', choices=['auto', 'full', 'quick', 'skip'],
                  help="auto: full on a card kind with no committed window, else quick")
   r.add_argument('--bench_configs', default=','.join(PAPER_SETTINGS))
   r.add_argument('--bench_gradient', default='authors')
   r.add_argument('--bench_iters', type=int, default=20)
   r.add_argument('--bench_warmup', type=int, default=3)
+  r.add_argument('--bench_seeds', type=int, default=4,
+                 help='full benchmark: the first cell with this many seeds vmapped in one step')
   r.add_argument('--torch', default='auto', choices=['auto', 'skip'])
   r.add_argument('--torch_share', type=float, default=0.1,
                  help='fraction of the budget for the torch peer, after the benchmark')
@@ -561,6 +625,8 @@ def main(argv=None) -> int:
   u.add_argument('--campaign_dir', default=os.path.join('results', 'table1'))
   a = ap.parse_args(argv)
   if a.cmd == 'run':
+    import signal
+    signal.signal(signal.SIGTERM, _on_term)
     run_window(a)
   else:
     unpack(a.src, a.repo, a.campaign_dir)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Data on the device machine (docs/gpu_window.md).
 #
-#   bash scripts/device_data.sh stash      # upload call: move the carried miniImageNet part(s)
-#                                          # out of the tree into /tmp/metadrop_parts (sha256 checked)
+#   bash scripts/device_data.sh stash      # upload call: copy the carried miniImageNet part(s)
+#                                          # out of the tree into /tmp/metadrop_parts (sha256 checked),
+#                                          # where later calls' tree updates cannot touch them
 #   bash scripts/device_data.sh assemble   # window call: Omniglot zips and, when every part is
 #                                          # there, the miniImageNet zip into $METADROP_DATA_DIR
 set -u
 cd "$(dirname "$0")/.."
-PARTS=/tmp/metadrop_parts
+PARTS=${METADROP_PARTS_DIR:-/tmp/metadrop_parts}
 DATA=${METADROP_DATA_DIR:-/tmp/metadrop_data}
 SUMS=.gpu_data/mimg/SHA256SUMS
 mkdir -p "$PARTS" "$DATA"
@@ -19,7 +20,7 @@ stash() {
     n=$(basename "$p")
     want=$(grep " $n\$" "$SUMS" | cut -d' ' -f1)
     got=$(sha256sum "$p" | cut -d' ' -f1)
-    if [ "$want" = "$got" ]; then mv "$p" "$PARTS/$n"; echo "stashed $n ($(stat -c %s "$PARTS/$n") bytes)";
+    if [ "$want" = "$got" ]; then cp "$p" "$PARTS/$n"; echo "stashed $n ($(stat -c %s "$PARTS/$n") bytes)";
     else echo "BAD $n: sha256 $got, expected $want"; fi
   done
   ls "$PARTS"

@@ -25,7 +25,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 [ -f .gpu_data/COMMIT ] && export METADROP_COMMIT=$(cat .gpu_data/COMMIT)
 export METADROP_DATA_DIR=${METADROP_DATA_DIR:-/tmp/metadrop_data}
-bash scripts/device_data.sh assemble
+# METADROP_WINDOW_DATA=0 (the CPU dry-run test): leave .gpu_data/ alone
+[ "${METADROP_WINDOW_DATA:-1}" = 1 ] && bash scripts/device_data.sh assemble
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/metadrop_jax_cache}
 mkdir -p "$JAX_COMPILATION_CACHE_DIR"
 [ -f .gpu_cache/jax_cache.tgz ] && tar xzf .gpu_cache/jax_cache.tgz -C "$JAX_COMPILATION_CACHE_DIR"

@@ -31,7 +31,7 @@ def test_committed_campaign_state_matches_the_code():
   camp = campaign.load_campaign(os.path.join(ROOT, campaign.DEFAULT_DIR))
   assert camp['runs'] == campaign.default_runs()
   for run in camp['runs']:
-    c = campaign.run_config(run, camp, on_accelerator=False)
+    c = campaign.run_config(run, camp)
     assert c.keep_checkpoints == 1 and c.num_steps == 60000
     assert (c.method, c.meta_gradient) == (run['method'], run['meta_gradient'])
   with pytest.raises(ValueError, match='campaign of'):
@@ -82,9 +82,11 @@ def test_window_dry_run_on_cpu(tmp_path):
   out, cdir = tmp_path / 'out', tmp_path / 'camp'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'OUT': str(out),
          'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
-         'METADROP_DATA_DIR': str(tmp_path / 'data'), 'PYTHON': sys.executable}
+         'METADROP_DATA_DIR': str(tmp_path / 'data'), 'METADROP_WINDOW_DATA': '0',
+         'PYTHON': sys.executable}
   cmd = ['bash', 'scripts/device_window.sh', '60', f'--campaign_dir={cdir}',
          '--campaign_settings=tiny', '--smoke_setting=tiny', '--smoke_gradients=authors',
+         '--smoke_set=inner_steps=1',
          '--campaign_overrides=val_every=0,eval.num_episodes=10', '--bench=quick',
          '--bench_configs=tiny', '--bench_iters=3', '--bench_warmup=1', f'--work={tmp_path / "w"}']
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
@@ -113,4 +115,11 @@ def test_window_dry_run_on_cpu(tmp_path):
       np.testing.assert_array_equal(u, v)
     assert not (repo / 'camp' / x['name'] / 'tb').exists()
   assert (repo / 'camp' / 'status.md').exists()
+  # a finished run is a released model: meta-testing the unpacked checkpoint here gives the
+  # device's number (same episodes and noise; bit-equal on the same platform)
+  done = [x for x in sitting['runs'] if x.get('accuracy') is not None]
+  for x in done[:1]:
+    wd = str(repo / 'camp' / x['name'])
+    r = train.evaluate_checkpoint(train.load_run_config(wd), wd)
+    assert (r['accuracy'], r['ci95']) == (x['accuracy'], x['ci95'])
   assert list((repo / 'docs' / 'bench' / 'windows').glob('*.json'))
