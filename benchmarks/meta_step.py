@@ -167,7 +167,7 @@ def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - s)
-  loss = float(metrics['loss'])
+  loss = float(np.mean(jax.device_get(metrics['loss'])))   # mean over seeds when S > 1
   device = jax.devices()[0]
   peak, peak_kind = _peak_memory(device)
   med = float(np.median(times))

@@ -326,7 +326,9 @@ def main(argv=None):
   ap.add_argument('--precision', default='highest', choices=['highest', 'default'])
   ap.add_argument('--iters', type=int, default=20)
   ap.add_argument('--warmup', type=int, default=3)
-  ap.add_argument('--check', action='store_true', help='compare one task with JAX first')
+  ap.add_argument('--cells', default='', help='config:method,... instead of configs x methods')
+  ap.add_argument('--check', action='store_true',
+                  help='first compare one task of the first cell with JAX')
   ap.add_argument('--deadline', type=float, default=0.0, help='unix time: stop starting rows')
   ap.add_argument('--out', default='')
   a = ap.parse_args(argv)
@@ -337,29 +339,30 @@ def main(argv=None):
       with open(a.out, 'w') as f:
         json.dump({'rows': rows}, f, indent=1)
 
-  for name in a.configs.split(','):
-    for method in a.methods.split(','):
-      if a.deadline and time.time() > a.deadline:
-        rows.append({'config': name, 'method': method, 'error': 'not run: window budget'})
-        continue
-      try:
-        if a.check:
-          c = check_against_jax(name, method, a.precision)
-          c['kind'] = 'check'
-          rows.append(c)
-          print(f"[torch check] {name} {method}: loss rel err {c['loss_rel_err']:.1e}, "
-                f"grad rel err {c['grad_rel_err']:.1e}", flush=True)
-        r = measure(name, method, a.precision, a.iters, a.warmup)
-        r['kind'] = 'time'
-        rows.append(r)
-        print(f"[torch] {name} {method} {a.precision}: {r['s_per_iter'] * 1e3:.2f} ms/iter "
-              f"(first step {r['first_step_s']:.1f} s)", flush=True)
-      except Exception as e:  # noqa: BLE001 - a failed row is data, the next one may work
-        import traceback
-        rows.append({'config': name, 'method': method, 'error': repr(e)[-500:],
-                     'traceback': traceback.format_exc()[-2000:]})
-        print(f'[torch] {name} {method}: ERROR {e!r}', flush=True)
-      save()
+  cells = ([tuple(c.split(':')) for c in a.cells.split(',') if c] if a.cells else
+           [(n, m) for n in a.configs.split(',') for m in a.methods.split(',')])
+  for i, (name, method) in enumerate(cells):
+    if a.deadline and time.time() > a.deadline:
+      rows.append({'config': name, 'method': method, 'error': 'not run: window budget'})
+      continue
+    try:
+      if a.check and i == 0:
+        c = check_against_jax(name, method, a.precision)
+        c['kind'] = 'check'
+        rows.append(c)
+        print(f"[torch check] {name} {method}: loss rel err {c['loss_rel_err']:.1e}, "
+              f"grad rel err {c['grad_rel_err']:.1e}", flush=True)
+      r = measure(name, method, a.precision, a.iters, a.warmup)
+      r['kind'] = 'time'
+      rows.append(r)
+      print(f"[torch] {name} {method} {a.precision}: {r['s_per_iter'] * 1e3:.2f} ms/iter "
+            f"(first step {r['first_step_s']:.1f} s)", flush=True)
+    except Exception as e:  # noqa: BLE001 - a failed row is data, the next one may work
+      import traceback
+      rows.append({'config': name, 'method': method, 'error': repr(e)[-500:],
+                   'traceback': traceback.format_exc()[-2000:]})
+      print(f'[torch] {name} {method}: ERROR {e!r}', flush=True)
+    save()
   save()
   return 0
 

@@ -171,6 +171,41 @@ def info() -> dict:
   return out
 
 
+def _cell_key(cell, window_flags=''):
+  prec, cfg, method, xflags, seeds = cell
+  det = 'xla_gpu_deterministic_ops=true' in (window_flags if xflags is None else xflags)
+  return (cfg, method, prec, det, seeds)
+
+
+def _row_key(r):
+  return (r.get('config'), r.get('method'), r.get('precision'),
+          'xla_gpu_deterministic_ops=true' in r.get('xla_flags', ''), r.get('seeds', 1))
+
+
+def measured_cells(device_kind: str, repo: str = ROOT) -> set:
+  """Benchmark cells with a committed row measured on this kind of card (docs/bench/windows)."""
+  out = set()
+  for p in glob.glob(os.path.join(repo, 'docs', 'bench', 'windows', '*.json')):
+    s = _read_json(p, {})
+    if s.get('device_kind') != device_kind:
+      continue
+    for r in (s.get('phases', {}).get('bench', {}).get('result') or {}).get('rows', []):
+      if 'error' not in r:
+        out.add(_row_key(r))
+  return out
+
+
+def measured_torch_cells(device_kind: str, repo: str = ROOT) -> set:
+  out = set()
+  for p in glob.glob(os.path.join(repo, 'docs', 'bench', 'windows', '*.json')):
+    s = _read_json(p, {})
+    if s.get('device_kind') == device_kind:
+      for r in (s.get('phases', {}).get('torch', {}).get('result') or {}).get('rows', []):
+        if r.get('kind') == 'time':
+          out.add((r['config'], r['method']))
+  return out
+
+
 def choose_precision(smoke: dict | None, bench_rows: list[dict]) -> tuple[str, str]:
   """('highest' | 'default', why). TF32 ('default') only where the smoke test passed it and the
   benchmark measured it at least TF32_MIN_SPEEDUP faster on the same cell; else 'highest'."""
@@ -232,42 +267,52 @@ def run_window(a) -> dict:
   smoke_end = time.time() + SMOKE_FRACTION * a.budget_s
 
   # b. benchmark + torch peer
+  kind = summary['phases']['info'].get('result', {}).get('device_kind', '')
+  on_gpu = summary['phases']['info'].get('result', {}).get('backend') not in (None, 'cpu')
+  flags = os.environ.get('XLA_FLAGS', '')
+  nondet = (' '.join(f for f in flags.split() if 'xla_gpu_deterministic_ops' not in f)
+            if 'xla_gpu_deterministic_ops' in flags else None)
+  configs = a.bench_configs.split(',')
+  first = configs[0]
+  # (precision, config, method, XLA flags or None = the window's, seeds), most useful first: the
+  # campaign's first cell (its compile is reused by the sitting through the cache), TF32 (decides
+  # the campaign's precision), the cost of deterministic ops, seeds as a batch axis, the rest.
+  cells = [('highest', first, 'metadrop', None, 1)]
+  if on_gpu:
+    cells.append(('default', first, 'metadrop', None, 1))
+  if nondet is not None:
+    cells.append(('highest', first, 'metadrop', nondet, 1))
+  cells += [('highest', first, 'maml', None, 1), ('highest', first, 'metadrop', None, a.bench_seeds)]
+  cells += [('highest', c, m, None, 1) for c in configs[1:] for m in ('metadrop', 'maml')]
+  measured = measured_cells(kind)
+  todo = [c for c in cells if _cell_key(c, flags) not in measured]
   bench_mode = a.bench
-  if bench_mode == 'auto':
-    kind = summary['phases']['info'].get('result', {}).get('device_kind', '')
-    done = any(_read_json(p, {}).get('device_kind') == kind
-               for p in glob.glob(os.path.join(ROOT, 'docs', 'bench', 'windows', '*.json')))
-    bench_mode = 'quick' if done else 'full'
+  if bench_mode == 'auto':   # full until every cell has a committed row for this card kind
+    bench_mode = 'full' if todo else 'quick'
+  if bench_mode == 'full':
+    jobs = todo or cells
+  elif bench_mode == 'quick':
+    jobs = cells[:2] if on_gpu else cells[:1]
+  else:
+    jobs = []
   bench_end = time.time() + BENCH_FRACTION.get(bench_mode, 0.0) * a.budget_s
   bench_rows: list[dict] = []
 
   def bench():
-    if bench_mode == 'skip':
-      return {'mode': 'skip'}
-    configs = a.bench_configs.split(',')
+    if not jobs:
+      return {'mode': bench_mode}
     base = [py, 'benchmarks/meta_step.py', '--no-naive', f'--iters={a.bench_iters}',
             f'--warmup={a.bench_warmup}', f'--set=meta_gradient={a.bench_gradient}']
-    first = configs[0]
-    # 1. the first cell at both precisions (decides TF32), and without deterministic ops
-    jobs = [('highest', [first], 'metadrop', None)]
-    if summary['phases']['info'].get('result', {}).get('backend') != 'cpu':
-      jobs.append(('default', [first], 'metadrop', None))    # TF32 (no such thing on a CPU)
-    flags = os.environ.get('XLA_FLAGS', '')
-    if 'xla_gpu_deterministic_ops' in flags:
-      nondet = ' '.join(f for f in flags.split() if 'xla_gpu_deterministic_ops' not in f)
-      jobs.append(('highest', [first], 'metadrop', nondet))
-    if bench_mode == 'full':
-      jobs.append(('highest', [first], 'maml', None))
-      jobs.append(('highest', [first], 'metadrop', None, a.bench_seeds))  # seeds as a batch axis
-      rest = [c for c in configs[1:]]
-      if rest:
-        jobs.append(('highest', rest, 'metadrop,maml', None))
-    for i, (prec, cfgs, methods, xflags, *seeds) in enumerate(jobs):
+    for i, (prec, cfg, method, xflags, seeds) in enumerate(jobs):
+      if time.time() > bench_end - 3:
+        bench_rows.append({'config': cfg, 'method': method, 'precision': prec, 'seeds': seeds,
+                           'error': 'not run: window budget'})
+        continue
       out = os.path.join(work, f'bench_{i}.json')
-      cmd = base + [f'--configs={",".join(cfgs)}', f'--methods={methods}', f'--precision={prec}',
+      cmd = base + [f'--configs={cfg}', f'--methods={method}', f'--precision={prec}',
                     f'--deadline={bench_end}', f'--out={out}']
-      if seeds and seeds[0] > 1:
-        cmd.append(f'--seeds={seeds[0]}')
+      if seeds > 1:
+        cmd.append(f'--seeds={seeds}')
       if xflags is not None:
         cmd.append(f'--xla-flags={xflags}')
       log.run(cmd, bench_end - time.time(), env)
@@ -297,12 +342,18 @@ def run_window(a) -> dict:
     except Exception as e:  # noqa: BLE001
       return {'skipped': repr(e)}
     out = os.path.join(work, 'torch.json')
-    configs = a.bench_configs if bench_mode == 'full' else a.bench_configs.split(',')[0]
-    prec = 'highest'
-    torch_end = bench_end + a.torch_share * a.budget_s
-    cmd = [py, 'benchmarks/torch_peer.py', f'--configs={configs}', '--methods=metadrop,maml',
-           f'--precision={prec}', '--check', f'--iters={a.bench_iters}',
-           f'--deadline={torch_end - 20}', f'--out={out}']
+    cells = [(c, m) for c in configs for m in ('metadrop', 'maml')]
+    done = measured_torch_cells(kind)
+    missing = [c for c in cells if c not in done]
+    if not missing and bench_mode != 'full':
+      return {'skipped': 'every cell already measured on this card kind'}
+    cells = missing or cells
+    if bench_mode != 'full':
+      cells = cells[:1]
+    torch_end = max(bench_end, time.time()) + a.torch_share * a.budget_s
+    cmd = [py, 'benchmarks/torch_peer.py', f"--cells={','.join(f'{c}:{m}' for c, m in cells)}",
+           '--precision=highest', f'--iters={a.bench_iters}', f'--deadline={torch_end - 10}',
+           f'--out={out}'] + (['--check'] if not done else [])
     log.run(cmd, torch_end - time.time(), env)
     return _read_json(out) or {'error': 'no output'}
 
@@ -443,6 +494,7 @@ def pack(out_dir, work, cdir, *, since, summary, log=print, cache_dir='') -> dic
 
 def format_window(s: dict) -> str:
   """The short table printed last (the device tool returns the output's tail)."""
+  s = {'phases': {}, 'budget_s': 0.0, 'start': '?', **s}
   lines = ['=' * 78, f"window {s['start']}  budget {s['budget_s']:.0f} s"]
   inf = s['phases'].get('info', {}).get('result', {})
   lines.append(f"device {inf.get('device_kind')}  jax {inf.get('versions', {}).get('jax')}  "
@@ -616,7 +668,7 @@ def main(argv=None) -> int:
   r.add_argument('--bench_seeds', type=int, default=4,
                  help='full benchmark: the first cell with this many seeds vmapped in one step')
   r.add_argument('--torch', default='auto', choices=['auto', 'skip'])
-  r.add_argument('--torch_share', type=float, default=0.1,
+  r.add_argument('--torch_share', type=float, default=0.15,
                  help='fraction of the budget for the torch peer, after the benchmark')
   r.add_argument('--pack_cache', type=int, default=1)
   u = sub.add_parser('unpack', help="put a window's returned files in place (here)")

@@ -123,3 +123,49 @@ def test_window_dry_run_on_cpu(tmp_path):
     r = train.evaluate_checkpoint(train.load_run_config(wd), wd)
     assert (r['accuracy'], r['ci95']) == (x['accuracy'], x['ci95'])
   assert list((repo / 'docs' / 'bench' / 'windows').glob('*.json'))
+
+
+def test_precision_choice_needs_the_check_and_a_speedup():
+  smoke = {'pass_default': True}
+  row = lambda p, s: {'config': 'c', 'method': 'metadrop', 'precision': p, 's_per_iter': s,
+                      'xla_flags': ''}
+  assert window.choose_precision(smoke, [row('highest', 10.0), row('default', 5.0)])[0] == 'default'
+  assert window.choose_precision(smoke, [row('highest', 10.0), row('default', 9.0)])[0] == 'highest'
+  assert window.choose_precision({'pass_default': False},
+                                 [row('highest', 10.0), row('default', 5.0)])[0] == 'highest'
+  assert window.choose_precision(smoke, [row('highest', 10.0)])[0] == 'highest'
+
+
+def test_pack_splits_large_archives_and_unpack_replaces_runs(tmp_path, monkeypatch):
+  """Parts of <= PART_BYTES, reassembled; a returned run replaces the local one (its old
+  checkpoint goes); runs not returned stay; runs unchanged since the window's start are not
+  packed; temporaries and TensorBoard files never travel."""
+  import time
+  cdir = tmp_path / 'dev' / 'camp'
+  for run in ('a', 'b'):
+    (cdir / run / 'checkpoints' / '7').mkdir(parents=True)
+    (cdir / run / 'checkpoints' / '7' / 'data').write_bytes(os.urandom(3000))
+    (cdir / run / 'tb').mkdir()
+    (cdir / run / 'tb' / 'events').write_text('x')
+    (cdir / run / 'metrics.jsonl.tmp.1').write_text('x')
+  campaign.init_campaign(str(cdir), ['tiny'])
+  old = time.time() - 100
+  for p in (cdir / 'b').rglob('*'):
+    os.utime(p, (old, old))
+  members = window.campaign_members(str(cdir), since=time.time() - 10)
+  assert sorted(members) == [os.path.join('a', 'checkpoints', '7', 'data'), 'campaign.json']
+  monkeypatch.setattr(window, 'PART_BYTES', 1000)
+  out = tmp_path / 'out'
+  out.mkdir()
+  files = window.pack(str(out), str(tmp_path), str(cdir), since=time.time() - 10, summary={})
+  assert len(files) >= 3 and all(n.startswith('campaign.tgz.') for n in files)
+  assert all(s <= 1000 for s in files.values())
+  (out / 'window.json').write_text(json.dumps({'start': '2026-01-01T00:00:00Z', 'phases': {}}))
+  repo = tmp_path / 'repo'
+  (repo / 'camp' / 'a' / 'checkpoints' / '5').mkdir(parents=True)
+  (repo / 'camp' / 'c').mkdir(parents=True)
+  window.unpack(str(out), repo=str(repo), campaign_dir='camp', log=lambda *_: None)
+  assert sorted(os.listdir(repo / 'camp' / 'a' / 'checkpoints')) == ['7']
+  assert (repo / 'camp' / 'a' / 'checkpoints' / '7' / 'data').read_bytes() == \
+      (cdir / 'a' / 'checkpoints' / '7' / 'data').read_bytes()
+  assert (repo / 'camp' / 'c').is_dir() and not (repo / 'camp' / 'b').exists()
