@@ -38,6 +38,8 @@ flags.DEFINE_bool('verbose', False, 'On an error, print the full traceback as we
                   '(same as METADROP_VERBOSE=1).')
 flags.DEFINE_string('campaign_dir', 'results/table1', 'campaign mode: the campaign state.')
 flags.DEFINE_float('budget_minutes', 10.0, 'campaign mode: wall time of this sitting.')
+flags.DEFINE_float('deadline', 0.0, 'campaign mode: end the sitting by this unix time instead '
+                   '(GPU windows: process start-up counts against the window too).')
 flags.DEFINE_bool('plan', False, 'campaign mode: print what the next sitting would run; no work.')
 flags.DEFINE_bool('report_only', False, 'campaign mode: regenerate the tables only.')
 flags.DEFINE_list('campaign_settings', None, 'campaign mode, new campaign only: configs/<name>.py '
@@ -336,8 +338,9 @@ def _campaign():
   if FLAGS.report_only:
     print('\n'.join(campaign.write_reports(cdir)))
     return
-  summary = campaign.sitting(cdir, FLAGS.budget_minutes * 60.0,
-                             precision_choice=FLAGS.precision_choice)
+  import time
+  budget_s = FLAGS.deadline - time.time() if FLAGS.deadline else FLAGS.budget_minutes * 60.0
+  summary = campaign.sitting(cdir, budget_s, precision_choice=FLAGS.precision_choice)
   print(json.dumps(summary, indent=2))
 
 

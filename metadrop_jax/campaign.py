@@ -19,15 +19,17 @@ State lives in ``results/table1/`` (committed after every GPU window):
 Order: every run in the computation that reproduces the authors (``meta_gradient='authors'``)
 first, then the exact one; within each, Omniglot 20-way 1-shot (both methods), miniImageNet
 5-way 1-shot, Omniglot 20-way 5-shot, miniImageNet 5-way 5-shot. A sitting works through that
-order: the two runs of a setting share the time left equally (so both methods advance
-together), a run that reaches ``num_steps`` is meta-tested at once if the time left allows
-(else first thing in the next sitting), and a run whose data is not on this machine is skipped.
+order: the two runs of a setting share the time left equally, the one with fewer steps first
+(when the time left is too short to split, that one alone gets it, so both methods advance in
+turn), a run that reaches ``num_steps`` is meta-tested at once if the time left allows (else
+first thing in the next sitting), and a run whose data is not on this machine is skipped.
 
 Every sitting is ``train.train`` with ``max_minutes_per_run``: checkpointed atomically, and a
 resumed run equals an uninterrupted one (tests/test_train.py) on one platform. Across CPU and
 GPU (or two jax versions) the restored state is bit-identical and the episodes and noise of
-every step are the same (threefry keys), but float arithmetic differs, so the trajectory after
-a change of machine equals an uninterrupted run on that machine only up to float rounding.
+every step are the same (threefry keys), but float arithmetic differs, and these meta-gradients
+amplify rounding strongly (docs/gpu_window.md), so after a change of machine the trajectory is
+another sample of the same training process, not the bits an uninterrupted run would produce.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ RUN_LOOP_FIELDS = {'keep_checkpoints': 1, 'progress_bar': False}
 # eval.batch_tasks stays the config's on every machine: the test episodes of evaluate() are drawn
 # per compiled call of batch_tasks episodes, so the same value is what lets a CPU meta-test of a
 # committed checkpoint see the very episodes (and noise) the GPU's did.
-MIN_SHARE_S = 20.0            # a run is not started with less than this
+# A run is not started with less than this (an accelerator's first step includes a compile of
+# up to a minute; the time limit is checked after each step).
+MIN_SHARE_S = {'accelerator': 60.0, 'cpu': 20.0}
 
 
 def run_name(setting: str, method: str, gradient: str) -> str:
@@ -216,7 +220,8 @@ def sitting(cdir: str, budget_s: float, *, eval_reserve_s: float | None = None,
   jax.config.update('jax_default_matmul_precision', precision)
   if eval_reserve_s is None:   # time kept free to meta-test a run that finishes
     eval_reserve_s = min(90.0 if on_acc else 30.0, 0.2 * budget_s)
-  min_share_s = min(MIN_SHARE_S, 0.1 * budget_s)
+  min_share_s = (MIN_SHARE_S['accelerator'] if on_acc else
+                 min(MIN_SHARE_S['cpu'], 0.1 * budget_s))
   summary = {'start': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t_start)),
              'budget_s': budget_s, 'backend': jax.default_backend(),
              'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
@@ -251,6 +256,9 @@ def sitting(cdir: str, budget_s: float, *, eval_reserve_s: float | None = None,
     groups.setdefault(r['group'], []).append(r)
   stop = False
   for g, members in groups.items():
+    # the run that is behind goes first: when a sitting is too short to split, the two methods
+    # of a setting still advance in turn
+    members = sorted(members, key=lambda r: r['step'])
     for i, row in enumerate(members):
       run = _run_of(camp, row['name'])
       cfg = run_config(run, camp)
@@ -260,8 +268,10 @@ def sitting(cdir: str, budget_s: float, *, eval_reserve_s: float | None = None,
         log(f"[campaign] {cfg.data.name} data ready in {time.time() - t_data:.0f} s")
       share = (left() - eval_reserve_s) / (len(members) - i)
       if share < min_share_s:
-        stop = True
-        break
+        if left() - eval_reserve_s < min_share_s:
+          stop = True
+          break
+        share = min_share_s      # too short to split: this run gets the minimum, then stop
       cfg.max_minutes_per_run = share / 60.0
       log(f"[campaign] {run['name']}: step {row['step']}/{row['num_steps']}, share {share:.0f} s")
       status = train.train(cfg, workdir_of(cdir, run))

@@ -97,14 +97,15 @@ def load_results(workdirs: Sequence[str]) -> list[dict[str, Any]]:
       warnings.warn(f'{path} has no "accuracy" field; skipped')
       continue
     r['workdir'] = wd
-    if 'meta_gradient' not in r:
-      cfg_path = os.path.join(wd, 'config.json')
-      if os.path.exists(cfg_path):
-        try:
-          with open(cfg_path) as f:
-            r['meta_gradient'] = json.load(f).get('meta_gradient')
-        except (OSError, json.JSONDecodeError):
-          pass
+    cfg_path = os.path.join(wd, 'config.json')
+    if ('meta_gradient' not in r or 'seed' not in r) and os.path.exists(cfg_path):
+      try:
+        with open(cfg_path) as f:
+          cfg = json.load(f)
+        for k in ('meta_gradient', 'seed'):
+          r.setdefault(k, cfg.get(k))
+      except (OSError, json.JSONDecodeError):
+        pass
     runs.append(r)
   return runs
 
@@ -152,7 +153,8 @@ def compare(run: dict) -> dict[str, Any]:
          'num_steps': run.get('num_steps'), 'episodes': run.get('episodes'),
          'mc_samples': run.get('mc_samples'), 'workdir': run.get('workdir', ''),
          'name': run.get('name', ''), 'commit': run.get('commit', ''),
-         'device': run.get('device', ''), 'meta_gradient': run.get('meta_gradient')}
+         'device': run.get('device', ''), 'meta_gradient': run.get('meta_gradient'),
+         'seed': run.get('seed')}
   for src in ('paper', 'rerun'):
     ref = out[src]
     out[f'diff_{src}'] = None if ref is None else acc - ref[0]
@@ -272,7 +274,36 @@ def build_table(runs: Sequence[dict]) -> str:
         _pm(c['rerun']) if c['rerun'] else 'n/a', f(c['diff_rerun']),
         f"{c['step']}/{c['num_steps']}", 'reduced budget' if c['reduced_budget'] else 'full',
         str(c['episodes']), str(c['mc_samples']), str(c['commit']), str(c['device'])]) + ' |')
+  lines += seeds_section(comps)
   return '\n'.join(lines) + '\n'
+
+
+def seeds_section(comps: Sequence[dict]) -> list[str]:
+  """Runs that differ only in their seed (same method, setting, meta-gradient, steps): mean ±
+  std over seeds (ddof=1) beside each seed's own 95% CI. Empty when no group has 2 seeds."""
+  import numpy as np
+  groups: dict[tuple, list[dict]] = {}
+  for c in comps:
+    if c.get('seed') is not None:
+      key = (c['method'], c['setting'], c['meta_gradient'], c['step'], c['episodes'])
+      groups.setdefault(key, []).append(c)
+  rows = []
+  for (method, setting, mg, step, _), cs in groups.items():
+    seeds = {c['seed'] for c in cs}
+    if len(seeds) < 2 or len(seeds) != len(cs):
+      continue
+    cs = sorted(cs, key=lambda c: c['seed'])
+    acc = np.array([c['accuracy'] for c in cs])
+    per = ', '.join(f"{c['seed']}: {c['accuracy']:.2f}" + (f" ± {c['ci95']:.2f}" if c['ci95']
+                                                           is not None else '') for c in cs)
+    rows.append(f"| {method_label(method)} | {column_label(setting, mg)} | {step} | {len(cs)} | "
+                f"**{acc.mean():.2f} ± {acc.std(ddof=1):.2f}** | {per} |")
+  if not rows:
+    return []
+  return ['', '### Over seeds', '', 'Runs that differ only in their seed: mean ± standard '
+          'deviation of the seeds\' accuracies, beside each seed\'s own 95% CI over episodes.', '',
+          '| Method | Setting | Steps | Seeds | Mean ± std over seeds | Per seed (accuracy ± 95% CI) |',
+          '|' + '---|' * 6] + rows
 
 
 def write_atomic(path: str, text: str) -> str:

@@ -368,15 +368,15 @@ def run_window(a) -> dict:
   def campaign_phase():
     if smoke_res and smoke_res.get('rows') and not smoke_res.get('pass_highest'):
       return {'skipped': 'the float32 meta-gradient check failed: no training on this device'}
-    budget = end - pack_reserve - time.time()
+    hard = end - pack_reserve                 # killed here; it aims to be done 10 s before
     cmd = [py, 'launch.py', '--mode=campaign', f'--campaign_dir={cdir}',
-           f'--budget_minutes={max(budget - 10.0, 0.0) / 60.0:.4f}',
+           f'--deadline={hard - min(10.0, 0.1 * a.budget_s):.1f}',
            f'--precision_choice={precision}']
     if a.campaign_settings:
       cmd.append(f'--campaign_settings={a.campaign_settings}')
       if a.campaign_overrides:
         cmd.append(f'--campaign_overrides={a.campaign_overrides}')
-    rc, _ = log.run(cmd, budget, env)
+    rc, _ = log.run(cmd, hard - time.time(), env)
     rows = _read_jsonl_tail(os.path.join(cdir, 'sittings.jsonl'))
     return {'rc': rc, 'sitting': rows if rows and rows.get('start', '') >= summary['start']
             else None}

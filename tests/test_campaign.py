@@ -69,6 +69,23 @@ def test_report_has_a_column_per_meta_gradient(tmp_path):
   assert gain.split(' | ')[1].startswith('**+1.00**') and gain.split(' | ')[2].startswith('—')
 
 
+def test_report_mean_and_std_over_seeds(tmp_path):
+  def run(name, seed, acc):
+    wd = tmp_path / name
+    wd.mkdir()
+    (wd / 'results.json').write_text(json.dumps(
+        {'method': 'maml', 'dataset': 'omniglot', 'way': 20, 'shot': 1, 'accuracy': acc,
+         'ci95': 0.2, 'step': 100, 'num_steps': 100, 'episodes': 1000}))
+    (wd / 'config.json').write_text(json.dumps({'meta_gradient': 'exact', 'seed': seed}))
+    return str(wd)
+  table = report.build_table(report.load_results([run('a', 0, 95.0), run('b', 1, 96.0)]))
+  row = next(l for l in table.splitlines() if l.startswith('| MAML | Omniglot 20-way 1-shot, '
+                                                            'exact meta-gradient | 100 | 2 |'))
+  assert '**95.50 ± 0.71**' in row and '0: 95.00 ± 0.20, 1: 96.00 ± 0.20' in row
+  single = report.build_table(report.load_results([run('c', 0, 95.0)]))
+  assert 'Over seeds' not in single
+
+
 def _params(workdir):
   config = train.load_run_config(workdir)
   _, state = train.restore_workdir(workdir, config)
@@ -79,6 +96,9 @@ def test_window_dry_run_on_cpu(tmp_path):
   """scripts/device_window.sh end to end with a 60-s budget: smoke test, benchmark of the tiny
   config, torch peer (skipped: no torch here), a campaign sitting, packing into <= 8 files of
   <= 16 MiB; then unpacking into another tree restores the same checkpoint bit for bit."""
+  if os.getloadavg()[0] > 2 * (os.cpu_count() or 1):
+    pytest.skip(f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: a 60-s budget '
+                'cannot be judged on a machine this busy (CI runs it on an idle one)')
   out, cdir = tmp_path / 'out', tmp_path / 'camp'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'OUT': str(out),
          'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
