@@ -55,7 +55,16 @@ def _x64():
     with jax.enable_x64(True):
       yield
     return
-  from jax.experimental import enable_x64
+  try:
+    from jax.experimental import enable_x64
+  except ImportError:     # neither context manager: flip the flag for the block
+    old = jax.config.jax_enable_x64
+    jax.config.update('jax_enable_x64', True)
+    try:
+      yield
+    finally:
+      jax.config.update('jax_enable_x64', old)
+    return
   with enable_x64():
     yield
 

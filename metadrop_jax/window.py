@@ -253,8 +253,18 @@ def run_window(a) -> dict:
       summary['phases'][name] = {'error': repr(e)}
     summary['phases'][name]['seconds'] = round(time.time() - t, 1)
 
-  # a. info + smoke test
-  phase('info', info)
+  # a. info + smoke test. This process never imports jax (it would take the GPU's memory from
+  # the phases); info runs in a child, and the smoke test, which shares the GPU with the
+  # benchmark, allocates on demand instead of preallocating 75 % of the card.
+  light = {**env, 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
+
+  def info_phase():
+    out = os.path.join(work, 'info.json')
+    log.run([py, '-c', 'import json, sys; from metadrop_jax import window; '
+             f'json.dump(window.info(), open({out!r}, "w"))'], 120, light)
+    return _read_json(out) or {}
+
+  phase('info', info_phase)
   log(f"devices {summary['phases']['info'].get('result', {}).get('devices')}")
   smoke_path = os.path.join(work, 'smoke.json')
 
@@ -263,7 +273,7 @@ def run_window(a) -> dict:
   smoke_cmd = [py, '-m', 'metadrop_jax.gpu_check', f'--setting={a.smoke_setting}',
                f'--gradients={a.smoke_gradients}', f'--out={smoke_path}']
   smoke_cmd += [f'--set={x}' for x in a.smoke_set.split(',') if x]
-  smoke_proc = Background(log, smoke_cmd, os.path.join(work, 'smoke.log'), env)
+  smoke_proc = Background(log, smoke_cmd, os.path.join(work, 'smoke.log'), light)
   smoke_end = time.time() + SMOKE_FRACTION * a.budget_s
 
   # b. benchmark + torch peer
