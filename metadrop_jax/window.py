@@ -536,7 +536,8 @@ def format_window(s: dict) -> str:
     if 'error' in r:
       lines.append(f"bench {r['config']} {r['method']}: {str(r['error'])[:60]}")
       continue
-    det = 'nondet' if 'xla_gpu_deterministic_ops' not in r.get('xla_flags', '') else ''
+    det = ('nondet' if str(r.get('device', '')).startswith('gpu') and
+           'xla_gpu_deterministic_ops' not in r.get('xla_flags', '') else '')
     if r.get('seeds', 1) > 1:
       det = f"x{r['seeds']}seeds"
 
