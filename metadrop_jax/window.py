@@ -50,8 +50,8 @@ PAPER_SETTINGS = ('omniglot_20way1shot', 'omniglot_20way5shot', 'mimgnet_5way1sh
                   'mimgnet_5way5shot')
 TF32_MIN_SPEEDUP = 1.25   # TF32 trains the campaign only if it is at least this much faster
 # Fractions of the budget the phases may use at most (the campaign gets the rest).
-SMOKE_FRACTION = 0.3     # runs beside the benchmark
-BENCH_FRACTION = {'full': 0.55, 'quick': 0.3, 'skip': 0.0}
+SMOKE_FRACTION = 0.4     # runs beside the benchmark
+BENCH_FRACTION = {'full': 0.55, 'quick': 0.4, 'skip': 0.0}
 PACK_RESERVE_S = 15.0
 
 
