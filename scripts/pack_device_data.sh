@@ -20,7 +20,9 @@ OMNI=$(du -cb .gpu_data/omniglot | tail -1 | cut -f1)
 CACHE=$(du -cb .gpu_cache 2>/dev/null | tail -1 | cut -f1); CACHE=${CACHE:-0}
 echo "tree ${TREE} B, wheels ${WHL} B, omniglot ${OMNI} B, compile cache ${CACHE} B"
 echo "window call carries $((TREE + WHL + OMNI + CACHE)) of ${LIMIT} B"
-if [ "${1:-}" = "--mimg" ]; then
+if [ "${1:-}" != "--mimg" ]; then
+  rm -rf .gpu_data/mimg      # not asked for this window: no upload calls
+else
   Z="$SRC/miniimagenet/miniimagenet_84x84.zip"
   rm -rf .gpu_data/mimg && mkdir -p .gpu_data/mimg
   # an upload call carries the tree, the sums and one part: leave 2 MiB of slack
@@ -46,4 +48,6 @@ if [ -d .gpu_data/mimg ]; then
     echo "upload call: command='bash scripts/device_data.sh stash' carry=[\".gpu_data/mimg/SHA256SUMS\", \"$p\"] timeout_s=120"
   done
 fi
-echo "window call: command='bash scripts/device_window.sh 450' carry=[$CARRY] timeout_s=500   ($WINDOW B)"
+BUDGET=450; [ -d .gpu_data/mimg ] && BUDGET=360   # the uploads' device time comes off the 15 min
+echo "window call: command='bash scripts/device_window.sh $BUDGET' carry=[$CARRY] timeout_s=$((BUDGET + 50))   ($WINDOW B)"
+echo "then give_back, and here: python -m metadrop_jax.window unpack <files_at>"
