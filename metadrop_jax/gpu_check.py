@@ -116,17 +116,21 @@ def _problem(setting: str, method: str, gradient: str, overrides=None):
 def _grad(cfg, params, ep, key, *, device, dtype, conv_impl):
   import dataclasses
   import jax
-  import jax.numpy as jnp
+  import numpy as np
   from metadrop_jax import meta
   spec = meta.spec_from_config(cfg)
   spec = dataclasses.replace(spec, net=dataclasses.replace(spec.net, conv_impl=conv_impl))
-  cast = lambda v: jnp.asarray(v, dtype) if v.dtype.kind == 'f' else jnp.asarray(v)
+  def cast(v):
+    v = np.asarray(v)
+    return v.astype(dtype) if v.dtype.kind == 'f' else v
   p = jax.device_put(jax.tree.map(cast, params), device)
   e = jax.device_put(jax.tree.map(cast, ep), device)
-  k = jax.device_put(key, device)
-  f = jax.jit(jax.value_and_grad(lambda pp: meta.task_loss(pp, e, k, spec)[0]))
+  k = jax.device_put(np.asarray(key), device)
+  # inputs as arguments (not closed over: no constants baked into the program); the computation
+  # runs where they are committed
+  f = jax.jit(jax.value_and_grad(lambda pp, ee, kk: meta.task_loss(pp, ee, kk, spec)[0]))
   t0 = time.perf_counter()
-  loss, g = f(p)
+  loss, g = f(p, e, k)
   jax.block_until_ready(g)
   return float(loss), jax.device_get(g), time.perf_counter() - t0
 

@@ -106,7 +106,7 @@ def test_window_dry_run_on_cpu(tmp_path):
          'PYTHON': sys.executable}
   cmd = ['bash', 'scripts/device_window.sh', '60', f'--campaign_dir={cdir}',
          '--campaign_settings=tiny', '--smoke_setting=tiny', '--smoke_gradients=authors',
-         '--smoke_set=inner_steps=1',
+         '--smoke_set=inner_steps=1,model.num_layers=1',
          '--campaign_overrides=val_every=0,eval.num_episodes=10', '--bench=quick',
          '--bench_configs=tiny', '--bench_iters=3', '--bench_warmup=1', f'--work={tmp_path / "w"}']
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
