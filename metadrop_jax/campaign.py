@@ -58,6 +58,7 @@ RUN_LOOP_FIELDS = {'keep_checkpoints': 1, 'progress_bar': False}
 # A run is not started with less than this (an accelerator's first step includes a compile of
 # up to a minute; the time limit is checked after each step).
 MIN_SHARE_S = {'accelerator': 60.0, 'cpu': 20.0}
+EVAL_MIN_S = {'accelerator': 60.0, 'cpu': 10.0}   # 1000 episodes x 30 MC samples, compile included
 
 
 def run_name(setting: str, method: str, gradient: str) -> str:
@@ -205,7 +206,7 @@ def resolve_precision(cdir: str, camp: dict, choice: str | None) -> str:
   return p
 
 
-def sitting(cdir: str, budget_s: float, *, eval_reserve_s: float | None = None,
+def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
             precision_choice: str | None = None, log=print) -> dict:
   """Trains the campaign's next runs for ``budget_s`` seconds (wall clock, compile included),
   checkpointing each; meta-tests runs that finish; regenerates the tables. Returns a summary."""
@@ -218,8 +219,11 @@ def sitting(cdir: str, budget_s: float, *, eval_reserve_s: float | None = None,
   on_acc = jax.default_backend() != 'cpu'
   precision = resolve_precision(cdir, camp, precision_choice)
   jax.config.update('jax_default_matmul_precision', precision)
-  if eval_reserve_s is None:   # time kept free to meta-test a run that finishes
-    eval_reserve_s = min(90.0 if on_acc else 30.0, 0.2 * budget_s)
+  # A finished run is meta-tested when at least this much time is left (else first thing in the
+  # next sitting). No time is held back for it: a run that reaches num_steps stops before its
+  # share ends, and the rest of its share is what the evaluation uses.
+  if eval_min_s is None:
+    eval_min_s = EVAL_MIN_S['accelerator'] if on_acc else min(EVAL_MIN_S['cpu'], 0.1 * budget_s)
   min_share_s = (MIN_SHARE_S['accelerator'] if on_acc else
                  min(MIN_SHARE_S['cpu'], 0.1 * budget_s))
   summary = {'start': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t_start)),
@@ -240,7 +244,7 @@ def sitting(cdir: str, budget_s: float, *, eval_reserve_s: float | None = None,
   rows = plan(cdir, camp)
   # 1. runs trained to the end but not yet meta-tested: first.
   for row in rows:
-    if row['action'] == 'eval' and row['data_here'] and left() > eval_reserve_s:
+    if row['action'] == 'eval' and row['data_here'] and left() > eval_min_s:
       run = _run_of(camp, row['name'])
       entry = {'name': run['name'], 'from': row['step'], 'to': row['step'], 'minutes': 0.0}
       evaluate(run, run_config(run, camp), entry)
@@ -266,9 +270,9 @@ def sitting(cdir: str, budget_s: float, *, eval_reserve_s: float | None = None,
       data_lib.load_split(cfg.data, 'train')   # prepares the cache outside the run's share
       if time.time() - t_data > 1:
         log(f"[campaign] {cfg.data.name} data ready in {time.time() - t_data:.0f} s")
-      share = (left() - eval_reserve_s) / (len(members) - i)
+      share = left() / (len(members) - i)
       if share < min_share_s:
-        if left() - eval_reserve_s < min_share_s:
+        if left() < min_share_s:
           stop = True
           break
         share = min_share_s      # too short to split: this run gets the minimum, then stop
@@ -281,7 +285,7 @@ def sitting(cdir: str, budget_s: float, *, eval_reserve_s: float | None = None,
                'evaluated': False}
       log(f"[campaign] {run['name']}: now at {status['step']}/{status['num_steps']} "
           f"({status['minutes_this_run'] * 60:.0f} s, {status['stopped']})")
-      if status['done'] and left() > eval_reserve_s * 0.5:
+      if status['done'] and left() > eval_min_s:
         evaluate(run, cfg, entry)
       summary['runs'].append(entry)
     if stop:
