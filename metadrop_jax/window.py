@@ -397,18 +397,20 @@ def run_window(a) -> dict:
   def campaign_phase():
     if smoke_res and smoke_res.get('rows') and not smoke_res.get('pass_highest'):
       return {'skipped': 'the float32 meta-gradient check failed: no training on this device'}
-    hard = end - pack_reserve                 # killed here; it aims to be done 10 s before
+    hard = end - pack_reserve                 # killed here; it aims to be done well before
     cmd = [py, 'launch.py', '--mode=campaign', f'--campaign_dir={cdir}',
-           f'--deadline={hard - min(10.0, 0.1 * a.budget_s):.1f}',
+           f'--deadline={hard - min(30.0, 0.1 * a.budget_s):.1f}',
            f'--precision_choice={precision}']
     if a.campaign_settings:
       cmd.append(f'--campaign_settings={a.campaign_settings}')
       if a.campaign_overrides:
         cmd.append(f'--campaign_overrides={a.campaign_overrides}')
     rc, _ = log.run(cmd, hard - time.time(), env)
-    rows = _read_jsonl_tail(os.path.join(cdir, 'sittings.jsonl'))
-    return {'rc': rc, 'sitting': rows if rows and rows.get('start', '') >= summary['start']
-            else None}
+    row = _read_jsonl_tail(os.path.join(cdir, 'sittings.jsonl'))
+    if not (row and row.get('start', '') >= summary['start']) and os.path.isdir(cdir):
+      row = recover_sitting(cdir, t0, summary['start'])
+      log(f"campaign killed before its summary: recovered from the runs' logs: {row['runs']}")
+    return {'rc': rc, 'sitting': row}
 
   phase('campaign', campaign_phase)
 
@@ -427,6 +429,33 @@ def run_window(a) -> dict:
   with open(os.path.join(a.out, 'window.json'), 'w') as f:
     json.dump(summary, f, indent=1, default=str)
   return summary
+
+
+def recover_sitting(cdir: str, since: float, start: str) -> dict:
+  """The sitting row of a campaign process that was killed before writing it, rebuilt from
+  what train() wrote for each run it finished (runs.jsonl, results.json changed since
+  ``since``); appended to sittings.jsonl. A run cut inside its share left only its last
+  checkpoint (its steps since then are lost) and no row."""
+  from metadrop_jax import metrics as metrics_lib
+  runs = []
+  for name in sorted(os.listdir(cdir)):
+    log_path = os.path.join(cdir, name, 'runs.jsonl')
+    if not os.path.exists(log_path) or os.path.getmtime(log_path) < since:
+      continue
+    last = metrics_lib.read_jsonl(log_path)[-1]
+    entry = {'name': name, 'from': last.get('start_step'), 'to': last.get('step'),
+             'minutes': round(float(last.get('minutes_this_run', 0.0)), 3),
+             'stopped': last.get('stopped'), 'evaluated': False}
+    res = os.path.join(cdir, name, 'results.json')
+    if os.path.exists(res) and os.path.getmtime(res) >= since:
+      r = _read_json(res, {})
+      entry.update(evaluated=True, accuracy=r.get('accuracy'), ci95=r.get('ci95'))
+    runs.append(entry)
+  row = {'start': start, 'killed': 'the window stopped the campaign process at its deadline',
+         'runs': runs, 'skipped': []}
+  with open(os.path.join(cdir, 'sittings.jsonl'), 'a') as f:
+    f.write(json.dumps(row) + '\n')
+  return row
 
 
 def _read_jsonl_tail(path):

@@ -189,3 +189,17 @@ def test_pack_splits_large_archives_and_unpack_replaces_runs(tmp_path, monkeypat
   assert (repo / 'camp' / 'a' / 'checkpoints' / '7' / 'data').read_bytes() == \
       (cdir / 'a' / 'checkpoints' / '7' / 'data').read_bytes()
   assert (repo / 'camp' / 'c').is_dir() and not (repo / 'camp' / 'b').exists()
+
+
+def test_a_killed_sitting_is_recovered_from_the_runs_logs(tmp_path):
+  import time
+  t0 = time.time() - 1
+  (tmp_path / 'r1').mkdir()
+  (tmp_path / 'r1' / 'runs.jsonl').write_text(json.dumps(
+      {'start_step': 0, 'step': 20, 'minutes_this_run': 0.5, 'stopped': 'finished'}) + '\n')
+  (tmp_path / 'r1' / 'results.json').write_text(json.dumps({'accuracy': 50.0, 'ci95': 1.0}))
+  (tmp_path / 'r2').mkdir()    # cut inside its share: no row, nothing claimed
+  row = window.recover_sitting(str(tmp_path), t0, 'now')
+  assert row['runs'] == [{'name': 'r1', 'from': 0, 'to': 20, 'minutes': 0.5, 'stopped': 'finished',
+                          'evaluated': True, 'accuracy': 50.0, 'ci95': 1.0}]
+  assert json.loads((tmp_path / 'sittings.jsonl').read_text())['killed']
