@@ -19,9 +19,9 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/metadrop_site .whl/*.whl && export PYTHONPATH=/tmp/metadrop_site${PYTHONPATH:+:$PYTHONPATH}
-  # the repo's orbax (same checkpoint format as the CPU side) unless it cannot import here
-  $PY -c 'import orbax.checkpoint, ml_collections' 2>/dev/null || {
-    echo "carried orbax does not import here: using the image's"; rm -rf /tmp/metadrop_site/orbax*; }
+  # the repo's orbax (same checkpoint format as the CPU side) unless it fails a save/restore here
+  JAX_PLATFORMS=cpu $PY scripts/orbax_roundtrip.py || {
+    echo "carried orbax fails here: using the image's"; rm -rf /tmp/metadrop_site/orbax*; }
 fi
 [ -f .gpu_data/COMMIT ] && export METADROP_COMMIT=$(cat .gpu_data/COMMIT)
 export METADROP_DATA_DIR=${METADROP_DATA_DIR:-/tmp/metadrop_data}
