@@ -330,7 +330,7 @@ def run_window(a) -> dict:
     if not jobs:
       return {'mode': bench_mode}
     base = [py, 'benchmarks/meta_step.py', '--no-naive', f'--iters={a.bench_iters}',
-            f'--warmup={a.bench_warmup}']
+            f'--warmup={a.bench_warmup}'] + [f'--set={x}' for x in a.bench_set.split(',') if x]
     for i, (prec, cfg, method, xflags, seeds, *grad) in enumerate(jobs):
       if time.time() > bench_end - 3:
         bench_rows.append({'config': cfg, 'method': method, 'precision': prec, 'seeds': seeds,
@@ -723,6 +723,8 @@ def main(argv=None) -> int:
                       "else quick (the campaign's next run only)")
   r.add_argument('--bench_configs', default=','.join(PAPER_SETTINGS))
   r.add_argument('--bench_gradient', default='authors')
+  r.add_argument('--bench_set', default='', help='config overrides of every benchmark cell '
+                 '(k=v,k=v; the dry-run test makes tiny tinier)')
   r.add_argument('--bench_iters', type=int, default=20)
   r.add_argument('--bench_warmup', type=int, default=3)
   r.add_argument('--bench_seeds', type=int, default=4,
