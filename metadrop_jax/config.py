@@ -12,21 +12,8 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
-# Every method the framework knows. ``metadrop`` and ``maml`` are the authors' two; the rest are
-# the paper's comparison methods (see README, "Methods").
-METHODS = (
-    'metadrop',          # MAML + learned input-dependent multiplicative noise (the paper)
-    'maml',              # noise path removed, phi frozen
-    'fixed_noise',       # non-learned multiplicative noise softplus(m + eps) (noise-type study)
-    'indep_noise',       # learned input-independent multiplicative noise
-    'additive_noise',    # learned input-dependent additive noise
-    'vib',               # variational information bottleneck on the conv features
-    'infodrop',          # information dropout (Achille & Soatto 2018)
-    'mixup',             # manifold mixup of the support features in the inner loop
-    'metasgd',           # meta-learned per-parameter inner step sizes
-    'metasgd_metadrop',  # Meta-SGD + meta-dropout
-    'adv',               # MAML + adversarial querying: PGD on the query inputs (Goldblum 2020)
-)
+from metadrop_jax.methods import METHODS  # noqa: F401  (every method: one row of that table)
+
 DATASETS = ('omniglot', 'miniimagenet', 'synthetic')
 CONV_IMPLS = ('auto', 'xla', 'im2col')
 TASK_MAPS = ('auto', 'vmap', 'map')
@@ -147,12 +134,6 @@ def resolved(config: ml_collections.ConfigDict, name: str):
   raise KeyError(name)
 
 
-def uses_noise_generator(method: str) -> bool:
-  """Whether phi (the noise generator) is part of the forward pass and the outer update."""
-  return method in ('metadrop', 'indep_noise', 'additive_noise', 'metasgd_metadrop', 'vib',
-                    'infodrop')
-
-
 class ConfigError(ValueError):
   """A config that cannot run. The message says which field and how to fix it."""
 
@@ -198,7 +179,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SEED_MAX,
          f'{f}={v!r}: must be an integer in [0, {SEED_MAX}] (jax.random.PRNGKey keeps 32 bits, '
          'so negative or larger seeds can repeat another seed\'s run)')
-  need(config.method in METHODS, f'method={config.method!r}: choose one of {METHODS}')
+  need(config.method in METHODS, f'method={config.method!r}: choose one of {tuple(METHODS)}')
   need(config.data.name in DATASETS, f'data.name={config.data.name!r}: choose one of {DATASETS}')
   need(config.data.sampler in ('device', 'host'),
        f"data.sampler={config.data.sampler!r}: choose 'device' or 'host'")

@@ -39,15 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from metadrop_jax import meta
+from metadrop_jax import methods
 from metadrop_jax import nets
-
-# Methods whose forward pass perturbs the conv features when sampling (perturbed copies exist).
-FEATURE_NOISE_METHODS = ('metadrop', 'metasgd_metadrop', 'indep_noise', 'fixed_noise',
-                         'additive_noise', 'vib', 'infodrop')
-
-
-def has_feature_noise(method: str) -> bool:
-  return method in FEATURE_NOISE_METHODS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,7 +150,7 @@ def make_export_fn(spec: meta.MetaSpec, num_perturb: int, fast_compile: bool | N
   run in a ``lax.scan`` (one compiled body whatever ``inner_steps``).
   """
   net = spec.net
-  perturb = num_perturb if has_feature_noise(spec.method) else 0
+  perturb = num_perturb if spec.row.feature_noise else 0
   copy_key_root = 10 ** 6
 
   def record(params, theta, xs, xq, yq, key, k):

@@ -22,6 +22,7 @@ import optax
 
 from metadrop_jax import config as config_lib
 from metadrop_jax import episodes as episodes_lib
+from metadrop_jax import methods
 from metadrop_jax import nets
 
 Params = Any
@@ -54,6 +55,11 @@ class MetaSpec:
     return self.net.method
 
   @property
+  def row(self) -> methods.Method:
+    """What this spec's method does (its row of :data:`metadrop_jax.methods.METHODS`)."""
+    return self.net.row
+
+  @property
   def first_order(self) -> bool:
     return self.meta_gradient == 'first_order'
 
@@ -66,7 +72,7 @@ def spec_from_config(config, mc_samples: int | None = None) -> MetaSpec:
       inner_lr=config.inner_lr,
       mc_samples=config.train_mc_samples if mc_samples is None else mc_samples,
       meta_gradient=config.meta_gradient,
-      kl_beta=m.vib_beta if config.method in ('vib', 'infodrop') else 0.0,
+      kl_beta=m.vib_beta if methods.get(config.method).kl else 0.0,
       mixup_alpha=m.mixup_alpha,
       adv_norm=m.adv_norm, adv_eps=m.adv_eps, adv_steps=m.adv_steps,
       adv_step_size=m.adv_step_size if m.adv_step_size > 0 else None,
@@ -83,7 +89,7 @@ def init_params(key, spec: MetaSpec, metasgd_init_lr: float | None = None) -> Pa
   ``inner_lr``), so step 0 equals MAML. ``metasgd_metadrop`` adds meta-dropout's noise.
   """
   params = nets.init_params(key, spec.net)
-  if spec.method in ('metasgd', 'metasgd_metadrop'):
+  if spec.row.per_param_lr:
     lr0 = spec.inner_lr if metasgd_init_lr is None or metasgd_init_lr < 0 else metasgd_init_lr
     params['lr'] = jax.tree.map(lambda p: jnp.full_like(p, lr0), params['theta'])
   return params
@@ -101,36 +107,31 @@ def accuracy(logits, labels):
 # inner loop
 # ------------------------------------------------------------------------------------------------
 
-def support_is_stochastic(method: str) -> bool:
-  """Whether the support pass draws noise (methods without any noise take one pass, and MC
-  samples do not apply to them)."""
-  return method not in ('maml', 'metasgd', 'adv')
-
-
 def support_loss(theta, params, x, y, key, spec: MetaSpec):
   """MC estimate of the perturbed support loss ``1/S sum_s CE(f(x; theta, phi, eps_s), y)``.
 
   This is where every comparison method's perturbation / regularizer acts: on the support set,
   in every inner step, at meta-training and meta-test alike (it is part of the learning
   algorithm being meta-learned); the query set is always scored deterministically
-  (``sample=False``). Per method (docs/methods.md; references in :func:`nets.perturb`):
+  (``sample=False``). Per ``support`` kind of the method's row (:mod:`metadrop_jax.methods`,
+  docs/methods.md, where the references are):
 
-  * noise methods (metadrop, metasgd_metadrop, fixed/indep/additive noise): ``CE`` of the
-    noisy forward pass, averaged over ``mc_samples`` draws;
-  * ``vib`` / ``infodrop``: ``CE + kl_beta * KL`` (the regularizer's objective, Alemi et al.
+  * ``'noise'`` (metadrop, metasgd_metadrop, fixed/indep/additive noise, vib, infodrop): ``CE``
+    of the noisy forward pass, averaged over ``mc_samples`` draws; where the row has ``kl``
+    (vib / infodrop): ``CE + kl_beta * KL`` (the regularizer's objective, Alemi et al.
     2017 / Achille & Soatto 2018, with ``kl_beta = methods.vib_beta``), KL per example summed
     over the units of all blocks, averaged over the support batch;
-  * ``mixup`` (manifold mixup, Verma et al. 2019): per MC draw, a layer ``k`` uniform in
+  * ``'mixup'`` (manifold mixup, Verma et al. 2019): per MC draw, a layer ``k`` uniform in
     ``{0 (input), 1, ..., num_layers}``, ``lam ~ Beta(a, a)`` (``a = methods.mixup_alpha``) and a
     random permutation of the support batch; hidden states at ``k`` become
     ``lam h + (1 - lam) h[perm]`` and the loss ``lam CE(., y) + (1 - lam) CE(., y[perm])``;
-  * ``maml``, ``metasgd``, ``adv``: plain ``CE`` (one deterministic pass; adv perturbs the
+  * ``'clean'`` (maml, metasgd, adv): plain ``CE`` (one deterministic pass; adv perturbs the
     *query* set in :func:`task_loss`, Goldblum et al. 2020's adversarial querying).
   """
   p = {**params, 'theta': theta}
 
   def one(k):
-    if spec.method == 'mixup':
+    if spec.row.support == 'mixup':
       k_layer, k_lam, k_perm = jax.random.split(k, 3)
       layer = jax.random.randint(k_layer, (), 0, spec.net.num_layers + 1)
       lam = jax.random.beta(k_lam, spec.mixup_alpha, spec.mixup_alpha)
@@ -140,7 +141,7 @@ def support_loss(theta, params, x, y, key, spec: MetaSpec):
     logits, feats = nets.forward_features(p, x, k, spec.net, sample=True)
     return xent(logits, y) + spec.kl_beta * feats['kl']
 
-  if not support_is_stochastic(spec.method):
+  if not spec.row.stochastic_support:
     return xent(nets.forward(p, x, None, spec.net, sample=False), y)
   if spec.mc_samples == 1:
     return one(key)
@@ -186,7 +187,7 @@ def task_loss(params: Params, ep: episodes_lib.Episode, key, spec: MetaSpec):
   theta, inner_losses = inner_adapt(params, ep.support_x, ep.support_y, key, spec)
   adapted = {**params, 'theta': theta}
   qx = ep.query_x
-  if spec.method == 'adv' and spec.adv_eps > 0:
+  if spec.row.query_attack and spec.adv_eps > 0:
     from metadrop_jax import attacks
     qx = jax.lax.stop_gradient(attacks.pgd(
         lambda xx: xent(nets.forward(adapted, xx, None, spec.net, sample=False), ep.query_y),
@@ -223,7 +224,7 @@ class TrainState(NamedTuple):
 
 def param_labels(params: Params, method: str):
   """'train' for meta-learned subtrees, 'freeze' for phi where the method has no noise net."""
-  uses_phi = config_lib.uses_noise_generator(method)
+  uses_phi = methods.get(method).uses_phi
   return {k: jax.tree.map(lambda _: 'train' if (k != 'phi' or uses_phi) else 'freeze', v)
           for k, v in params.items()}
 

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from metadrop_jax import config as config_lib
+from metadrop_jax import methods
 
 Params = Any
 
@@ -60,8 +60,9 @@ class NetSpec:
     return h * w * self.channels
 
   @property
-  def uses_phi(self) -> bool:
-    return config_lib.uses_noise_generator(self.method)
+  def row(self) -> methods.Method:
+    """What this spec's method does (its row of :data:`metadrop_jax.methods.METHODS`)."""
+    return methods.METHODS[self.method]
 
 
 def spec_from_config(config) -> NetSpec:
@@ -197,66 +198,6 @@ def max_pool(x: jax.Array) -> jax.Array:
   return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
 
 
-# ------------------------------------------------------------------------------------------------
-# perturbations of the conv features, one per method
-# ------------------------------------------------------------------------------------------------
-
-def perturb(spec: NetSpec, mu, a, key, sample: bool):
-  """Returns the perturbed pre-activation ``u`` and an auxiliary KL term (0 for most methods).
-
-  ``mu``: theta's conv output ``[B, H, W, C]``; ``a``: phi's conv output (``[B, H, W, C]``; for
-  ``indep_noise`` ``[1, H, W, C]`` from an all-ones input; None for methods without phi).
-  ``sample=True`` on the support set in the inner loop, ``False`` on the query set (deterministic
-  path). Every noise acts at the same place, the pre-batch-norm conv output of every block, so
-  the noise-type / regularizer comparison changes only the form of the perturbation
-  (docs/methods.md; the paper's own baseline details were not retrievable, these are our
-  documented choices). The KL is per example (summed over units), averaged over the batch.
-
-  * ``metadrop`` / ``metasgd_metadrop`` (Lee et al. 2020): ``u = mu * softplus(a(x) + eps)``,
-    ``eps ~ N(0, 1)``; query ``mu * softplus(a(x))``.
-  * ``indep_noise`` (learned, input-independent): as metadrop with ``a`` a learned constant per
-    position/channel (phi's conv of an all-ones image), not a function of x.
-  * ``fixed_noise`` (non-learned): ``u = mu * softplus(m + eps)``, ``m = methods.fixed_noise_mean``;
-    query ``mu * softplus(m)`` (a constant factor). phi is never read.
-  * ``additive_noise`` (learned, input-dependent, additive): ``u = mu + softplus(a(x)) * eps``;
-    query ``u = mu`` (the noise's mean).
-  * ``vib`` (Alemi et al. 2017, deep variational information bottleneck): encoder
-    ``q(z|x) = N(mu, diag(sigma^2))``, ``sigma = softplus(a(x))``, reparameterised sample
-    ``z = mu + sigma * eps``; KL to the prior ``N(0, I)``:
-    ``0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2)``; query ``z = mu``.
-  * ``infodrop`` (Achille & Soatto 2018, information dropout): ``z = mu * exp(alpha(x) * eps)``
-    (log-normal multiplicative noise), ``alpha = max_alpha * sigmoid(a(x))`` (+1e-3), their bound
-    ``max_alpha = 0.7``; KL to the log-uniform prior (their ReLU case; the noise keeps the sign,
-    so it holds for |z|) is ``-log alpha + const`` per unit; we take the constant so that the KL is
-    0 at ``alpha = max_alpha``: ``sum(-log(alpha / (max_alpha + 1e-3)))``. Query ``z = mu``.
-  * ``maml``, ``metasgd``, ``mixup``, ``adv``: ``u = mu``.
-  """
-  m = spec.method
-  zero = jnp.zeros((), jnp.float32)
-  if m in ('metadrop', 'metasgd_metadrop', 'indep_noise'):
-    eps = jax.random.normal(key, mu.shape, mu.dtype) if sample else 0.0
-    return mu * jax.nn.softplus(a + eps), zero
-  if m == 'fixed_noise':
-    eps = jax.random.normal(key, mu.shape, mu.dtype) if sample else 0.0
-    return mu * jax.nn.softplus(spec.fixed_noise_mean + eps), zero
-  if m == 'additive_noise':
-    if not sample:
-      return mu, zero
-    return mu + jax.nn.softplus(a) * jax.random.normal(key, mu.shape, mu.dtype), zero
-  if m == 'vib':
-    std = jax.nn.softplus(a) + 1e-6
-    z = mu + std * jax.random.normal(key, mu.shape, mu.dtype) if sample else mu
-    kl = 0.5 * jnp.sum(jnp.square(mu) + jnp.square(std) - 1.0 - 2.0 * jnp.log(std),
-                       axis=(1, 2, 3))
-    return z, jnp.mean(kl)
-  if m == 'infodrop':
-    alpha = spec.infodrop_max_alpha * jax.nn.sigmoid(a) + 1e-3
-    z = mu * jnp.exp(alpha * jax.random.normal(key, mu.shape, mu.dtype)) if sample else mu
-    kl = -jnp.sum(jnp.log(alpha / (spec.infodrop_max_alpha + 1e-3)), axis=(1, 2, 3))
-    return z, jnp.mean(kl)
-  return mu, zero  # maml, metasgd, mixup, adv
-
-
 def _mix(h, mix, layer: int):
   """Manifold mixup (Verma et al. 2019) at ``layer`` when ``mix = (layer_index, perm, lam)``
   selects it: ``h <- lam * h + (1 - lam) * h[perm]``. Layer 0 is the input (input mixup), layer
@@ -269,28 +210,14 @@ def _mix(h, mix, layer: int):
 
 
 def _noise_logits(spec: NetSpec, params, feat, key, sample):
-  """Additive logit noise ``sigma * eps``, ``eps ~ N(0, I_way)``, support set only (authors' head).
-
-  One scale per example shared by all classes (the authors tile one column): metadrop /
-  metasgd_metadrop / additive_noise ``sigma = softplus(feat w_phi + b_phi)`` (input-dependent);
-  indep_noise ``sigma = softplus(1^T w_phi + b_phi)`` (a learned constant, input-independent);
-  fixed_noise ``sigma = softplus(fixed_noise_mean)`` (not learned). vib, infodrop and the
-  noise-free methods have none.
-  """
-  if spec.method not in ('metadrop', 'metasgd_metadrop', 'indep_noise', 'fixed_noise',
-                         'additive_noise') or not sample:
+  """Additive logit noise ``sigma * eps``, ``eps ~ N(0, I_way)``, support set only (authors' head):
+  one scale per example shared by all classes, from the method's ``logit_noise_scale``
+  (:mod:`metadrop_jax.methods`). 0 for methods without logit noise."""
+  scale = spec.row.logit_noise_scale
+  if scale is None or not sample:
     return 0.0
-  b = feat.shape[0]
-  if spec.method == 'fixed_noise':
-    sigma = jax.nn.softplus(jnp.full((b, 1), spec.fixed_noise_mean, feat.dtype))
-  elif spec.method == 'indep_noise':
-    ph = params['phi']['dense']
-    s = jnp.ones((1, feat.shape[1]), feat.dtype) @ ph['w'] + ph['b']   # [1, 1]
-    sigma = jnp.broadcast_to(jax.nn.softplus(s), (b, 1))
-  else:
-    ph = params['phi']['dense']
-    sigma = jax.nn.softplus(feat @ ph['w'] + ph['b'])        # [B, 1]: one scale per example
-  return sigma * jax.random.normal(key, (b, spec.way), feat.dtype)
+  sigma = scale(spec, params['phi']['dense'], feat)        # [B, 1]: one scale per example
+  return sigma * jax.random.normal(key, (feat.shape[0], spec.way), feat.dtype)
 
 
 def forward(params: Params, x: jax.Array, key: jax.Array | None, spec: NetSpec, *,
@@ -325,22 +252,25 @@ def forward_features(params: Params, x: jax.Array, key: jax.Array | None, spec: 
   for l in range(spec.num_layers):
     name = f'conv{l}'
     tw, tb = theta[name]['w'], theta[name]['b']
-    needs_a = spec.method in ('metadrop', 'metasgd_metadrop', 'additive_noise', 'vib', 'infodrop')
-    if spec.method == 'indep_noise':
+    phi_input = spec.row.phi_input
+    if phi_input == 'ones':
       # input-independent: phi's conv applied to an all-ones input (learned per position/channel)
       mu = conv3x3(h, tw, tb, spec.conv_impl, spec.compute_dtype)
       a = conv3x3(jnp.ones_like(h[:1]), phi[name]['w'], phi[name]['b'], spec.conv_impl,
                   spec.compute_dtype)
-    elif needs_a and spec.fuse_noise_conv:
+    elif phi_input == 'features' and spec.fuse_noise_conv:
       both = conv3x3(h, jnp.concatenate([tw, phi[name]['w']], -1),
                      jnp.concatenate([tb, phi[name]['b']], -1), spec.conv_impl, spec.compute_dtype)
       mu, a = both[..., :spec.channels], both[..., spec.channels:]
     else:
       mu = conv3x3(h, tw, tb, spec.conv_impl, spec.compute_dtype)
       a = (conv3x3(h, phi[name]['w'], phi[name]['b'], spec.conv_impl, spec.compute_dtype)
-           if needs_a else None)
-    u, kl = perturb(spec, mu, a, keys[l], sample)
-    kl_total = kl_total + kl
+           if phi_input == 'features' else None)
+    if spec.row.perturb is None:
+      u = mu
+    else:
+      u, kl = spec.row.perturb(spec, mu, a, keys[l], sample)
+      kl_total = kl_total + kl
     feats[f'u{l}'] = u
     h = max_pool(jax.nn.relu(batch_norm(u, bn[name]['beta'], spec.bn_eps, spec.bn_backward)))
     h = _mix(h, mix, l + 1)

@@ -20,6 +20,8 @@ import sys
 import warnings
 from typing import Any, Sequence
 
+from metadrop_jax import methods
+
 # Table 1 of the paper (ICLR 2020), MAML and Meta-dropout rows, accuracy ± 95% CI in percent,
 # 1000 episodes, as quoted by the authors' README; and the authors' re-run of their released code
 # (README "The results from running this repo", final state, commit 525947c). Source:
@@ -53,20 +55,8 @@ PAPER_COLUMNS: dict[tuple[str, int, int], str] = {
 }
 FULL_BUDGET_STEPS = 60000   # authors' final run scripts (paper_facts §4.3)
 PAPER_EPISODES = 1000
-METHOD_LABELS = {
-    'maml': 'MAML',
-    'metadrop': 'Meta-dropout',
-    'fixed_noise': 'Fixed multiplicative noise',
-    'indep_noise': 'Input-independent noise',
-    'additive_noise': 'Additive noise',
-    'vib': 'VIB',
-    'infodrop': 'Information dropout',
-    'mixup': 'Manifold mixup',
-    'metasgd': 'Meta-SGD',
-    'metasgd_metadrop': 'Meta-SGD + Meta-dropout',
-    'adv': 'MAML + adv. training',
-}
-_ROW_ORDER = list(METHOD_LABELS)
+# Table rows: the baseline first, as in the paper's Table 1, then the method table's order.
+_ROW_ORDER = ['maml'] + [m for m in methods.METHODS if m != 'maml']
 # config.meta_gradient of a run (results.json, else the workdir's config.json): runs of the same
 # setting computed with different meta-gradients get separate columns.
 META_GRADIENT_LABELS = {
@@ -126,7 +116,7 @@ def column_label(setting: tuple[str, int, int], meta_gradient: str | None = None
 
 
 def method_label(method: str) -> str:
-  return METHOD_LABELS.get(method, method)
+  return methods.label(method)
 
 
 def is_reduced_budget(run: dict) -> bool:

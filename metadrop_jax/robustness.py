@@ -44,6 +44,7 @@ import optax
 from metadrop_jax import attacks
 from metadrop_jax import episodes as episodes_lib
 from metadrop_jax import meta
+from metadrop_jax import methods
 from metadrop_jax import metrics as metrics_lib
 from metadrop_jax import nets
 
@@ -200,7 +201,7 @@ def evaluate_workdir(workdir: str, norms: Sequence[str], *, radii: dict | None =
         'target': 'query inputs of the adapted model (support clean)',
         'minutes_all_norms': minutes, **train.provenance(),
     }
-    if config.method == 'adv':
+    if methods.get(config.method).query_attack:
       res['adv_training'] = {'norm': config.methods.adv_norm, 'eps': config.methods.adv_eps,
                              'steps': config.methods.adv_steps,
                              'step_size': config.methods.adv_step_size,
@@ -220,17 +221,11 @@ _STYLE = {  # the authors' figure colours
     'mixup': dict(color='tab:green', linestyle='-'), 'vib': dict(color='tab:green', linestyle='--'),
     'infodrop': dict(color='tab:green', linestyle=':'), 'adv': dict(color='tab:orange'),
 }
-_LABELS = {'metadrop': 'Metadrop', 'maml': 'MAML', 'mixup': 'Mixup', 'vib': 'VIB',
-           'infodrop': 'Infodrop', 'adv': 'Adv.', 'metasgd': 'Meta-SGD',
-           'metasgd_metadrop': 'Meta-SGD + Metadrop', 'fixed_noise': 'Fixed noise',
-           'indep_noise': 'Input-indep. noise', 'additive_noise': 'Additive noise'}
-
-
 def label_of(result: dict) -> str:
   """Legend entry: the method's name (adversarial training adds its norm and radius)."""
   m = result.get('method', '?')
-  lab = _LABELS.get(m, m)
-  if m == 'adv' and 'adv_training' in result:
+  lab = methods.label(m)
+  if 'adv_training' in result:
     lab += f" {result['adv_training']['norm']} e={result['adv_training']['eps']:g}"
   return lab
 
@@ -263,7 +258,7 @@ def plot(workdirs: Sequence[str], norms: Sequence[str], out: str, *,
         continue
       lab = labels[i] if labels else label_of(r)
       style = dict(_STYLE.get(r['method'], {}))
-      if r['method'] == 'adv':
+      if 'adv_training' in r:   # adversarially trained
         rank = adv_rank.setdefault(i, len(adv_rank))
         style['linestyle'] = ['-', '--', ':', '-.'][rank % 4]
       x, y, c = np.array(r['radii']), np.array(r['accuracy']), np.array(r['ci95'])

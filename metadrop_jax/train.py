@@ -28,6 +28,7 @@ from metadrop_jax import config as config_lib
 from metadrop_jax import data as data_lib
 from metadrop_jax import episodes as episodes_lib
 from metadrop_jax import meta
+from metadrop_jax import methods
 from metadrop_jax import metrics as metrics_lib
 
 _SPLIT_IDS = {'train': 0, 'val': 1, 'test': 2}
@@ -91,7 +92,7 @@ def evaluate(params, images, config, *, split: str = 'test', num_episodes: int |
   accs = np.concatenate(jax.device_get(accs))[:n]
   losses = np.concatenate(jax.device_get(losses))[:n]
   return {**metrics_lib.summarize(accs), 'loss': float(losses.mean()), 'accs': accs,
-          'mc_samples': mc if meta.support_is_stochastic(config.method) else 1, 'split': split}
+          'mc_samples': mc if methods.get(config.method).stochastic_support else 1, 'split': split}
 
 
 # ------------------------------------------------------------------------------------------------

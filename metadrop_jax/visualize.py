@@ -38,7 +38,6 @@ import numpy as np
 
 DPI = 100
 CLASS_COLORS = ('firebrick', 'royalblue')
-METHOD_LABELS = {'maml': 'MAML', 'metadrop': 'Meta-dropout'}
 
 
 def _figure(width_in: float, height_in: float):
@@ -108,8 +107,9 @@ def boundary_embedding(feat_train, feat_test, feat_perturbed, w, b, *, seed: int
 def _method_label(arrays, label=None) -> str:
   if label:
     return label
+  from metadrop_jax import methods
   m = _str(arrays.get('method'))
-  return METHOD_LABELS.get(m, m or 'model')
+  return methods.label(m) if m else 'model'
 
 
 def draw_boundary(ax, arrays: dict, task: int, step: int, *, seed: int = 0, title: str | None = None,
@@ -214,9 +214,11 @@ def stochastic_feature_maps(params: dict, config, images_batch: np.ndarray, *, i
   from metadrop_jax import export as export_lib
   from metadrop_jax import meta
   from metadrop_jax import nets
-  if not export_lib.has_feature_noise(config.method):
+  from metadrop_jax import methods
+  if not methods.get(config.method).feature_noise:
     raise ValueError(f'method {config.method!r} has no feature noise: every draw is the same '
-                     f'(use a model trained with one of {export_lib.FEATURE_NOISE_METHODS})')
+                     '(use a model trained with one of '
+                     f'{tuple(m for m, r in methods.METHODS.items() if r.feature_noise)})')
   spec = meta.spec_from_config(config).net
   if not 0 <= layer < spec.num_layers:
     raise ValueError(f'layer={layer}: the network has blocks 0..{spec.num_layers - 1}')
@@ -412,6 +414,7 @@ def main(argv=None) -> int:
                         labels=labels, seed=args.seed)
     print(f'wrote {args.out}')
   elif args.cmd == 'features':
+    from metadrop_jax import methods
     if not (args.out_png or args.out_gif):
       raise SystemExit('give --out_png and/or --out_gif')
     maps, config = stochastic_features_workdir(
@@ -421,7 +424,7 @@ def main(argv=None) -> int:
     ch = ch if ch is not None else pick_channels(maps)
     if args.out_png:
       plot_feature_grid(maps, args.out_png, channels=ch,
-                        title=f'{METHOD_LABELS.get(config.method, config.method)} '
+                        title=f'{methods.label(config.method)} '
                               f'({config.data.name}): u{args.layer}, channels {ch}')
       print(f'wrote {args.out_png}')
     if args.out_gif:

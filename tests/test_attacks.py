@@ -185,7 +185,7 @@ def test_robustness_evaluation_end_to_end(tmp_path):
                    '--out', out, '--labels', 'a,b'])
   assert os.path.getsize(out) > 1000
   assert robustness.label_of({'method': 'adv', 'adv_training': {'norm': 'l1', 'eps': 20}}) == \
-      'Adv. l1 e=20'
+      'MAML + adv. training l1 e=20'
 
 
 def test_cli_help_mentions_every_setting(capsys):

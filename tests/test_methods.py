@@ -18,6 +18,7 @@ from metadrop_jax import config as config_lib
 from metadrop_jax import data as data_lib
 from metadrop_jax import episodes as episodes_lib
 from metadrop_jax import meta
+from metadrop_jax import methods
 from metadrop_jax import nets
 from metadrop_jax import train
 
@@ -71,10 +72,42 @@ def test_every_method_trains_and_evaluates(method):
   assert 0.0 <= r['mean'] <= 100.0 and np.isfinite(r['ci95']) and r['n'] == 1
   assert _changed(p0['theta'], state.params['theta'])
   # phi is trained exactly when the method uses the noise generator, frozen otherwise
-  assert _changed(p0['phi'], state.params['phi']) == config_lib.uses_noise_generator(method)
-  assert ('lr' in state.params) == method.startswith('metasgd')
+  assert _changed(p0['phi'], state.params['phi']) == methods.get(method).uses_phi
+  assert ('lr' in state.params) == methods.get(method).per_param_lr
   if 'lr' in state.params:   # Meta-SGD's step sizes are meta-learned
     assert _changed(p0['lr'], state.params['lr'])
+
+
+@pytest.mark.parametrize('method', list(methods.METHODS))
+def test_method_row_says_what_the_method_does(method):
+  """Each row of the method table, checked against what the code then does: sampling perturbs
+  the features / logits exactly where the row says, phi matters exactly when it is used, the KL
+  term exists exactly for the rows with ``kl``, and the support loss is random exactly when the
+  row says so."""
+  row = methods.get(method)
+  assert row.label and row.phi_input in methods.PHI_INPUTS and row.support in methods.SUPPORTS
+  c, spec, params, ep = _setup(method)
+  x, y, k1, k2 = ep.support_x, ep.support_y, jax.random.PRNGKey(3), jax.random.PRNGKey(4)
+  l1, f1 = nets.forward_features(params, x, k1, spec.net, sample=True)
+  l2, f2 = nets.forward_features(params, x, k2, spec.net, sample=True)
+  assert _changed(f1['u0'], f2['u0']) == row.feature_noise
+  if not row.feature_noise:   # then only the logit noise can change the logits
+    assert _changed(l1, l2) == (row.logit_noise_scale is not None)
+  assert (float(f1['kl']) > 0) == row.kl
+  g = jax.grad(lambda p: meta.support_loss(p['theta'], p, x, y, k1, spec))(params)
+  assert any(float(jnp.max(jnp.abs(v))) > 0 for v in jax.tree.leaves(g['phi'])) == row.uses_phi
+  s1 = meta.support_loss(params['theta'], params, x, y, k1, spec)
+  s2 = meta.support_loss(params['theta'], params, x, y, k2, spec)
+  assert (float(s1) != float(s2)) == row.stochastic_support
+  assert spec.kl_beta == (c.methods.vib_beta if row.kl else 0.0)
+
+
+def test_method_labels_are_distinct():
+  labels = [r.label for r in methods.METHODS.values()]
+  assert len(set(labels)) == len(labels)
+  assert methods.label('metadrop') == 'Meta-dropout' and methods.label('unknown') == 'unknown'
+  with pytest.raises(ValueError, match='choose one of'):
+    methods.get('dropout')
 
 
 # ------------------------------------------------------------------------------------------------
