@@ -242,7 +242,8 @@ def _main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments {argv[1:]}: every option is a --flag '
                     '(python launch.py --helpshort lists them)')
-  # Keep TensorFlow (pulled in by TFDS only) off the accelerator.
+  # Quiet TensorFlow's C++ logging. TF is imported only by the TFDS Omniglot source, and the
+  # tfds extra installs tensorflow-cpu, which has no GPU support: it cannot take accelerator memory.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from metadrop_jax import config as config_lib
   try:
@@ -254,11 +255,12 @@ def _main(argv):
     raise
   import jax
   from metadrop_jax import train
+  from metadrop_jax import workdir as workdir_lib
 
   if FLAGS.mode == 'campaign':
     return _campaign()
   if config is None and FLAGS.workdir and FLAGS.mode == 'eval':
-    config = train.load_run_config(FLAGS.workdir)
+    config = workdir_lib.load_run_config(FLAGS.workdir)
   if config is None:
     raise UserError('--config is required (e.g. --config=configs/omniglot_20way1shot.py; '
                     '--mode=eval --workdir=DIR reads DIR/config.json instead)')
@@ -273,9 +275,10 @@ def _main(argv):
 def check_eval_config(config, workdir: str, train) -> None:
   """Eval of ``workdir`` with a config whose parameter shapes differ from the trained ones: a
   clear error instead of orbax's shape mismatch."""
+  from metadrop_jax import workdir as workdir_lib
   if not os.path.isfile(os.path.join(workdir, 'config.json')):
     return
-  stored = train.load_run_config(workdir)
+  stored = workdir_lib.load_run_config(workdir)
   diff = []
   for k in _SHAPE_FIELDS:
     a, b = stored, config
@@ -301,7 +304,8 @@ def _run(config, workdir, train):
   if FLAGS.mode == 'eval':
     if FLAGS.config is not None:
       check_eval_config(config, workdir, train)
-    result = train.evaluate_checkpoint(config, workdir, split=FLAGS.split)
+    from metadrop_jax import evaluation
+    result = evaluation.evaluate_checkpoint(config, workdir, split=FLAGS.split)
     print(json.dumps(result, indent=2))
     return
   if FLAGS.mode == 'train':

@@ -58,9 +58,39 @@ def peak_tflops(device_kind: str, precision: str):
   return None
 
 
-# Authors' TF 1.x code (oneDNN) on this 2-core CPU, s/iteration (issue #5).
-TF_REFERENCE = {('omniglot_20way1shot', 'metadrop'): 2.27, ('omniglot_20way1shot', 'maml'): 1.25,
-                ('mimgnet_5way1shot', 'metadrop'): 2.06, ('mimgnet_5way1shot', 'maml'): 1.06}
+# The authors' TF 1.x code (oneDNN), seconds per meta-iteration, measured once on one machine:
+# a 2-core AMD EPYC CPU (docs/performance.md). Printed only beside rows measured on that kind of
+# CPU (tf_reference()); on any other device the comparison would mean nothing.
+TF_REFERENCE = {
+    'where': "authors' TF 1.x (oneDNN) code, 2-core AMD EPYC CPU (docs/performance.md)",
+    'platform': 'cpu', 'cpu_model': 'AMD EPYC', 'cpu_count': 2,
+    's_per_iter': {('omniglot_20way1shot', 'metadrop'): 2.27,
+                   ('omniglot_20way1shot', 'maml'): 1.25,
+                   ('mimgnet_5way1shot', 'metadrop'): 2.06,
+                   ('mimgnet_5way1shot', 'maml'): 1.06},
+}
+
+
+def cpu_model() -> str:
+  """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown'
+
+
+def tf_reference(row: dict):
+  """The authors' TF seconds per iteration for ``row``'s config and method, or None unless the
+  row was measured where that figure was (same platform, CPU model and core count)."""
+  ref = TF_REFERENCE
+  same_place = (row.get('device', '').split(':')[0] == ref['platform']
+                and ref['cpu_model'] in row.get('cpu_model', '')
+                and row.get('cpu_count') == ref['cpu_count'])
+  return ref['s_per_iter'].get((row.get('config'), row.get('method'))) if same_place else None
 
 
 def _parse_value(v: str):
@@ -129,21 +159,23 @@ def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int
   """
   import jax
   import numpy as np
-  from metadrop_jax import meta, nets, train
+  from metadrop_jax import keys as keys_lib
+  from metadrop_jax import meta
 
   if precision:
     jax.config.update('jax_default_matmul_precision', precision)
   config = _build_config(name, method, overrides)
-  net = nets.spec_from_config(config)
+  spec = meta.spec_from_config(config)
+  net = spec.net
   images = jax.device_put(_synthetic_images(config))
-  init_key, train_key = train.run_keys(config)
+  init_key, train_key = keys_lib.run_keys(config)
   state, tx = meta.create_state(init_key, config)
   step = meta.make_train_step(config, tx)
   if seeds > 1:
     # S independent runs of this config as one vmapped step (seed s: keys of config.seed + s):
     # what a seeds-as-a-batch-axis trainer would run. Measured here only, to price the idea.
     import jax.numpy as jnp
-    keys = [train.run_keys(config_lib_override(config, seed=config.seed + s)) for s in range(seeds)]
+    keys = [keys_lib.run_keys(config_lib_override(config, seed=config.seed + s)) for s in range(seeds)]
     init_keys, train_key = jnp.stack([k[0] for k in keys]), jnp.stack([k[1] for k in keys])
     state = jax.vmap(lambda k: meta.create_state(k, config)[0])(init_keys)
     step = jax.jit(jax.vmap(step, in_axes=(0, None, 0)), donate_argnums=(0,))
@@ -177,10 +209,11 @@ def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int
       'peak_tflops': peak_tf,
       'peak_fraction': flops / med / 1e12 / peak_tf if peak_tf and med > 0 else None,
       'config': name, 'method': method, 'overrides': overrides,
-      'resolved': {'conv_impl': net.conv_impl, 'task_map': net.task_map,
-                   'inner_loop': net.inner_loop, 'fuse_noise_conv': net.fuse_noise_conv,
+      'resolved': {'conv_impl': net.conv_impl, 'task_map': spec.task_map,
+                   'inner_loop': spec.inner_loop, 'fuse_noise_conv': net.fuse_noise_conv,
                    'compute_dtype': net.compute_dtype},
       'device': f'{device.platform}:{device.device_kind}', 'num_devices': jax.device_count(),
+      'cpu_model': cpu_model(), 'cpu_count': os.cpu_count(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'trace_lower_s': t1 - t0, 'compile_s': t2 - t1 + (t1 - t0),
       'iters': iters, 'warmup': warmup, 's_per_iter': med,
@@ -217,9 +250,11 @@ def _fmt(v, spec):
 
 
 def print_table(rows):
+  """The rows as a table; the authors' TF figure only beside rows measured where it was."""
+  show_tf = any(tf_reference(r) is not None for r in rows if 'error' not in r)
   hdr = (f"{'config':<22}{'method':<10}{'variant':<8}{'compile s':>10}{'s/iter':>9}"
          f"{'GFLOP/it':>10}{'GFLOP/s':>9}{'temp MiB':>9}{'peak MiB':>9}{'naive/fast':>11}"
-         f"{'TF s/it':>8}")
+         + (f"{'TF s/it*':>9}" if show_tf else ''))
   print(hdr)
   print('-' * len(hdr))
   by_key = {}
@@ -236,18 +271,21 @@ def print_table(rows):
       if 'error' in r:
         print(f'{name:<22}{method:<10}{variant:<8}  ERROR: {r["error"].splitlines()[-1][:80]}')
         continue
-      tf = TF_REFERENCE.get((name, method))
+      tf = tf_reference(r)
       print(f"{name:<22}{method:<10}{variant:<8}{_fmt(r['compile_s'], '10.1f')}"
             f"{_fmt(r['s_per_iter'], '9.3f')}{_fmt(r['xla_flops_per_iter'] / 1e9, '10.1f')}"
             f"{_fmt(r['xla_gflops_per_s'], '9.1f')}"
             f"{_fmt((r['xla_temp_bytes'] or float('nan')) / 2**20, '9.0f')}"
             f"{_fmt(r['peak_mem_bytes'] / 2**20, '9.0f')}"
             f"{_fmt(ratio if variant == 'fast' else None, '11.1f')}"
-            f"{_fmt(tf if variant == 'fast' else None, '8.2f')}")
+            + (_fmt(tf if variant == 'fast' else None, '9.2f') if show_tf else ''))
   if rows and 'error' not in rows[0]:
     r = rows[0]
-    print(f"\ndevice: {r['device']}  (x{r['num_devices']}); peak memory: {r['peak_mem_kind']}; "
+    print(f"\ndevice: {r['device']}  (x{r['num_devices']}; {r.get('cpu_model', '?')}, "
+          f"{r.get('cpu_count', '?')} cores); peak memory: {r['peak_mem_kind']}; "
           f"fast = the defaults ({r['resolved']})")
+  if show_tf:
+    print(f"* TF s/it: {TF_REFERENCE['where']}")
 
 
 def main(argv=None):

@@ -213,7 +213,7 @@ class Peer:
 
   def _meta_lr(self):
     from metadrop_jax import config as config_lib
-    return config_lib.resolved(self.cfg, 'meta_lr')
+    return config_lib.meta_lr(self.cfg)
 
 
 def set_precision(torch, precision):

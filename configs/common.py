@@ -1,4 +1,5 @@
-"""Shared settings of the four paper configs (authors' final run scripts, paper_facts §4.3)."""
+"""Shared settings of the four paper configs: the authors' final run scripts
+(github.com/haebeom-lee/metadrop, runfiles/*.sh; docs/paper.md, "Hyperparameters")."""
 
 from metadrop_jax import config as config_lib
 

@@ -7,6 +7,9 @@
 Authors' final run scripts: inner lr 0.1, 5 steps, meta-batch 4, 60k iterations; meta lr 3e-4
 for Meta-dropout (changed from 1e-3 in the authors' last commit) and 1e-3 for MAML.
 Data: ../shared/data/omniglot zips via --config.data.path=..., else TFDS download.
+The meta learning rate is read per method from config.AUTHORS_META_LR (so
+--config.method=maml gives the authors' MAML value; other methods 1e-3); --config.meta_lr=x
+sets one value for every method.
 """
 
 from configs import common
@@ -16,6 +19,4 @@ def get_config():
   c = common.paper_config('omniglot', way=20, shot=1)
   c.name = 'omniglot_20way1shot'
   c.inner_lr = 0.1
-  c.meta_lr_by_method.metadrop = 3e-4
-  c.meta_lr_by_method.maml = 1e-3
   return c

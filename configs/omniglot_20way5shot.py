@@ -4,6 +4,9 @@
 
 Authors' final run scripts: inner lr 0.4, 5 steps, meta-batch 4, meta lr 1e-3 (both methods),
 60k iterations.
+The meta learning rate is read per method from config.AUTHORS_META_LR (so
+--config.method=maml gives the authors' MAML value; other methods 1e-3); --config.meta_lr=x
+sets one value for every method.
 """
 
 from configs import common
@@ -13,6 +16,4 @@ def get_config():
   c = common.paper_config('omniglot', way=20, shot=5)
   c.name = 'omniglot_20way5shot'
   c.inner_lr = 0.4
-  c.meta_lr_by_method.metadrop = 1e-3
-  c.meta_lr_by_method.maml = 1e-3
   return c

@@ -34,8 +34,7 @@ def get_config():
   c.query = 5
   c.model.channels = 32
   c.inner_lr = 0.4
-  c.meta_lr_by_method.metadrop = 1e-3
-  c.meta_lr_by_method.maml = 1e-3
+  c.meta_lr = 1e-3                # both methods (see above)
   c.num_steps = 2000
   c.log_every = 50
   c.checkpoint_every = 500

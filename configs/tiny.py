@@ -18,8 +18,6 @@ def get_config():
   c.inner_steps = 2
   c.inner_lr = 0.1
   c.meta_batch = 2
-  c.meta_lr_by_method.metadrop = 1e-3
-  c.meta_lr_by_method.maml = 1e-3
   c.num_steps = 20
   c.log_every = 5
   c.val_every = 10

@@ -212,7 +212,9 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   checkpointing each; meta-tests runs that finish; regenerates the tables. Returns a summary."""
   import jax
   from metadrop_jax import data as data_lib
+  from metadrop_jax import evaluation
   from metadrop_jax import train
+  from metadrop_jax import workdir as workdir_lib
   t_start = time.time()
   deadline = t_start + budget_s
   camp = load_campaign(cdir)
@@ -229,13 +231,13 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   summary = {'start': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t_start)),
              'budget_s': budget_s, 'backend': jax.default_backend(),
              'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
-             'commit': train.provenance()['commit'], 'matmul_precision': precision,
+             'commit': workdir_lib.provenance()['commit'], 'matmul_precision': precision,
              'xla_flags': os.environ.get('XLA_FLAGS', ''), 'runs': [], 'skipped': []}
   left = lambda: deadline - time.time()
 
   def evaluate(run, cfg, entry):
     t0 = time.time()
-    r = train.evaluate_checkpoint(cfg, workdir_of(cdir, run))
+    r = evaluation.evaluate_checkpoint(cfg, workdir_of(cdir, run))
     entry.update(evaluated=True, accuracy=r['accuracy'], ci95=r['ci95'],
                  eval_s=round(time.time() - t0, 1))
     log(f"[campaign] {run['name']}: meta-test {r['accuracy']:.2f} ± {r['ci95']:.2f} "

@@ -1,8 +1,9 @@
 """Configuration: the one place where every field, its default and its check live.
 
 Experiment files in ``configs/`` call :func:`base_config` and override a few fields; the
-trainer calls :func:`validate` once, before anything is built, and :func:`resolved` to read
-method-dependent values (e.g. the meta learning rate, which the authors set per method).
+trainer calls :func:`validate` once, before anything is built. The one value that depends on
+the method, the meta learning rate, is read through :func:`meta_lr` (the authors set it per
+method and setting: :data:`AUTHORS_META_LR`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,17 @@ INNER_LOOPS = ('unroll', 'scan')
 #                 constant to the outer gradient (docs/authors_gradient.md), else second order;
 #   'first_order' the inner gradients are constants (first-order MAML).
 META_GRADIENTS = ('exact', 'authors', 'first_order')
+
+# The authors' meta learning rates (Adam), per setting (dataset, way, shot) and method: their
+# final run scripts (github.com/haebeom-lee/metadrop, runfiles/*.sh, commit 41a97e7; Omniglot
+# 20-way 1-shot Meta-dropout changed from 1e-3 to 3e-4 in that last commit). docs/paper.md.
+AUTHORS_META_LR = {
+    ('omniglot', 20, 1): {'metadrop': 3e-4, 'maml': 1e-3},
+    ('omniglot', 20, 5): {'metadrop': 1e-3, 'maml': 1e-3},
+    ('miniimagenet', 5, 1): {'metadrop': 1e-4, 'maml': 1e-4},
+    ('miniimagenet', 5, 5): {'metadrop': 1e-4, 'maml': 1e-4},
+}
+DEFAULT_META_LR = 1e-3   # every other method and setting (MAML's Omniglot value)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -77,8 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- outer loop -----------------------------------------------------------------------------
   c.meta_batch = 4                # tasks per meta-iteration
-  c.meta_lr = config_dict.placeholder(float)  # None -> meta_lr_by_method[method]
-  c.meta_lr_by_method = ml_collections.ConfigDict({m: 1e-3 for m in METHODS})
+  c.meta_lr = config_dict.placeholder(float)  # None: the authors' value for this setting and
+                                  # method, else DEFAULT_META_LR (see meta_lr()); a number: every
+                                  # method uses it
   c.grad_clip = 3.0               # element-wise clip of the meta-gradient, then Adam
   c.num_steps = 60000             # meta-iterations
 
@@ -117,21 +130,34 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-  """Sets dotted fields in place (``{'model.channels': 8}``), as ``--config.model.channels=8``."""
+  """Sets dotted fields in place (``{'model.channels': 8}``), as ``--config.model.channels=8``.
+
+  An unknown field raises a KeyError naming it (as the locked ``--config`` flag refuses one),
+  instead of adding a field nothing reads.
+  """
   for k, v in overrides.items():
     node = config
     *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
+    for i, p in enumerate(path + [leaf]):
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        raise KeyError(f'{k}: the config has no field {".".join(path[:i] + [p])!r}')
+      if i < len(path):
+        node = node[p]
     node[leaf] = v
   return config
 
 
-def resolved(config: ml_collections.ConfigDict, name: str):
-  """Values that depend on the method: ``meta_lr``."""
-  if name == 'meta_lr':
-    return config.meta_lr if config.meta_lr is not None else config.meta_lr_by_method[config.method]
-  raise KeyError(name)
+def meta_lr(config: ml_collections.ConfigDict) -> float:
+  """The meta learning rate: ``config.meta_lr`` if set, else the authors' value for this setting
+  and method (:data:`AUTHORS_META_LR`), else :data:`DEFAULT_META_LR`.
+
+  Resolved when it is read, so ``--config.method=maml`` on a paper config gives the authors'
+  MAML rate, and ``--config.meta_lr=x`` sets it for every method.
+  """
+  if config.meta_lr is not None:
+    return config.meta_lr
+  setting = (config.data.name, config.way, config.shot)
+  return AUTHORS_META_LR.get(setting, {}).get(config.method, DEFAULT_META_LR)
 
 
 class ConfigError(ValueError):
@@ -191,7 +217,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(_is_real(config.inner_lr) and config.inner_lr >= 0,
        f'inner_lr={config.inner_lr!r}: must be a number >= 0')
   if config.method in METHODS or config.meta_lr is not None:
-    lr = config.meta_lr if config.meta_lr is not None else config.meta_lr_by_method.get(config.method)
+    lr = meta_lr(config)
     need(_is_real(lr) and lr > 0, f'meta_lr={lr!r}: must be > 0 (set --config.meta_lr)')
   need(config.grad_clip > 0, f'grad_clip={config.grad_clip}: must be > 0')
   need(config.model.num_layers >= 1, f'model.num_layers={config.model.num_layers}: must be >= 1')

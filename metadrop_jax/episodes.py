@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metadrop_jax import keys as keys_lib
+
 
 class Episode(NamedTuple):
   """One task (or a batch of tasks with a leading ``T`` axis)."""
@@ -74,7 +76,7 @@ def sample_batch(key, images, num_tasks: int, way: int, shot: int, query: int,
   ``shared_classes``: every task takes task 0's classes (its own images), as the authors' final
   code did within a training meta-batch; task 0 is the same episode either way.
   """
-  keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(num_tasks))
+  keys = keys_lib.task_keys(key, num_tasks)
   idx = jax.vmap(lambda k: sample_index(k, images.shape[0], images.shape[1], way, shot, query))(
       keys)
   if shared_classes:

@@ -26,7 +26,6 @@ the orthogonal remainder, the boundary where ``(w0 - w1)·f + (b0 - b1) = 0``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -38,9 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metadrop_jax import keys as keys_lib
 from metadrop_jax import meta
 from metadrop_jax import methods
 from metadrop_jax import nets
+from metadrop_jax import workdir as workdir_lib
 
 
 # ------------------------------------------------------------------------------------------------
@@ -53,19 +54,17 @@ def load_workdir(workdir: str, data_path: str | None = None, cache_dir: str | No
   ``data_path`` / ``cache_dir`` override where the data lives (e.g. a workdir copied from
   another machine).
   """
-  from metadrop_jax import train
-  config = train.load_run_config(workdir)
+  config = workdir_lib.load_run_config(workdir)
   if data_path:
     config.data.path = data_path
   if cache_dir:
     config.data.cache_dir = cache_dir
-  config, state = train.restore_workdir(workdir, config)
+  config, state = workdir_lib.restore(workdir, config)
   return config, state.params, int(state.step)
 
 
 def load_images(config, split: str = 'test') -> np.ndarray:
-  from metadrop_jax import train
-  return train.require_split(config, split)
+  return workdir_lib.require_split(config, split)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,12 +145,11 @@ def make_export_fn(spec: meta.MetaSpec, num_perturb: int, fast_compile: bool | N
 
   ``params2`` is already cut to the 2-way head (:func:`two_way_params`). The inner loop is
   :func:`meta.support_loss` with step ``k``'s noise from ``fold_in(key, k)`` exactly as
-  :func:`meta.inner_adapt`; perturbed copies use ``fold_in(fold_in(key, 10**6), k)``. The steps
+  :func:`meta.inner_adapt`; perturbed copies use :func:`keys.export_copy_keys`. The steps
   run in a ``lax.scan`` (one compiled body whatever ``inner_steps``).
   """
   net = spec.net
   perturb = num_perturb if spec.row.feature_noise else 0
-  copy_key_root = 10 ** 6
 
   def record(params, theta, xs, xq, yq, key, k):
     p = {**params, 'theta': theta}
@@ -161,8 +159,7 @@ def make_export_fn(spec: meta.MetaSpec, num_perturb: int, fast_compile: bool | N
            'logits_test': lq, 'acc_test': meta.accuracy(lq, yq), 'w': theta['dense']['w'],
            'b': theta['dense']['b']}
     if perturb:
-      keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, copy_key_root), k),
-                              perturb)
+      keys = keys_lib.export_copy_keys(key, k, perturb)
       rec['feat_perturbed'] = jax.vmap(
           lambda kk: nets.forward_features(p, xs, kk, net, sample=True)[1]['feat'])(keys)
     else:
@@ -218,7 +215,7 @@ def export_decision_boundaries(params: dict, config, images: np.ndarray, *, num_
   classes, xs, ys, xq, yq = two_way_tasks(images, shot, query, num_tasks, class_offset, seed)
   fn = make_export_fn(spec, num_perturb, fast_compile)
   p2 = two_way_params(params)
-  root = jax.random.fold_in(jax.random.PRNGKey(seed), 4242)
+  root = keys_lib.export_key(seed)
   outs = []
   for t in range(len(classes)):
     outs.append(jax.device_get(fn(p2, jnp.asarray(xs[t]), jnp.asarray(ys), jnp.asarray(xq[t]),
@@ -244,6 +241,61 @@ def export_workdir(workdir: str, *, split: str = 'test', data_path: str | None =
                                     **kwargs)
 
 
+# ------------------------------------------------------------------------------------------------
+# stochastic features (drawn by visualize.plot_feature_grid / write_feature_gif)
+# ------------------------------------------------------------------------------------------------
+
+def stochastic_feature_maps(params: dict, config, images_batch: np.ndarray, *, index: int = 0,
+                            num_draws: int = 5, layer: int = 0, seed: int = 0,
+                            fast_compile: bool | None = None) -> dict:
+  """Perturbed feature maps ``u{layer}`` of ``images_batch[index]`` under ``num_draws`` draws.
+
+  ``images_batch``: f32 ``[B, H, W, C]`` in [0, 1] (e.g. a support set; deeper layers' inputs go
+  through batch norm with this batch's statistics). Returns ``{'image': [H, W, C],
+  'draws': [D, h, w, ch], 'mean': [h, w, ch], 'layer'}`` (``mean``: the deterministic path);
+  meta-learned initial parameters, before any inner step. Noise from :func:`keys.feature_key`.
+  """
+  if not methods.get(config.method).feature_noise:
+    raise ValueError(f'method {config.method!r} has no feature noise: every draw is the same '
+                     '(use a model trained with one of '
+                     f'{tuple(m for m, r in methods.METHODS.items() if r.feature_noise)})')
+  spec = meta.spec_from_config(config).net
+  if not 0 <= layer < spec.num_layers:
+    raise ValueError(f'layer={layer}: the network has blocks 0..{spec.num_layers - 1}')
+  x = jnp.asarray(images_batch, jnp.float32)
+  name = f'u{layer}'
+
+  @functools.partial(jax.jit, compiler_options=compiler_options(fast_compile))
+  def run(params, key):
+    det = nets.forward_features(params, x, None, spec, sample=False)[1][name][index]
+    keys = jax.random.split(key, num_draws)
+    draws = jax.vmap(lambda k: nets.forward_features(params, x, k, spec, sample=True)[1][name]
+                     [index])(keys)
+    return det, draws
+
+  det, draws = jax.device_get(run(params, keys_lib.feature_key(seed)))
+  return {'image': np.asarray(images_batch[index]), 'draws': np.asarray(draws),
+          'mean': np.asarray(det), 'layer': layer}
+
+
+def stochastic_features_workdir(workdir: str, *, split: str = 'test', task_seed: int = 0,
+                                index: int = 0, num_draws: int = 5, layer: int = 0,
+                                data_path: str | None = None, cache_dir: str | None = None,
+                                seed: int = 0) -> tuple[dict, Any]:
+  """:func:`stochastic_feature_maps` of one training image of a ``way``-way support set drawn
+  from ``split`` (classes and images from ``default_rng([task_seed, 99])``), for the latest
+  checkpoint of a training workdir. Returns ``(maps, config)``."""
+  config, params, _ = load_workdir(workdir, data_path, cache_dir)
+  images = load_images(config, split)
+  rng = np.random.default_rng([task_seed, 99])
+  classes = rng.permutation(images.shape[0])[:config.way]
+  inst = rng.integers(0, images.shape[1], size=len(classes))
+  batch = images[classes, inst].astype(np.float32) / 255.0
+  maps = stochastic_feature_maps(params, config, batch, index=index, num_draws=num_draws,
+                                 layer=layer, seed=seed)
+  return maps, config
+
+
 def save_npz(path: str, arrays: dict[str, Any]) -> str:
   """Writes ``arrays`` to ``path`` (compressed, atomically). Load with ``np.load(path)``."""
   d = os.path.dirname(os.path.abspath(path))
@@ -259,55 +311,6 @@ def load_npz(path: str) -> dict[str, Any]:
     return {k: z[k] for k in z.files}
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-
-def _parser():
-  p = argparse.ArgumentParser(
-      prog='python -m metadrop_jax.export',
-      description='Export the decision-boundary arrays of 2-way sub-tasks (classes c, c+offset '
-                  'of the meta-test split) at every inner step to an .npz, and optionally plot '
-                  'one PNG per sub-task and step.')
-  p.add_argument('--workdir', required=True, help='training workdir (config.json + checkpoints)')
-  p.add_argument('--out', required=True, help='output .npz path')
-  p.add_argument('--plot_dir', default='', help='if set, write task{t}_step{k}.png here')
-  p.add_argument('--split', default='test', choices=['test', 'val', 'train'])
-  p.add_argument('--num_tasks', type=int, default=10, help='sub-tasks (c, c+offset), c < this')
-  p.add_argument('--class_offset', type=int, default=5)
-  p.add_argument('--num_perturb', type=int, default=10, help='noise draws per training point')
-  p.add_argument('--mc_samples', type=int, default=0,
-                 help='MC samples of the inner loss (0: the config\'s eval.mc_samples)')
-  p.add_argument('--shot', type=int, default=0, help='training points per class (0: config)')
-  p.add_argument('--query', type=int, default=0, help='test points per class (0: config)')
-  p.add_argument('--seed', type=int, default=0, help='instances, noise and t-SNE seed')
-  p.add_argument('--data_path', default='', help='override config.data.path')
-  p.add_argument('--cache_dir', default='', help='override config.data.cache_dir')
-  p.add_argument('--fast_compile', default='auto', choices=['auto', 'true', 'false'],
-                 help='lower XLA optimisation (auto: on CPU), see compiler_options()')
-  p.add_argument('--label', default='', help='plot title prefix (default: method name)')
-  return p
-
-
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  arrays = export_workdir(
-      args.workdir, split=args.split, data_path=args.data_path or None,
-      cache_dir=args.cache_dir or None, num_tasks=args.num_tasks,
-      class_offset=args.class_offset, num_perturb=args.num_perturb,
-      mc_samples=args.mc_samples or None, shot=args.shot or None, query=args.query or None,
-      seed=args.seed, fast_compile={'auto': None, 'true': True, 'false': False}[args.fast_compile])
-  save_npz(args.out, arrays)
-  print(f'wrote {args.out}: {arrays["feat_train"].shape[0]} sub-tasks x '
-        f'{arrays["feat_train"].shape[1]} inner steps; test accuracy per step (mean over tasks): '
-        + ' '.join(f'{a:.3f}' for a in arrays['acc_test'].mean(0)))
-  if args.plot_dir:
-    from metadrop_jax import visualize
-    paths = visualize.plot_all_boundaries(arrays, args.plot_dir, label=args.label or None,
-                                          seed=args.seed)
-    print(f'wrote {len(paths)} PNGs to {args.plot_dir}')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+if __name__ == '__main__':   # python -m metadrop_jax.export: the CLI is metadrop_jax/cli/export.py
+  from metadrop_jax.cli import export as _cli
+  sys.exit(_cli.main())

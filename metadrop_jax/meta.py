@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from metadrop_jax import config as config_lib
 from metadrop_jax import episodes as episodes_lib
+from metadrop_jax import keys as keys_lib
 from metadrop_jax import methods
 from metadrop_jax import nets
 
@@ -30,11 +33,13 @@ Params = Any
 
 @dataclasses.dataclass(frozen=True)
 class MetaSpec:
-  """Static description of the meta-learner (network + inner loop)."""
+  """Static description of the meta-learner (network + inner loop + how tasks are mapped)."""
   net: nets.NetSpec
   inner_steps: int = 5
   inner_lr: float = 0.01
   mc_samples: int = 1
+  task_map: str = 'vmap'        # tasks of a batch: 'vmap' | 'map' (lax.map, one at a time)
+  inner_loop: str = 'unroll'    # inner SGD steps: 'unroll' (python loop) | 'scan' (lax.scan)
   meta_gradient: str = 'exact'   # config.META_GRADIENTS; 'authors' acts in nets.batch_norm
   kl_beta: float = 0.0          # vib / infodrop weight of the KL term in the support loss
   mixup_alpha: float = 2.0
@@ -64,13 +69,24 @@ class MetaSpec:
     return self.meta_gradient == 'first_order'
 
 
-def spec_from_config(config, mc_samples: int | None = None) -> MetaSpec:
+def spec_from_config(config, mc_samples: int | None = None,
+                     image_shape: tuple[int, int, int] | None = None) -> MetaSpec:
+  """The static spec of ``config``. ``image_shape`` (H, W, C) defaults to the data set's;
+  ``mc_samples`` to the training value (evaluation passes its own)."""
+  from metadrop_jax import data as data_lib
   m = config.methods
+  if image_shape is None:
+    image_shape = data_lib.image_shape(config.data)
+  task_map = config.model.task_map
+  if task_map == 'auto':  # measured (docs/performance.md): lax.map was slower on CPU too
+    task_map = 'vmap'
   return MetaSpec(
-      net=nets.spec_from_config(config),
+      net=nets.spec_from_config(config, image_shape),
       inner_steps=config.inner_steps,
       inner_lr=config.inner_lr,
       mc_samples=config.train_mc_samples if mc_samples is None else mc_samples,
+      task_map=task_map,
+      inner_loop=config.model.inner_loop,
       meta_gradient=config.meta_gradient,
       kl_beta=m.vib_beta if methods.get(config.method).kl else 0.0,
       mixup_alpha=m.mixup_alpha,
@@ -156,7 +172,7 @@ def inner_adapt(params: Params, x, y, key, spec: MetaSpec):
   theta = params['theta']
   lr = params.get('lr', spec.inner_lr)
   step = functools.partial(_inner_step, params=params, lr=lr, x=x, y=y, key=key, spec=spec)
-  if spec.net.inner_loop == 'scan' and spec.inner_steps > 0:
+  if spec.inner_loop == 'scan' and spec.inner_steps > 0:
     return jax.lax.scan(step, theta, jnp.arange(spec.inner_steps))
   losses = []
   for k in range(spec.inner_steps):
@@ -191,7 +207,7 @@ def task_loss(params: Params, ep: episodes_lib.Episode, key, spec: MetaSpec):
     from metadrop_jax import attacks
     qx = jax.lax.stop_gradient(attacks.pgd(
         lambda xx: xent(nets.forward(adapted, xx, None, spec.net, sample=False), ep.query_y),
-        qx, jax.random.fold_in(key, spec.inner_steps), norm=spec.adv_norm, eps=spec.adv_eps,
+        qx, keys_lib.query_attack_key(key, spec.inner_steps), norm=spec.adv_norm, eps=spec.adv_eps,
         steps=spec.adv_steps, step_size=spec.adv_step_size, restarts=spec.adv_restarts))
   logits = nets.forward(adapted, qx, None, spec.net, sample=False)
   loss = xent(logits, ep.query_y)
@@ -204,8 +220,8 @@ def task_loss(params: Params, ep: episodes_lib.Episode, key, spec: MetaSpec):
 
 def batch_loss(params: Params, eps: episodes_lib.Episode, keys, spec: MetaSpec):
   """Mean query loss over the task axis (vmapped, or ``lax.map``: one task at a time, when
-  ``spec.net.task_map == 'map'``); metrics averaged over tasks."""
-  if spec.net.task_map == 'map':
+  ``spec.task_map == 'map'``); metrics averaged over tasks."""
+  if spec.task_map == 'map':
     losses, metrics = jax.lax.map(lambda a: task_loss(params, a[0], a[1], spec), (eps, keys))
   else:
     losses, metrics = jax.vmap(task_loss, in_axes=(None, 0, 0, None))(params, eps, keys, spec)
@@ -239,17 +255,15 @@ def make_optimizer(params: Params, method: str, meta_lr: float, clip: float):
 def create_state(key, config) -> tuple[TrainState, optax.GradientTransformation]:
   spec = spec_from_config(config)
   params = init_params(key, spec, config.methods.metasgd_init_lr)
-  tx = make_optimizer(params, config.method, config_lib.resolved(config, 'meta_lr'),
-                      config.grad_clip)
+  tx = make_optimizer(params, config.method, config_lib.meta_lr(config), config.grad_clip)
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), tx
 
 
 def train_step(state: TrainState, eps: episodes_lib.Episode, train_key, *, spec: MetaSpec,
                tx: optax.GradientTransformation):
-  """One meta-update on a batch of episodes. Noise keys: ``fold_in(fold_in(train_key, step), t)``."""
-  step_key = jax.random.fold_in(train_key, state.step)
-  t = eps.support_y.shape[0]
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(step_key, 1), i))(jnp.arange(t))
+  """One meta-update on a batch of episodes; task noise keys from :func:`keys.step_keys`."""
+  _, noise_key = keys_lib.step_keys(train_key, state.step)
+  keys = keys_lib.task_keys(noise_key, eps.support_y.shape[0])
   (loss, metrics), grads = jax.value_and_grad(batch_loss, has_aux=True)(
       state.params, eps, keys, spec)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -257,10 +271,10 @@ def train_step(state: TrainState, eps: episodes_lib.Episode, train_key, *, spec:
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def sample_train_episodes(images, step_key_root, step, config) -> episodes_lib.Episode:
+def sample_train_episodes(images, train_key, step, config) -> episodes_lib.Episode:
   """The training episodes of ``step``: a pure function of (train key, step)."""
-  step_key = jax.random.fold_in(step_key_root, step)
-  return episodes_lib.sample_batch(jax.random.fold_in(step_key, 0), images, config.meta_batch,
+  episode_key, _ = keys_lib.step_keys(train_key, step)
+  return episodes_lib.sample_batch(episode_key, images, config.meta_batch,
                                    config.way, config.shot, config.query,
                                    shared_classes=config.data.shared_classes)
 
@@ -298,16 +312,57 @@ def task_accuracy(params: Params, ep: episodes_lib.Episode, key, spec: MetaSpec)
   return accuracy(logits, ep.query_y), xent(logits, ep.query_y)
 
 
-def make_eval_step(config, mc_samples: int, num_tasks: int):
-  """Jitted ``(params, images, episode_key, noise_key) -> (acc[T], loss[T])`` for ``num_tasks``
-  episodes drawn on device (``episodes.sample_batch(episode_key, ...)``)."""
+def map_tasks(fn, spec: MetaSpec, *args):
+  """``fn`` over the leading task axis of ``args``: vmapped, or ``lax.map`` where
+  ``spec.task_map == 'map'``."""
+  if spec.task_map == 'map':
+    return jax.lax.map(lambda a: fn(*a), args)
+  return jax.vmap(fn)(*args)
+
+
+def eval_batch_fn(per_task, config, mc_samples: int, num_tasks: int):
+  """The evaluation batch, un-jitted: ``(params, images, episode_key, noise_key) ->
+  per_task(params, episode, task_key, spec)`` over ``num_tasks`` episodes drawn on device.
+
+  The one place where evaluation episodes and their noise keys are made (meta-test, validation,
+  the robustness evaluation's adaptation): ``episodes.sample_batch(episode_key, ...)`` and one
+  noise key per task from ``noise_key``; tasks mapped as ``config.model.task_map`` says.
+  """
   spec = spec_from_config(config, mc_samples=mc_samples)
 
-  @jax.jit
-  def eval_step(params, images, episode_key, noise_key):
+  def run(params, images, episode_key, noise_key):
     eps = episodes_lib.sample_batch(episode_key, images, num_tasks, config.way, config.shot,
                                     config.query)
-    keys = jax.random.split(noise_key, num_tasks)
-    return jax.vmap(task_accuracy, in_axes=(None, 0, 0, None))(params, eps, keys, spec)
+    task_keys = jax.random.split(noise_key, num_tasks)
+    return map_tasks(lambda ep, k: per_task(params, ep, k, spec), spec, eps, task_keys)
 
-  return eval_step
+  return run
+
+
+def make_eval_step(config, mc_samples: int, num_tasks: int):
+  """Jitted ``(params, images, episode_key, noise_key) -> (acc[T], loss[T])``: the query
+  accuracy and loss of ``num_tasks`` evaluation episodes (:func:`eval_batch_fn`)."""
+  return jax.jit(eval_batch_fn(task_accuracy, config, mc_samples, num_tasks))
+
+
+# ------------------------------------------------------------------------------------------------
+# compiled steps, shared by the calls of one process
+# ------------------------------------------------------------------------------------------------
+
+# A resumed run in a notebook or test, or evaluation after training, reuses the compiled step of
+# an equivalent config instead of paying the compile twice. Fields that do not enter a compiled
+# step are left out of the key.
+_COMPILED: dict = {}
+_NOT_COMPILED = ('max_steps_per_run', 'max_minutes_per_run', 'progress_bar', 'log_every',
+                 'val_every', 'checkpoint_every', 'keep_checkpoints', 'num_steps', 'name',
+                 'data.cache_dir', 'data.path', 'data.ilsvrc_path', 'data.source')
+
+
+def compiled(kind: str, config, build, *extra):
+  """``build()``, memoised on ``(kind, extra, the config's compiled fields)``."""
+  flat = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
+  key = (kind, extra, tuple(sorted((k, repr(v)) for k, v in flat.items()
+                                   if k not in _NOT_COMPILED)))
+  if key not in _COMPILED:
+    _COMPILED[key] = build()
+  return _COMPILED[key]

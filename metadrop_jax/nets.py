@@ -49,8 +49,6 @@ class NetSpec:
   compute_dtype: str = 'float32'
   fixed_noise_mean: float = 1.0
   infodrop_max_alpha: float = 0.7
-  task_map: str = 'vmap'          # resolved: 'vmap' | 'map' (meta.batch_loss over tasks)
-  inner_loop: str = 'unroll'      # 'unroll' | 'scan' (meta.inner_adapt)
 
   @property
   def feature_dim(self) -> int:
@@ -65,17 +63,14 @@ class NetSpec:
     return methods.METHODS[self.method]
 
 
-def spec_from_config(config) -> NetSpec:
-  from metadrop_jax import data as data_lib
+def spec_from_config(config, image_shape: tuple[int, int, int]) -> NetSpec:
+  """The network of ``config`` for images of ``image_shape`` (H, W, C)."""
   impl = config.model.conv_impl
   if impl == 'auto':
     impl = 'im2col' if jax.default_backend() == 'cpu' else 'xla'
-  task_map = config.model.get('task_map', 'auto')
-  if task_map == 'auto':  # measured (docs/performance.md): lax.map was slower on CPU too
-    task_map = 'vmap'
   return NetSpec(
       way=config.way,
-      image_shape=tuple(data_lib.image_shape(config.data)),
+      image_shape=tuple(image_shape),
       channels=config.model.channels,
       num_layers=config.model.num_layers,
       method=config.method,
@@ -85,8 +80,6 @@ def spec_from_config(config) -> NetSpec:
       compute_dtype=config.model.compute_dtype,
       fixed_noise_mean=config.methods.fixed_noise_mean,
       infodrop_max_alpha=config.methods.infodrop_max_alpha,
-      task_map=task_map,
-      inner_loop=config.model.get('inner_loop', 'unroll'),
   )
 
 

@@ -3,7 +3,7 @@
   python -m metadrop_jax.report --workdirs=workdirs/omni1_maml,workdirs/omni1_metadrop \\
       --out=table.md --curves=curves.png
 
-Reads each workdir's ``results.json`` (written by ``train.evaluate_checkpoint``). Columns are the
+Reads each workdir's ``results.json`` (written by ``evaluation.evaluate_checkpoint``). Columns are the
 four settings of Table 1 (plus one per other setting found, e.g. synthetic smoke runs); rows are
 MAML, Meta-dropout (always) and any other method present. Each cell holds our accuracy ± 95% CI,
 the paper's figure, the authors' re-run of their released code, our difference to each, whether
@@ -13,7 +13,6 @@ reach the full 60000 meta-iterations. A second table lists every run with its pr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from metadrop_jax import methods
 # Table 1 of the paper (ICLR 2020), MAML and Meta-dropout rows, accuracy ± 95% CI in percent,
 # 1000 episodes, as quoted by the authors' README; and the authors' re-run of their released code
 # (README "The results from running this repo", final state, commit 525947c). Source:
-# docs/paper_facts.md §2.1. Keys: (method, dataset, way, shot).
+# github.com/haebeom-lee/metadrop README; docs/paper.md. Keys: (method, dataset, way, shot).
 PAPER_TABLE1: dict[tuple[str, str, int, int], tuple[float, float]] = {
     ('maml', 'omniglot', 20, 1): (95.23, 0.17),
     ('maml', 'omniglot', 20, 5): (98.38, 0.07),
@@ -53,7 +52,7 @@ PAPER_COLUMNS: dict[tuple[str, int, int], str] = {
     ('miniimagenet', 5, 1): 'miniImageNet 5-way 1-shot',
     ('miniimagenet', 5, 5): 'miniImageNet 5-way 5-shot',
 }
-FULL_BUDGET_STEPS = 60000   # authors' final run scripts (paper_facts §4.3)
+FULL_BUDGET_STEPS = 60000   # authors' final run scripts (docs/paper.md, "Hyperparameters")
 PAPER_EPISODES = 1000
 # Table rows: the baseline first, as in the paper's Table 1, then the method table's order.
 _ROW_ORDER = ['maml'] + [m for m in methods.METHODS if m != 'maml']
@@ -221,7 +220,7 @@ def build_table(runs: Sequence[dict]) -> str:
   header = ['Method'] + [column_label(s, m) for s, m in settings]
   lines = ['## Few-shot classification (layout of the paper\'s Table 1)', '',
            'Accuracy (%) ± 95% CI over meta-test episodes. "paper": the paper\'s Table 1; '
-           '"re-run": the authors\' re-run of their released code (paper_facts §2.1); '
+           '"re-run": the authors\' re-run of their released code (docs/paper.md); '
            'Δ = ours − reference; "paper in our CI": |ours − paper| ≤ our CI. "reduced budget": '
            f'the evaluated checkpoint is short of {FULL_BUDGET_STEPS} meta-iterations.', '',
            '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
@@ -442,45 +441,6 @@ def plot_accuracy_bars(runs: Sequence[dict], out: str, *, title: str | None = No
   return visualize.save_figure(fig, out, dpi)
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-
-def _parser():
-  p = argparse.ArgumentParser(
-      prog='python -m metadrop_jax.report',
-      description="Markdown table of results.json files in the layout of the paper's Table 1 "
-                  '(with the paper and the authors\' re-run figures), and learning curves.')
-  p.add_argument('--workdirs', required=True, help='comma-separated training workdirs')
-  p.add_argument('--out', default='', help='write the table here too (atomically)')
-  p.add_argument('--curves', default='', help='learning-curve PNG from metrics.jsonl')
-  p.add_argument('--labels', default='', help='comma-separated curve labels (default: method '
-                 '(name))')
-  p.add_argument('--smooth', type=int, default=1, help='moving-average window, train curves')
-  p.add_argument('--bars', default='', help='bar chart PNG of accuracy ± 95%% CI per run')
-  p.add_argument('--title', default='', help='title of the bar chart')
-  return p
-
-
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  workdirs = [w for w in args.workdirs.split(',') if w]
-  runs = load_results(workdirs)
-  table = build_table(runs)
-  print(table)
-  if args.out:
-    write_atomic(args.out, table)
-    print(f'wrote {args.out}', file=sys.stderr)
-  if args.curves:
-    plot_learning_curves(workdirs, args.curves,
-                         labels=args.labels.split(',') if args.labels else None,
-                         smooth=args.smooth)
-    print(f'wrote {args.curves}', file=sys.stderr)
-  if args.bars:
-    plot_accuracy_bars(runs, args.bars, title=args.title or None)
-    print(f'wrote {args.bars}', file=sys.stderr)
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+if __name__ == '__main__':   # python -m metadrop_jax.report: the CLI is metadrop_jax/cli/report.py
+  from metadrop_jax.cli import report as _cli
+  sys.exit(_cli.main())

@@ -1,175 +1,58 @@
-"""The meta-training loop, evaluation with the paper's protocol, checkpoints and results files.
+"""The meta-training loop: ``train`` (resumable, bounded sittings) and ``train_and_evaluate``.
 
-Random numbers (one discipline): ``root = PRNGKey(config.seed)``; ``init = fold_in(root, 0)``,
-``train = fold_in(root, 1)``; step ``s`` uses ``fold_in(train, s)`` for its episodes and noise,
-so a resumed run repeats exactly what an uninterrupted one would do. Evaluation keys depend on
-``config.eval.seed`` and the split only: every method and every checkpoint sees the same
-validation / test episodes.
+Keys (:mod:`metadrop_jax.keys`): step ``s`` draws its episodes and noise from ``(seed, s)``
+only, so a resumed run repeats exactly what an uninterrupted one would do. The workdir (config,
+checkpoints, run log) is :mod:`metadrop_jax.workdir`; the meta-test protocol is
+:mod:`metadrop_jax.evaluation`; the steps themselves are :mod:`metadrop_jax.meta`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import subprocess
+import sys
 import time
 import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
 from metadrop_jax import config as config_lib
 from metadrop_jax import data as data_lib
 from metadrop_jax import episodes as episodes_lib
+from metadrop_jax import evaluation
+from metadrop_jax import keys as keys_lib
 from metadrop_jax import meta
-from metadrop_jax import methods
 from metadrop_jax import metrics as metrics_lib
-
-_SPLIT_IDS = {'train': 0, 'val': 1, 'test': 2}
-# Fields that may change between sittings of one run without changing its results.
-_LOOP_FIELDS = ('max_steps_per_run', 'max_minutes_per_run', 'progress_bar', 'log_every',
-                'val_every', 'checkpoint_every', 'keep_checkpoints', 'num_steps', 'eval',
-                'data.cache_dir', 'data.path', 'data.ilsvrc_path', 'data.source', 'data.sampler',
-                'model.conv_impl', 'name')
+from metadrop_jax import workdir as workdir_lib
 
 
-# Compiled steps, reused by later train() / evaluate() calls of this process with an equivalent
-# config (a resumed run in a notebook or test does not pay the compile twice).
-_STEP_CACHE: dict = {}
-_NOT_COMPILED = ('max_steps_per_run', 'max_minutes_per_run', 'progress_bar', 'log_every',
-                 'val_every', 'checkpoint_every', 'keep_checkpoints', 'num_steps', 'name',
-                 'data.cache_dir', 'data.path', 'data.ilsvrc_path', 'data.source')
+# The ETA: the steps after the first one (which compiles) are timed, then it is said once.
+ETA_TIMED_STEPS = 2
+CPU_EXPERIMENT = 'python launch.py --config=configs/omniglot_5way1shot_cpu.py'
 
 
-def _cached(kind, config, build, *extra):
-  flat = _flatten(json.loads(config.to_json_best_effort()))
-  key = (kind, extra, tuple(sorted((k, repr(v)) for k, v in flat.items()
-                                   if k not in _NOT_COMPILED)))
-  if key not in _STEP_CACHE:
-    _STEP_CACHE[key] = build()
-  return _STEP_CACHE[key]
+def eta_message(seconds_per_step: float, remaining: int, backend: str) -> str:
+  """The ETA of the remaining steps; on a CPU, when that is hours, the command that fits one."""
+  eta = seconds_per_step * remaining
+  when = f'{eta / 3600:.1f} h' if eta >= 3600 else f'{eta / 60:.1f} min'
+  msg = (f'meta-train: {seconds_per_step:.3g} s/step on {backend} -> ETA {when} for the '
+         f'{remaining} remaining steps')
+  if backend == 'cpu' and eta > 2 * 3600:
+    msg += ('.\n  This config is sized for a GPU (pip install -e ".[gpu]"). The reduced-budget '
+            f'CPU experiment takes about 35 minutes per method:\n    {CPU_EXPERIMENT}\n'
+            '  (docs/results.md); this run continues, checkpointed: rerun the command to resume.')
+  return msg
 
 
-def run_keys(config):
-  root = jax.random.PRNGKey(config.seed)
-  return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+def _say(msg: str, bar) -> None:
+  if bar is not None:
+    bar.write(msg, file=sys.stderr)
+  else:
+    print(msg, file=sys.stderr, flush=True)
 
-
-def eval_keys(config, split: str):
-  """(episode key, noise key) for evaluating on ``split``: fixed by ``eval.seed`` and split."""
-  root = jax.random.fold_in(jax.random.PRNGKey(config.eval.seed), 1000 + _SPLIT_IDS[split])
-  return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# evaluation
-# ------------------------------------------------------------------------------------------------
-
-def evaluate(params, images, config, *, split: str = 'test', num_episodes: int | None = None,
-             mc_samples: int | None = None, eval_step=None) -> dict[str, Any]:
-  """The paper's meta-test protocol: adapt on each episode's support set with ``mc_samples``
-  MC samples of the perturbed inner loss, score the query set; mean and 95% CI over episodes.
-
-  Returns ``{'mean', 'ci95', 'n'}`` in percent plus ``'loss'`` and the per-episode ``'accs'``.
-  """
-  n = num_episodes or config.eval.num_episodes
-  mc = mc_samples or config.eval.mc_samples
-  bt = min(config.eval.batch_tasks, n)
-  step = eval_step or _cached('eval', config, lambda: meta.make_eval_step(config, mc, bt), mc, bt)
-  ep_key, noise_key = eval_keys(config, split)
-  images = jnp.asarray(images)
-  accs, losses = [], []
-  for i in range(math.ceil(n / bt)):
-    a, l = step(params, images, jax.random.fold_in(ep_key, i), jax.random.fold_in(noise_key, i))
-    accs.append(a)
-    losses.append(l)
-  accs = np.concatenate(jax.device_get(accs))[:n]
-  losses = np.concatenate(jax.device_get(losses))[:n]
-  return {**metrics_lib.summarize(accs), 'loss': float(losses.mean()), 'accs': accs,
-          'mc_samples': mc if methods.get(config.method).stochastic_support else 1, 'split': split}
-
-
-# ------------------------------------------------------------------------------------------------
-# checkpoints and run metadata
-# ------------------------------------------------------------------------------------------------
-
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  opts = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                      enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=opts)
-
-
-def restore_latest(mgr: ocp.CheckpointManager, template: meta.TrainState):
-  step = mgr.latest_step()
-  if step is None:
-    return None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  try:
-    restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-  except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(
-        f'checkpoint {mgr.directory}/{step} cannot be restored into this config ({e}). It was '
-        'written by a different method or model size; use a fresh --workdir, or the config that '
-        'wrote it (workdir/config.json).') from e
-  return meta.TrainState(*restored)
-
-
-def _flatten(d):
-  """{'a': {'b': 1}} -> {'a.b': 1}."""
-  return traverse_util.flatten_dict(d, sep='.')
-
-
-def check_or_write_run_config(workdir: str, config) -> None:
-  """Stores config.json; on resume refuses a config that would change the run's results."""
-  path = os.path.join(workdir, 'config.json')
-  current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
-    a, b = _flatten(stored), _flatten(current)
-    ignore = lambda k: any(k == f or k.startswith(f + '.') for f in _LOOP_FIELDS)
-    diff = sorted(k for k in set(a) | set(b) if not ignore(k) and a.get(k) != b.get(k))
-    if diff:
-      lines = [f'    {k}: workdir has {a.get(k)!r}, now {b.get(k)!r}' for k in diff]
-      raise config_lib.ConfigError(
-          f'{workdir} holds a run with a different config; resuming would mix two '
-          'experiments:\n' + '\n'.join(lines) + '\n  Use a new --workdir, or the same config.')
-  metrics_lib.write_json_atomic(path, current)
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: {workdir} is not a training workdir '
-                            '(train first with launch.py --config=... --workdir=...)')
-  with open(path) as f:
-    cfg = config_lib.base_config()
-    cfg.update_from_flattened_dict(_flatten(json.load(f)))
-  return cfg
-
-
-def provenance() -> dict:
-  # METADROP_COMMIT: set where the code runs from a copy without .git (a GPU window's device)
-  commit = os.environ.get('METADROP_COMMIT', '')
-  try:
-    commit = commit or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
-                            text=True, cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
-  except Exception:  # pylint: disable=broad-except
-    commit = ''
-  dev = jax.devices()[0]
-  return {'commit': commit or 'unknown', 'jax': jax.__version__, 'backend': jax.default_backend(),
-          'device': getattr(dev, 'device_kind', str(dev)), 'device_count': jax.device_count()}
-
-
-# ------------------------------------------------------------------------------------------------
-# the loop
-# ------------------------------------------------------------------------------------------------
 
 def _progress(total, initial, enabled):
   if not enabled:
@@ -185,11 +68,11 @@ def train(config, workdir: str) -> dict[str, Any]:
   """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  check_or_write_run_config(workdir, config)
-  init_key, train_key = run_keys(config)
+  workdir_lib.check_or_write_run_config(workdir, config)
+  init_key, train_key = keys_lib.run_keys(config)
   state, tx = meta.create_state(init_key, config)
-  mgr = checkpoint_manager(workdir, config)
-  restored = restore_latest(mgr, state)
+  mgr = workdir_lib.checkpoint_manager(workdir, config)
+  restored = workdir_lib.restore_latest(mgr, state)
   if restored is not None:
     state = restored
   start = int(state.step)
@@ -197,20 +80,21 @@ def train(config, workdir: str) -> dict[str, Any]:
 
   train_np = data_lib.load_split(config.data, 'train')
   val_np = data_lib.load_split(config.data, 'val') if config.val_every else None
-  _check_split(train_np, config, 'train')
+  workdir_lib.check_split(train_np, config, 'train')
   if val_np is not None:
-    _check_split(val_np, config, 'val')
+    workdir_lib.check_split(val_np, config, 'val')
   sharding = _task_sharding(config)
   if config.data.sampler == 'device':
     images = jax.device_put(train_np)
-    step_fn = _cached('train', config, lambda: meta.make_train_step(config, tx, sharding),
-                      sharding)
+    step_fn = meta.compiled('train', config, lambda: meta.make_train_step(config, tx, sharding),
+                            sharding)
   else:
-    step_fn = _cached('train_host', config, lambda: meta.make_train_step_on_episodes(config, tx))
+    step_fn = meta.compiled('train_host', config,
+                            lambda: meta.make_train_step_on_episodes(config, tx))
   val_step = None
   if val_np is not None:
     mc, bt = config.eval.val_mc_samples, min(config.eval.batch_tasks, config.eval.val_episodes)
-    val_step = _cached('eval', config, lambda: meta.make_eval_step(config, mc, bt), mc, bt)
+    val_step = meta.compiled('eval', config, lambda: meta.make_eval_step(config, mc, bt), mc, bt)
 
   end = config.num_steps
   if config.max_steps_per_run:
@@ -221,6 +105,10 @@ def train(config, workdir: str) -> dict[str, Any]:
   step = start
   stopped = 'finished'
   warned_inner = False
+  if jax.default_backend() == 'cpu' and config.num_steps - start >= 10000:
+    _say(f'meta-train: {config.num_steps - start} steps of {config.name} on a CPU; the ETA follows '
+         f'the first {ETA_TIMED_STEPS + 1} steps (the CPU-sized experiment: {CPU_EXPERIMENT})',
+         bar)
   while step < end:
     if config.data.sampler == 'device':
       state, m = step_fn(state, images, train_key)
@@ -233,6 +121,13 @@ def train(config, workdir: str) -> dict[str, Any]:
     window.append(m)
     if bar is not None:
       bar.update(1)
+    if step == start + 1:
+      jax.block_until_ready(state)
+      t_timed = time.time()
+    elif step == start + 1 + ETA_TIMED_STEPS:
+      jax.block_until_ready(state)
+      _say(eta_message((time.time() - t_timed) / ETA_TIMED_STEPS, config.num_steps - step,
+                       jax.default_backend()), bar)
     if step % config.log_every == 0 or step == end:
       scalars = {f'train/{k}': float(v) for k, v in
                  jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *window)).items()}
@@ -250,8 +145,9 @@ def train(config, workdir: str) -> dict[str, Any]:
         bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", acc=f"{scalars['train/acc']:.3f}")
       window, last_log = [], now
     if val_step is not None and step % config.val_every == 0:
-      r = evaluate(state.params, val_np, config, split='val', num_episodes=config.eval.val_episodes,
-                   mc_samples=config.eval.val_mc_samples, eval_step=val_step)
+      r = evaluation.evaluate(state.params, val_np, config, split='val',
+                              num_episodes=config.eval.val_episodes,
+                              mc_samples=config.eval.val_mc_samples, eval_step=val_step)
       writer.write_scalars(step, {'val/acc': r['mean'] / 100.0, 'val/ci95': r['ci95'] / 100.0,
                                   'val/loss': r['loss']})
     out_of_time = (config.max_minutes_per_run and
@@ -269,7 +165,9 @@ def train(config, workdir: str) -> dict[str, Any]:
     stopped = 'step limit'
   status = {'step': step, 'num_steps': config.num_steps, 'stopped': stopped,
             'done': step >= config.num_steps, 'minutes_this_run': (time.time() - t0) / 60.0}
-  _append_run_log(workdir, {**status, 'start_step': start, **provenance()})
+  workdir_lib.append_run_log(workdir, {**status, 'start_step': start,
+                                       'meta_lr': config_lib.meta_lr(config),
+                                       **workdir_lib.provenance()})
   return status | {'state': state}
 
 
@@ -289,15 +187,6 @@ def inner_loop_diverging(scalars: dict, factor: float = 10.0) -> str | None:
           f'--config.methods.vib_beta).')
 
 
-def _check_split(images, config, split):
-  if images.shape[0] < config.way:
-    raise ValueError(f'{split} split has {images.shape[0]} classes; a {config.way}-way task '
-                     'needs at least that many (lower --config.way)')
-  if images.shape[1] < config.shot + config.query:
-    raise ValueError(f'{split} split has {images.shape[1]} images per class; shot+query = '
-                     f'{config.shot + config.query} (lower --config.query or --config.shot)')
-
-
 def _task_sharding(config):
   """Splits the task axis over all local devices when there is more than one (else None)."""
   n = jax.local_device_count()
@@ -310,66 +199,10 @@ def _task_sharding(config):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('tasks'))
 
 
-def _append_run_log(workdir, row):
-  with open(os.path.join(workdir, 'runs.jsonl'), 'a') as f:
-    f.write(json.dumps(row) + '\n')
-
-
-def restore_workdir(workdir: str, config=None) -> tuple[Any, meta.TrainState]:
-  """(config, latest TrainState) of a training workdir; config defaults to its config.json."""
-  config = config or load_run_config(workdir)
-  config_lib.validate(config)
-  init_key, _ = run_keys(config)
-  template, _ = meta.create_state(init_key, config)
-  state = restore_latest(checkpoint_manager(workdir, config), template)
-  if state is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first '
-                            f'(launch.py --config=... --workdir={workdir})')
-  return config, state
-
-
-def require_split(config, split: str):
-  """The split's images; a clear error if the data set has no such split with this config."""
-  images = data_lib.load_split(config.data, split)
-  if images is None:
-    raise ValueError(f'data set {config.data.name} has no {split!r} split with this config')
-  return images
-
-
-def load_eval_split(config, split: str):
-  """:func:`require_split`, checked against the config's episode shape."""
-  images = require_split(config, split)
-  _check_split(images, config, split)
-  return images
-
-
-def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, Any]:
-  """Restores the latest checkpoint and writes ``workdir/results.json`` (paper protocol)."""
-  config, state = restore_workdir(workdir, config)
-  images = load_eval_split(config, split)
-  t0 = time.time()
-  r = evaluate(state.params, images, config, split=split)
-  result = {
-      'name': config.name, 'method': config.method, 'dataset': config.data.name,
-      'way': config.way, 'shot': config.shot, 'query': config.query,
-      'step': int(state.step), 'num_steps': config.num_steps,
-      'accuracy': r['mean'], 'ci95': r['ci95'], 'episodes': r['n'], 'loss': r['loss'],
-      'mc_samples': r['mc_samples'], 'split': split, 'eval_seed': config.eval.seed,
-      'eval_minutes': (time.time() - t0) / 60.0, **provenance(),
-  }
-  name = 'results.json' if split == 'test' else f'results_{split}.json'
-  metrics_lib.write_json_atomic(os.path.join(workdir, name), result)
-  path = os.path.join(workdir, f'episode_accs_{split}.npy')
-  with open(path + '.tmp', 'wb') as f:
-    np.save(f, r['accs'])
-  os.replace(path + '.tmp', path)
-  return result
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains to ``num_steps`` (resuming), then evaluates on the test split once training is done."""
   status = train(config, workdir)
   status.pop('state')
   if status['done']:
-    status['results'] = evaluate_checkpoint(config, workdir)
+    status['results'] = evaluation.evaluate_checkpoint(config, workdir)
   return status

@@ -28,8 +28,6 @@ size and dpi, so their pixel size is known: see each function.
 
 from __future__ import annotations
 
-import argparse
-import functools
 import os
 import sys
 from typing import Any, Sequence
@@ -200,44 +198,6 @@ def plot_boundary_panel(exports: Sequence[dict], out: str, *, task: int = 0,
 # stochastic features
 # ------------------------------------------------------------------------------------------------
 
-def stochastic_feature_maps(params: dict, config, images_batch: np.ndarray, *, index: int = 0,
-                            num_draws: int = 5, layer: int = 0, seed: int = 0,
-                            fast_compile: bool | None = None) -> dict:
-  """Perturbed feature maps ``u{layer}`` of ``images_batch[index]`` under ``num_draws`` draws.
-
-  ``images_batch``: f32 ``[B, H, W, C]`` in [0, 1] (e.g. a support set; deeper layers' inputs go
-  through batch norm with this batch's statistics). Returns ``{'image': [H, W, C],
-  'draws': [D, h, w, ch], 'mean': [h, w, ch]}`` (``mean``: the deterministic path).
-  """
-  import jax
-  import jax.numpy as jnp
-  from metadrop_jax import export as export_lib
-  from metadrop_jax import meta
-  from metadrop_jax import nets
-  from metadrop_jax import methods
-  if not methods.get(config.method).feature_noise:
-    raise ValueError(f'method {config.method!r} has no feature noise: every draw is the same '
-                     '(use a model trained with one of '
-                     f'{tuple(m for m, r in methods.METHODS.items() if r.feature_noise)})')
-  spec = meta.spec_from_config(config).net
-  if not 0 <= layer < spec.num_layers:
-    raise ValueError(f'layer={layer}: the network has blocks 0..{spec.num_layers - 1}')
-  x = jnp.asarray(images_batch, jnp.float32)
-  name = f'u{layer}'
-
-  @functools.partial(jax.jit, compiler_options=export_lib.compiler_options(fast_compile))
-  def run(params, key):
-    det = nets.forward_features(params, x, None, spec, sample=False)[1][name][index]
-    keys = jax.random.split(key, num_draws)
-    draws = jax.vmap(lambda k: nets.forward_features(params, x, k, spec, sample=True)[1][name]
-                     [index])(keys)
-    return det, draws
-
-  det, draws = jax.device_get(run(params, jax.random.fold_in(jax.random.PRNGKey(seed), 777)))
-  return {'image': np.asarray(images_batch[index]), 'draws': np.asarray(draws),
-          'mean': np.asarray(det), 'layer': layer}
-
-
 def pick_channels(maps: dict, n: int = 3) -> list[int]:
   """The ``n`` channels whose values vary most across noise draws (mean std over pixels)."""
   std = maps['draws'].std(axis=0).mean(axis=(0, 1))
@@ -337,101 +297,6 @@ def plot_feature_grid(maps: dict, out: str, *, channels: Sequence[int] | None = 
   return save_figure(fig, out)
 
 
-def stochastic_features_workdir(workdir: str, *, split: str = 'test', task_seed: int = 0,
-                                index: int = 0, num_draws: int = 5, layer: int = 0,
-                                data_path: str | None = None, cache_dir: str | None = None,
-                                seed: int = 0) -> tuple[dict, Any]:
-  """Feature maps of one training image of a ``way``-way support set drawn from ``split``."""
-  from metadrop_jax import export as export_lib
-  config, params, _ = export_lib.load_workdir(workdir, data_path, cache_dir)
-  images = export_lib.load_images(config, split)
-  rng = np.random.default_rng([task_seed, 99])
-  classes = rng.permutation(images.shape[0])[:config.way]
-  inst = rng.integers(0, images.shape[1], size=len(classes))
-  batch = images[classes, inst].astype(np.float32) / 255.0
-  maps = stochastic_feature_maps(params, config, batch, index=index, num_draws=num_draws,
-                                 layer=layer, seed=seed)
-  return maps, config
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-
-def _ints(s: str | None):
-  if not s or s == 'all':
-    return None
-  return [int(v) for v in s.split(',')]
-
-
-def _parser():
-  p = argparse.ArgumentParser(prog='python -m metadrop_jax.visualize',
-                              description='Decision-boundary plots and stochastic features.')
-  sub = p.add_subparsers(dest='cmd', required=True)
-  b = sub.add_parser('boundaries', help='one PNG per sub-task and inner step from an export .npz')
-  b.add_argument('--npz', required=True, help='output of python -m metadrop_jax.export')
-  b.add_argument('--out_dir', required=True)
-  b.add_argument('--tasks', default='all', help='comma-separated task indices, or all')
-  b.add_argument('--steps', default='all', help='comma-separated inner steps (-1: last), or all')
-  b.add_argument('--label', default='', help='title prefix (default: method)')
-  b.add_argument('--seed', type=int, default=0, help='t-SNE seed')
-  pn = sub.add_parser('panel', help='side-by-side grid of several exports (columns) and steps')
-  pn.add_argument('--npz', required=True, help='comma-separated .npz files, one column each')
-  pn.add_argument('--out', required=True)
-  pn.add_argument('--labels', default='', help='comma-separated column labels')
-  pn.add_argument('--task', type=int, default=0)
-  pn.add_argument('--steps', default='-1', help='comma-separated inner steps (rows), -1: last')
-  pn.add_argument('--seed', type=int, default=0)
-  f = sub.add_parser('features', help='stochastic feature maps of one training image')
-  f.add_argument('--workdir', required=True)
-  f.add_argument('--out_png', default='', help='still grid (PNG)')
-  f.add_argument('--out_gif', default='', help='animation, one frame per draw (GIF)')
-  f.add_argument('--split', default='test', choices=['test', 'val', 'train'])
-  f.add_argument('--index', type=int, default=0, help='which support image')
-  f.add_argument('--draws', type=int, default=5, help='noise draws')
-  f.add_argument('--layer', type=int, default=0, help='block l: feats[u{l}]')
-  f.add_argument('--channels', default='auto', help='comma-separated channels, or auto '
-                 '(the 3 that vary most across draws)')
-  f.add_argument('--tile', type=int, default=84, help='GIF tile size in pixels')
-  f.add_argument('--seed', type=int, default=0)
-  f.add_argument('--data_path', default='')
-  f.add_argument('--cache_dir', default='')
-  return p
-
-
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  from metadrop_jax import export as export_lib
-  if args.cmd == 'boundaries':
-    arrays = export_lib.load_npz(args.npz)
-    paths = plot_all_boundaries(arrays, args.out_dir, tasks=_ints(args.tasks),
-                                steps=_ints(args.steps), label=args.label or None, seed=args.seed)
-    print(f'wrote {len(paths)} PNGs to {args.out_dir}')
-  elif args.cmd == 'panel':
-    exports = [export_lib.load_npz(p) for p in args.npz.split(',')]
-    labels = args.labels.split(',') if args.labels else None
-    plot_boundary_panel(exports, args.out, task=args.task, steps=_ints(args.steps) or [-1],
-                        labels=labels, seed=args.seed)
-    print(f'wrote {args.out}')
-  elif args.cmd == 'features':
-    from metadrop_jax import methods
-    if not (args.out_png or args.out_gif):
-      raise SystemExit('give --out_png and/or --out_gif')
-    maps, config = stochastic_features_workdir(
-        args.workdir, split=args.split, index=args.index, num_draws=args.draws, layer=args.layer,
-        data_path=args.data_path or None, cache_dir=args.cache_dir or None, seed=args.seed)
-    ch = None if args.channels == 'auto' else _ints(args.channels)
-    ch = ch if ch is not None else pick_channels(maps)
-    if args.out_png:
-      plot_feature_grid(maps, args.out_png, channels=ch,
-                        title=f'{methods.label(config.method)} '
-                              f'({config.data.name}): u{args.layer}, channels {ch}')
-      print(f'wrote {args.out_png}')
-    if args.out_gif:
-      write_feature_gif(maps, args.out_gif, channels=ch, tile=args.tile)
-      print(f'wrote {args.out_gif}')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+if __name__ == '__main__':   # python -m metadrop_jax.visualize: the CLI is metadrop_jax/cli/visualize.py
+  from metadrop_jax.cli import visualize as _cli
+  sys.exit(_cli.main())

@@ -153,11 +153,12 @@ def test_pgd_output_respects_ball_and_box(norm, x, eps, seed):
 # ------------------------------------------------------------------------------------------------
 
 def test_robustness_evaluation_end_to_end(tmp_path):
-  """Train MAML a few steps, then: radius 0 == train.evaluate on the same episodes, accuracy
+  """Train MAML a few steps, then: radius 0 == evaluation.evaluate on the same episodes, accuracy
   falls under attack, JSON written, figure and CLI work."""
   from metadrop_jax import data as data_lib
   from metadrop_jax import robustness
-  from metadrop_jax import train
+  from metadrop_jax import evaluation, keys, meta, train, workdir
+  from metadrop_jax.cli import robustness as robustness_cli
   wd = str(tmp_path / 'maml')
   c = tiny('maml', num_steps=10, val_every=0, inner_steps=1, **{
       'eval.num_episodes': 4, 'eval.batch_tasks': 4, 'eval.mc_samples': 1,
@@ -175,13 +176,13 @@ def test_robustness_evaluation_end_to_end(tmp_path):
     assert r['accuracy'][1] < r['accuracy'][0], r['accuracy']
     assert r['attack']['steps'] == 5 and r['method'] == 'maml' and r['episodes'] == 4
   # radius 0 reproduces the clean evaluation protocol (same episodes, same adaptation)
-  state = train.restore_latest(train.checkpoint_manager(wd, c),
-                               train.meta.create_state(train.run_keys(c)[0], c)[0])
-  clean = train.evaluate(state.params, data_lib.load_split(c.data, 'test'), c)
+  state = workdir.restore_latest(workdir.checkpoint_manager(wd, c),
+                                 meta.create_state(keys.run_keys(c)[0], c)[0])
+  clean = evaluation.evaluate(state.params, data_lib.load_split(c.data, 'test'), c)
   assert res['linf']['accuracy'][0] == pytest.approx(clean['mean'], abs=1e-4)
   # figure from the JSONs (plot-only CLI), two workdirs on one figure
   out = str(tmp_path / 'fig.png')
-  robustness.main(['--workdirs', f'{wd},{wd}', '--norms', 'linf,l1', '--plot_only',
+  robustness_cli.main(['--workdirs', f'{wd},{wd}', '--norms', 'linf,l1', '--plot_only',
                    '--out', out, '--labels', 'a,b'])
   assert os.path.getsize(out) > 1000
   assert robustness.label_of({'method': 'adv', 'adv_training': {'norm': 'l1', 'eps': 20}}) == \
@@ -189,9 +190,9 @@ def test_robustness_evaluation_end_to_end(tmp_path):
 
 
 def test_cli_help_mentions_every_setting(capsys):
-  from metadrop_jax import robustness
+  from metadrop_jax.cli import robustness as robustness_cli
   with pytest.raises(SystemExit):
-    robustness.main(['--help'])
+    robustness_cli.main(['--help'])
   text = capsys.readouterr().out
   for flag in ('--workdirs', '--norms', '--episodes', '--out', '--steps', '--step_size',
                '--restarts', '--no_rand_init', '--radii_linf', '--mc_samples'):

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from metadrop_jax import campaign, gpu_check, report, train, window
+from metadrop_jax import campaign, evaluation, gpu_check, report, window
+from metadrop_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,8 +89,8 @@ def test_report_mean_and_std_over_seeds(tmp_path):
 
 
 def _params(workdir):
-  config = train.load_run_config(workdir)
-  _, state = train.restore_workdir(workdir, config)
+  config = workdir_lib.load_run_config(workdir)
+  _, state = workdir_lib.restore(workdir, config)
   return jax.device_get(state)
 
 
@@ -166,7 +167,7 @@ def test_window_dry_run_on_cpu(tmp_path):
   done = [x for x in (sitting or {}).get('runs', []) if x.get('accuracy') is not None]
   for x in done[:1]:
     wd = str(repo / 'camp' / x['name'])
-    r = train.evaluate_checkpoint(train.load_run_config(wd), wd)
+    r = evaluation.evaluate_checkpoint(workdir_lib.load_run_config(wd), wd)
     assert (r['accuracy'], r['ci95']) == (x['accuracy'], x['ci95'])
   if cut:
     pytest.skip(f'this machine was too slow for the 60-s budget: {cut} cut by their deadlines '

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from metadrop_jax import episodes as episodes_lib
-from metadrop_jax import meta, nets
+from metadrop_jax import meta
 from tests.conftest import tiny
 
 REFERENCE = {'model.conv_impl': 'xla', 'model.task_map': 'vmap', 'model.inner_loop': 'unroll',
@@ -99,11 +99,11 @@ def test_fast_path_meta_gradient_matches_reference(method, path):
 
 
 def test_defaults_resolve_per_backend():
-  spec = nets.spec_from_config(tiny())
+  spec = meta.spec_from_config(tiny())
   if jax.default_backend() == 'cpu':
-    assert spec.conv_impl == 'im2col'
+    assert spec.net.conv_impl == 'im2col'
   else:
-    assert spec.conv_impl == 'xla'
+    assert spec.net.conv_impl == 'xla'
   assert spec.task_map == 'vmap' and spec.inner_loop == 'unroll'
 
 

@@ -190,3 +190,20 @@ def test_train_step_deterministic_given_key(seed):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   assert not np.array_equal(a['theta']['dense']['w'], d['theta']['dense']['w'])
+
+
+def test_every_evaluation_batch_honours_task_map(monkeypatch):
+  """One eval-batch builder (meta.eval_batch_fn) serves the meta-test step and the robustness
+  evaluation's adaptation, so both map the tasks as config.model.task_map says."""
+  from metadrop_jax import robustness
+  seen = []
+  real = meta.map_tasks
+  monkeypatch.setattr(meta, 'map_tasks', lambda fn, spec, *a: seen.append(spec.task_map)
+                      or real(fn, spec, *a))
+  c = tiny('maml', inner_steps=1, **{'model.task_map': 'map', 'model.num_layers': 1})
+  params = meta.init_params(jax.random.PRNGKey(0), meta.spec_from_config(c))
+  keys = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  with jax.disable_jit():
+    acc, _ = meta.make_eval_step(c, 1, 2)(params, jnp.asarray(IMAGES), *keys)
+    thetas, eps = robustness.make_adapt_step(c, 1, 2)(params, jnp.asarray(IMAGES), *keys)
+  assert seen == ['map', 'map'] and acc.shape == (2,) and eps.query_y.shape[0] == 2

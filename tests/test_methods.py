@@ -20,7 +20,7 @@ from metadrop_jax import episodes as episodes_lib
 from metadrop_jax import meta
 from metadrop_jax import methods
 from metadrop_jax import nets
-from metadrop_jax import train
+from metadrop_jax import evaluation
 
 SMOKE = dict(inner_steps=1, meta_batch=1, way=2, query=1, **{
     'model.num_layers': 1, 'model.channels': 2, 'eval.batch_tasks': 1})
@@ -41,22 +41,9 @@ def _setup(method, **over):
   return c, spec, params, ep
 
 
-def _eager_eval_step(config, mc_samples, num_tasks):
-  """``meta.make_eval_step`` without the outer ``jax.jit`` (same function, op-by-op)."""
-  spec = meta.spec_from_config(config, mc_samples=mc_samples)
-
-  def eval_step(params, images, episode_key, noise_key):
-    eps = episodes_lib.sample_batch(episode_key, images, num_tasks, config.way, config.shot,
-                                    config.query)
-    keys = jax.random.split(noise_key, num_tasks)
-    return jax.vmap(meta.task_accuracy, in_axes=(None, 0, 0, None))(params, eps, keys, spec)
-
-  return eval_step
-
-
 @pytest.mark.parametrize('method', config_lib.METHODS)
 def test_every_method_trains_and_evaluates(method):
-  """One meta-update (``meta.train_step``) and the meta-test protocol (``train.evaluate``),
+  """One meta-update (``meta.train_step``) and the meta-test protocol (``evaluation.evaluate``),
   executed op-by-op: the outer ``jax.jit`` of the step functions is skipped to save compiling."""
   c = tiny(method, **SMOKE)
   spec = meta.spec_from_config(c)
@@ -66,8 +53,9 @@ def test_every_method_trains_and_evaluates(method):
   key = jax.random.PRNGKey(1)
   eps = meta.sample_train_episodes(images, key, state.step, c)
   state, m = meta.train_step(state, eps, key, spec=spec, tx=tx)
-  r = train.evaluate(state.params, data_lib.load_split(c.data, 'test'), c, num_episodes=1,
-                     mc_samples=2, eval_step=_eager_eval_step(c, 2, 1))
+  with jax.disable_jit():   # the real meta.make_eval_step, op by op
+    r = evaluation.evaluate(state.params, data_lib.load_split(c.data, 'test'), c, num_episodes=1,
+                            mc_samples=2)
   assert all(np.isfinite(float(v)) for v in m.values()), m
   assert 0.0 <= r['mean'] <= 100.0 and np.isfinite(r['ci95']) and r['n'] == 1
   assert _changed(p0['theta'], state.params['theta'])

@@ -23,7 +23,7 @@ def test_param_shapes_and_init():
   s = nets.NetSpec(way=20, image_shape=(28, 28, 1), channels=64)
   p = nets.init_params(jax.random.PRNGKey(0), s)
   count = lambda t: sum(x.size for x in jax.tree.leaves(t))
-  # paper_facts §4.2: Omniglot 20-way theta 112,724, phi 111,489, BN 256.
+  # the authors' Conv-4 (model.py): Omniglot 20-way theta 112,724, phi 111,489, BN 256.
   assert (count(p['theta']), count(p['phi']), count(p['bn'])) == (112724, 111489, 256)
   s = nets.NetSpec(way=5, image_shape=(84, 84, 3), channels=32)
   p = nets.init_params(jax.random.PRNGKey(0), s)
@@ -67,7 +67,7 @@ def test_maml_ignores_phi_and_key():
 
 
 def test_metadrop_matches_handwritten_block():
-  """One block written out from the authors' equations (paper_facts §3.1)."""
+  """One block written out from the authors' equations (layers.py::conv_block, docs/paper.md)."""
   s = spec(num_layers=1)
   p = nets.init_params(jax.random.PRNGKey(3), s)
   p['bn']['conv0']['beta'] = jnp.linspace(-0.5, 0.5, 4)

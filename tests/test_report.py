@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from metadrop_jax import report
+from metadrop_jax.cli import report as report_cli
 
 
 def _write_run(root, name, *, method, dataset, way, shot, acc, ci, step=60000,
@@ -48,8 +49,8 @@ def runs(tmp_path):
   ]
 
 
-def test_paper_constants_match_paper_facts():
-  # paper_facts §2.1 gains: +1.40, +0.35, +2.35, +2.87 (paper); +1.75, +0.67, +2.94, +2.42 (re-run)
+def test_paper_constants_match_the_authors_readme():
+  # docs/paper.md gains: +1.40, +0.35, +2.35, +2.87 (paper); +1.75, +0.67, +2.94, +2.42 (re-run)
   for table, gains in ((report.PAPER_TABLE1, (1.40, 0.35, 2.35, 2.87)),
                        (report.AUTHORS_RERUN, (1.75, 0.67, 2.94, 2.42))):
     for setting, g in zip(report.PAPER_COLUMNS, gains):
@@ -168,7 +169,7 @@ def test_cli_writes_table_and_curves(tmp_path, capsys):
   b = _write_run(tmp_path, 'maml', method='maml', dataset='omniglot', way=20, shot=1,
                  acc=95.0, ci=0.15, metrics=_metrics(20, 0.1))
   out, curves = tmp_path / 'out' / 'table.md', tmp_path / 'curves.png'
-  assert report.main([f'--workdirs={a},{b}', f'--out={out}', f'--curves={curves}',
+  assert report_cli.main([f'--workdirs={a},{b}', f'--out={out}', f'--curves={curves}',
                       '--smooth=3']) == 0
   printed = capsys.readouterr().out
   assert out.read_text() in printed
@@ -195,7 +196,7 @@ def test_curves_skip_missing_and_fail_when_none(tmp_path):
 
 def test_help(capsys):
   with pytest.raises(SystemExit) as e:
-    report.main(['--help'])
+    report_cli.main(['--help'])
   assert e.value.code == 0
   assert '--workdirs' in capsys.readouterr().out
 
@@ -203,7 +204,7 @@ def test_help(capsys):
 def test_accuracy_bars_one_panel_per_setting(tmp_path, runs):
   """--bars: one 5.5-inch panel per setting (runs has two settings), drawn (not blank)."""
   out = tmp_path / 'bars.png'
-  assert report.main([f'--workdirs={",".join(runs)}', f'--bars={out}', '--title=t']) == 0
+  assert report_cli.main([f'--workdirs={",".join(runs)}', f'--bars={out}', '--title=t']) == 0
   with Image.open(out) as im:
     assert im.size[0] == 1100
     colors = im.convert('RGB').getcolors(maxcolors=1 << 16)

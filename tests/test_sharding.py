@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from metadrop_jax import meta, nets, train
+    from metadrop_jax import meta, train
     from tests.conftest import tiny
 
     assert jax.device_count() == 4, jax.devices()
@@ -26,7 +26,7 @@ _SCRIPT = textwrap.dedent("""
     key = jax.random.key(7)
     sharding = train._task_sharding(config)
     assert sharding is not None and sharding.mesh.devices.size == 4
-    out = {'resolved_task_map': nets.spec_from_config(config).task_map}
+    out = {'resolved_task_map': meta.spec_from_config(config).task_map}
     for name, sh in (('single', None), ('sharded', sharding)):
       state, tx = meta.create_state(jax.random.key(0), config)
       step = meta.make_train_step(config, tx, sh)

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from metadrop_jax import config as config_lib
+from metadrop_jax import evaluation
+from metadrop_jax import keys
 from metadrop_jax import train
+from metadrop_jax import workdir as workdir_lib
 from tests.conftest import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,10 +27,11 @@ def small(**over):
 
 
 def params_of(workdir, config):
-  init_key, _ = train.run_keys(config)
+  init_key, _ = keys.run_keys(config)
   from metadrop_jax import meta
   template, _ = meta.create_state(init_key, config)
-  return jax.device_get(train.restore_latest(train.checkpoint_manager(workdir, config), template))
+  return jax.device_get(workdir_lib.restore_latest(workdir_lib.checkpoint_manager(workdir, config),
+                                                    template))
 
 
 @pytest.mark.parametrize('sampler', ['device', 'host'])
@@ -57,15 +61,37 @@ def test_refuses_resume_with_different_config(tmp_path):
   train.train(small(num_steps=3, log_every=1), str(tmp_path))
 
 
-def test_evaluate_is_deterministic_and_method_independent_episodes(tmp_path):
+def test_evaluate_is_deterministic():
   c = small()
   from metadrop_jax import data, meta
   state, _ = meta.create_state(jax.random.PRNGKey(0), c)
   imgs = data.load_split(c.data, 'test')
-  a = train.evaluate(state.params, imgs, c, num_episodes=6, mc_samples=2)
-  b = train.evaluate(state.params, imgs, c, num_episodes=6, mc_samples=2)
+  a = evaluation.evaluate(state.params, imgs, c, num_episodes=6, mc_samples=2)
+  b = evaluation.evaluate(state.params, imgs, c, num_episodes=6, mc_samples=2)
   np.testing.assert_array_equal(a['accs'], b['accs'])
   assert a['n'] == 6 and 0 <= a['mean'] <= 100
+
+
+def test_every_method_meets_the_same_evaluation_episodes():
+  """The episodes (and the noise keys) of every evaluation batch depend on eval.seed and the
+  split only: each method, trained with any seed, is scored on the same tasks; another
+  eval.seed or split gives others."""
+  from metadrop_jax import data, meta
+  imgs = jax.numpy.asarray(data.load_split(small().data, 'test'))
+
+  def batch(method, split='test', **over):
+    c = small(**over)
+    c.method = method
+    episode_key, noise_key = keys.eval_batch_keys(*keys.eval_keys(c, split), 1)
+    as_is = lambda params, ep, key, spec: (ep, key)
+    return meta.eval_batch_fn(as_is, c, 2, 3)(None, imgs, episode_key, noise_key)
+
+  ref = jax.tree.leaves(batch('metadrop'))
+  for method, over in (('maml', {}), ('vib', {'seed': 5}), ('metasgd', {'inner_lr': 0.3})):
+    for a, b in zip(ref, jax.tree.leaves(batch(method, **over))):
+      np.testing.assert_array_equal(a, b)
+  for other in (batch('metadrop', 'val'), batch('metadrop', **{'eval.seed': 1})):
+    assert not np.array_equal(ref[0], jax.tree.leaves(other)[0])
 
 
 def test_launch_end_to_end(tmp_path):
@@ -79,6 +105,7 @@ def test_launch_end_to_end(tmp_path):
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'paused at step 3/6' in r.stderr
+  assert 'ETA' in r.stderr and 'remaining steps' in r.stderr    # said after the first steps
   assert not os.path.exists(os.path.join(wd, 'results.json'))
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -108,3 +135,15 @@ def test_inner_loop_divergence_is_reported():
     assert train.inner_loop_diverging({'train/inner_loss_first': first,
                                        'train/inner_loss_last': last}) is None
   assert train.inner_loop_diverging({'train/loss': 1.0}) is None
+
+
+def test_a_paper_run_on_a_cpu_says_so_with_its_eta():
+  """The README's main job on a CPU (60,000 steps at ~5 s) is ~85 hours: the first lines say
+  so, with the command of the CPU-sized experiment; short runs and GPUs get the ETA only."""
+  msg = train.eta_message(5.1, 60000 - 3, 'cpu')
+  assert 'ETA 85.0 h' in msg and train.CPU_EXPERIMENT in msg
+  assert 'configs/omniglot_5way1shot_cpu.py' in train.CPU_EXPERIMENT
+  for args in ((5.1, 59997, 'gpu'), (0.5, 2000, 'cpu')):
+    msg = train.eta_message(*args)
+    assert 'ETA' in msg and train.CPU_EXPERIMENT not in msg
+  assert 'ETA 16.7 min' in train.eta_message(0.5, 2000, 'cpu')

@@ -13,9 +13,12 @@ from PIL import Image
 
 from metadrop_jax import data as data_lib
 from metadrop_jax import export
+from metadrop_jax import keys
 from metadrop_jax import meta
-from metadrop_jax import train
 from metadrop_jax import visualize
+from metadrop_jax import workdir as workdir_lib
+from metadrop_jax.cli import export as export_cli
+from metadrop_jax.cli import visualize as visualize_cli
 from configs import tiny as tiny_config_lib
 
 NUM_PERTURB = 4
@@ -29,7 +32,7 @@ def tiny(method):
 
 
 def _params(config):
-  init_key, _ = train.run_keys(config)
+  init_key, _ = keys.run_keys(config)
   state, _ = meta.create_state(init_key, config)
   return state.params
 
@@ -145,7 +148,7 @@ def test_boundary_pngs(md, tmp_path):
 def test_stochastic_features(md, tmp_path):
   config, params, images, _ = md
   batch = images[:3, 0].astype(np.float32) / 255.0
-  maps = visualize.stochastic_feature_maps(params, config, batch, index=1, num_draws=3)
+  maps = export.stochastic_feature_maps(params, config, batch, index=1, num_draws=3)
   assert maps['draws'].shape == (3, 8, 8, config.model.channels)
   assert maps['mean'].shape == (8, 8, config.model.channels)
   np.testing.assert_allclose(maps['image'], batch[1])
@@ -157,7 +160,7 @@ def test_stochastic_features(md, tmp_path):
   png = visualize.plot_feature_grid(maps, str(tmp_path / 'f.png'), channels=ch)
   assert _size(png) == ((450, 640), 1)      # 1.5 in x (1 + 2) cols; 1.5 in x (1 + 3) rows + 0.4
   with pytest.raises(ValueError, match='no feature noise'):
-    visualize.stochastic_feature_maps(params, tiny('maml'), batch)
+    export.stochastic_feature_maps(params, tiny('maml'), batch)
 
 
 @pytest.fixture(scope='module')
@@ -165,10 +168,10 @@ def workdir(tmp_path_factory):
   """A workdir with an untrained checkpoint at step 0 (as train.train would lay it out)."""
   config = tiny('metadrop')
   wd = str(tmp_path_factory.mktemp('wd'))
-  train.check_or_write_run_config(wd, config)
-  init_key, _ = train.run_keys(config)
+  workdir_lib.check_or_write_run_config(wd, config)
+  init_key, _ = keys.run_keys(config)
   state, _ = meta.create_state(init_key, config)
-  mgr = train.checkpoint_manager(wd, config)
+  mgr = workdir_lib.checkpoint_manager(wd, config)
   mgr.save(0, args=ocp.args.StandardSave(state))
   mgr.wait_until_finished()
   return wd
@@ -176,25 +179,25 @@ def workdir(tmp_path_factory):
 
 def test_export_and_visualize_clis(workdir, tmp_path, capsys):
   out = tmp_path / 'db.npz'
-  assert export.main([f'--workdir={workdir}', f'--out={out}', f'--plot_dir={tmp_path / "png"}',
+  assert export_cli.main([f'--workdir={workdir}', f'--out={out}', f'--plot_dir={tmp_path / "png"}',
                       '--num_tasks=1', f'--num_perturb={NUM_PERTURB}']) == 0
   a = export.load_npz(str(out))
   assert a['feat_train'].shape[:2] == (1, 3) and int(a['checkpoint_step']) == 0
   assert sorted(os.listdir(tmp_path / 'png')) == [f'task0_step{k}.png' for k in range(3)]
-  assert visualize.main(['panel', f'--npz={out},{out}', f'--out={tmp_path / "p.png"}',
+  assert visualize_cli.main(['panel', f'--npz={out},{out}', f'--out={tmp_path / "p.png"}',
                          '--steps=0,-1']) == 0
   assert _size(str(tmp_path / 'p.png')) == ((800, 800), 1)
-  assert visualize.main(['boundaries', f'--npz={out}', f'--out_dir={tmp_path / "b"}',
+  assert visualize_cli.main(['boundaries', f'--npz={out}', f'--out_dir={tmp_path / "b"}',
                          '--steps=-1']) == 0
   assert os.listdir(tmp_path / 'b') == ['task0_step2.png']
-  assert visualize.main(['features', f'--workdir={workdir}', f'--out_png={tmp_path / "f.png"}',
+  assert visualize_cli.main(['features', f'--workdir={workdir}', f'--out_png={tmp_path / "f.png"}',
                          f'--out_gif={tmp_path / "f.gif"}', '--draws=4', '--channels=0,1,2']) == 0
   assert _size(str(tmp_path / 'f.gif')) == ((4 * 84 + 3 * 4, 84), 4)
   assert _size(str(tmp_path / 'f.png')) == ((600, 790), 1)
   capsys.readouterr()
 
 
-@pytest.mark.parametrize('mod', [export, visualize])
+@pytest.mark.parametrize('mod', [export_cli, visualize_cli])
 def test_help(mod, capsys):
   with pytest.raises(SystemExit) as e:
     mod.main(['--help'])

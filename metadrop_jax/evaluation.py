@@ -1,0 +1,72 @@
+"""The paper's meta-test protocol, and evaluating a training workdir's latest checkpoint.
+
+Episodes and adaptation noise depend on ``config.eval.seed`` and the split only
+(:func:`keys.eval_keys`): every method and every checkpoint meets the same episodes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metadrop_jax import keys as keys_lib
+from metadrop_jax import meta
+from metadrop_jax import methods
+from metadrop_jax import metrics as metrics_lib
+from metadrop_jax import workdir as workdir_lib
+
+
+def evaluate(params, images, config, *, split: str = 'test', num_episodes: int | None = None,
+             mc_samples: int | None = None, eval_step=None) -> dict[str, Any]:
+  """The paper's meta-test protocol: adapt on each episode's support set with ``mc_samples``
+  MC samples of the perturbed inner loss, score the query set; mean and 95% CI over episodes.
+
+  ``eval_step``: a step built by :func:`meta.make_eval_step` for these settings (default: built,
+  or reused from an earlier call with an equivalent config).
+  Returns ``{'mean', 'ci95', 'n'}`` in percent plus ``'loss'`` and the per-episode ``'accs'``.
+  """
+  n = num_episodes or config.eval.num_episodes
+  mc = mc_samples or config.eval.mc_samples
+  bt = min(config.eval.batch_tasks, n)
+  step = eval_step or meta.compiled('eval', config, lambda: meta.make_eval_step(config, mc, bt),
+                                    mc, bt)
+  ep_key, noise_key = keys_lib.eval_keys(config, split)
+  images = jnp.asarray(images)
+  accs, losses = [], []
+  for i in range(math.ceil(n / bt)):
+    a, l = step(params, images, *keys_lib.eval_batch_keys(ep_key, noise_key, i))
+    accs.append(a)
+    losses.append(l)
+  accs = np.concatenate(jax.device_get(accs))[:n]
+  losses = np.concatenate(jax.device_get(losses))[:n]
+  return {**metrics_lib.summarize(accs), 'loss': float(losses.mean()), 'accs': accs,
+          'mc_samples': mc if methods.get(config.method).stochastic_support else 1, 'split': split}
+
+
+def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, Any]:
+  """Restores the latest checkpoint and writes ``workdir/results.json`` (paper protocol)."""
+  config, state = workdir_lib.restore(workdir, config)
+  images = workdir_lib.load_eval_split(config, split)
+  t0 = time.time()
+  r = evaluate(state.params, images, config, split=split)
+  result = {
+      'name': config.name, 'method': config.method, 'dataset': config.data.name,
+      'way': config.way, 'shot': config.shot, 'query': config.query,
+      'step': int(state.step), 'num_steps': config.num_steps,
+      'accuracy': r['mean'], 'ci95': r['ci95'], 'episodes': r['n'], 'loss': r['loss'],
+      'mc_samples': r['mc_samples'], 'split': split, 'eval_seed': config.eval.seed,
+      'eval_minutes': (time.time() - t0) / 60.0, **workdir_lib.provenance(),
+  }
+  name = 'results.json' if split == 'test' else f'results_{split}.json'
+  metrics_lib.write_json_atomic(os.path.join(workdir, name), result)
+  path = os.path.join(workdir, f'episode_accs_{split}.npy')
+  with open(path + '.tmp', 'wb') as f:
+    np.save(f, r['accs'])
+  os.replace(path + '.tmp', path)
+  return result
