@@ -4,8 +4,11 @@ Takes about two minutes on a laptop CPU (meta-trains the tiny config). The noteb
 write into the repository: it works in a temporary directory and removes it at the end.
 """
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -25,11 +28,30 @@ def _kernel_available(name='python3'):
     return False
 
 
-def test_colab_install_cell_is_guarded():
+def _setup_cell():
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  first = next(c for c in nb.cells if c.cell_type == 'code')
-  assert "if 'google.colab' in sys.modules:" in first.source
-  assert re.search(r'^\s+!pip install -q git\+', first.source, re.M)
+  return next(c for c in nb.cells if c.cell_type == 'code').source
+
+
+def test_setup_cell_needs_no_url():
+  """No install from a repository URL (there is no published one): the first cell imports the
+  package from the checkout the notebook sits in, or the installed one."""
+  assert not re.search(r'https?://|OWNER|^\s*[!%]pip', _setup_cell(), re.M)
+
+
+@pytest.mark.parametrize('where', ['checkout', 'installed'])
+def test_setup_cell_finds_the_package(where, tmp_path):
+  """From notebooks/ of a checkout it imports that checkout's metadrop_jax (even when another
+  copy is installed); from any other folder, the installed package (PYTHONPATH stands in)."""
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  if where == 'checkout':
+    cwd = NOTEBOOK.parent
+  else:
+    cwd, env['PYTHONPATH'] = tmp_path, str(ROOT)
+  r = subprocess.run([sys.executable, '-c', _setup_cell()], cwd=cwd, env=env, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip() == f'metadrop_jax from {ROOT / "metadrop_jax"}'
 
 
 def test_quickstart_notebook_runs(tmp_path):
