@@ -72,7 +72,7 @@ def eval_batch_keys(episode_key, noise_key, index: int):
 def attack_key(config, split: str = 'test'):
   """Root of the robustness attacks' random starts: fixed by ``eval.seed`` and split; apart from
   every episode and noise key of the evaluation."""
-  return jax.random.fold_in(eval_keys(config, split)[0], 7919)  # TEMP
+  return jax.random.fold_in(_eval_root(config, split), ATTACK)
 
 
 def query_attack_key(task_key, inner_steps: int):
