@@ -15,6 +15,7 @@ episodes)::
     root  = fold_in(PRNGKey(eval.seed), EVAL_SPLIT_OFFSET + SPLIT_IDS[split])
     episodes = fold_in(root, EPISODES), noise = fold_in(root, NOISE), attack = fold_in(root, ATTACK)
     batch i: fold_in(episodes, i), fold_in(noise, i)  # task t: fold_in(., t), as in training
+                                                      # (task noise was split(., T) before)
 
 Inside a task (:mod:`metadrop_jax.meta`): inner step ``k`` uses ``fold_in(task, k)`` and
 adversarial querying ``fold_in(task, inner_steps)`` (:func:`query_attack_key`), the step after
@@ -22,7 +23,10 @@ the last inner step. The export and the stochastic-feature pictures have their o
 (:func:`export_key`, :func:`feature_key`), so they never meet a training or evaluation key.
 
 The constants keep the values the code has always used, so runs written before this module
-existed reproduce bit for bit (except the robustness attack root, see :data:`ATTACK`).
+existed reproduce bit for bit. Two evaluation keys changed with it: the robustness attack root
+(:data:`ATTACK`), and the per-task adaptation noise of evaluation batches, which is now
+``task_keys`` as in training (it was ``split(noise, T)``): meta-test numbers of a checkpoint move
+within their confidence interval, the episodes are the same.
 """
 
 from __future__ import annotations

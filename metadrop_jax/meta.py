@@ -326,14 +326,14 @@ def eval_batch_fn(per_task, config, mc_samples: int, num_tasks: int):
 
   The one place where evaluation episodes and their noise keys are made (meta-test, validation,
   the robustness evaluation's adaptation): ``episodes.sample_batch(episode_key, ...)`` and one
-  noise key per task from ``noise_key``; tasks mapped as ``config.model.task_map`` says.
+  noise key per task, ``keys.task_keys(noise_key, T)`` as in training; tasks mapped as ``config.model.task_map`` says.
   """
   spec = spec_from_config(config, mc_samples=mc_samples)
 
   def run(params, images, episode_key, noise_key):
     eps = episodes_lib.sample_batch(episode_key, images, num_tasks, config.way, config.shot,
                                     config.query)
-    task_keys = jax.random.split(noise_key, num_tasks)
+    task_keys = keys_lib.task_keys(noise_key, num_tasks)    # as in training
     return map_tasks(lambda ep, k: per_task(params, ep, k, spec), spec, eps, task_keys)
 
   return run

@@ -108,7 +108,7 @@ def make_attack_step(config, norm: str, attack: AttackSettings):
       logits = nets.forward(adapted, x_adv, None, spec.net, sample=False)
       return meta.accuracy(logits, y)
 
-    return meta.map_tasks(one, spec, thetas, qx, qy, jax.random.split(key, t))
+    return meta.map_tasks(one, spec, thetas, qx, qy, keys_lib.task_keys(key, t))
 
   return attack_step
 

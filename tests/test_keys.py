@@ -35,3 +35,15 @@ def test_attack_key_meets_no_evaluation_key():
     batch = jax.vmap(lambda i: jax.random.fold_in(root, i))(idx)
     assert not np.any(np.all(np.asarray(batch) == attack, axis=-1))
   assert not np.array_equal(attack, ep) and not np.array_equal(attack, noise)
+
+
+def test_training_and_evaluation_derive_task_keys_the_same_way():
+  """Task t of a batch gets fold_in(batch noise key, t), in the train step and in every
+  evaluation batch (meta.eval_batch_fn)."""
+  from metadrop_jax import meta
+  c = tiny()
+  images = jnp.zeros((8, 5, 8, 8, 1), jnp.uint8)
+  ep, noise = keys.eval_batch_keys(*keys.eval_keys(c, 'test'), 4)
+  got = meta.eval_batch_fn(lambda p, e, k, s: k, c, 1, 3)(None, images, ep, noise)
+  np.testing.assert_array_equal(got, keys.task_keys(noise, 3))
+  np.testing.assert_array_equal(got[1], jax.random.fold_in(noise, 1))
