@@ -5,8 +5,11 @@
   python launch.py --mode=eval --workdir=workdirs/mimg1          # paper protocol -> results.json
 
 Modes: train_eval (default: train to num_steps, resuming if the workdir has a checkpoint, then
-evaluate), train (stop after training), eval (meta-test the latest checkpoint), prepare (build
-the data cache only). Every config field can be overridden: --config.<field>=<value>.
+evaluate), train (stop after training), eval (meta-test the latest checkpoint with the workdir's
+config.json; a --config given with it may change only eval.*, data locations and loop fields),
+prepare (build the data cache only). Every config field can be overridden:
+--config.<field>=<value>. Ctrl-C or SIGTERM during training: the step in flight finishes, is
+checkpointed, and the run stops (exit 0; rerun the command to resume).
 
 Errors a user can fix (a missing or broken config file, an unknown or bad field, missing or
 corrupt data, an empty workdir, a full disk, ...) print one line, ``error: <problem>: <fix>``, on
@@ -200,6 +203,9 @@ def error_line(e: BaseException, argv=None, workdir: str | None = None) -> str |
       return str(e)
     return f'{e.filename}: no such file or directory: check the path'
   if isinstance(e, FloatingPointError):
+    return str(e)
+  workdir_mod = sys.modules.get('metadrop_jax.workdir')   # a WorkdirError exists only once loaded
+  if workdir_mod is not None and isinstance(e, workdir_mod.WorkdirError):
     return str(e)
   return None
 

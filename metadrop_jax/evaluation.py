@@ -50,11 +50,26 @@ def evaluate(params, images, config, *, split: str = 'test', num_episodes: int |
 
 
 def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, Any]:
-  """Restores the latest checkpoint and writes ``workdir/results.json`` (paper protocol)."""
+  """Restores the latest checkpoint and writes ``workdir/results.json`` (paper protocol).
+
+  ``config`` None: the workdir's config.json; a given config must not differ from it in a field
+  that changes results (only ``eval.*``, data locations and loop fields may). Refuses, before
+  evaluating, a workdir it cannot write and a checkpoint with non-finite parameters; refuses to
+  write a result whose loss is not finite.
+  """
   config, state = workdir_lib.restore(workdir, config)
+  workdir_lib.ensure_writable(workdir)
+  if not workdir_lib.all_finite(state.params):
+    raise FloatingPointError(f'checkpoint {int(state.step)} of {workdir} holds non-finite '
+                             'parameters (the run diverged): nothing to evaluate')
   images = workdir_lib.load_eval_split(config, split)
   t0 = time.time()
   r = evaluate(state.params, images, config, split=split)
+  if not np.isfinite(r['loss']):
+    raise FloatingPointError(f'the query loss of checkpoint {int(state.step)} is not finite on '
+                             f'{split} episodes (the inner loop diverges at meta-test: lower '
+                             '--config.inner_lr, or eval.mc_samples for noise methods); no result '
+                             'written')
   result = {
       'name': config.name, 'method': config.method, 'dataset': config.data.name,
       'way': config.way, 'shot': config.shot, 'query': config.query,

@@ -8,8 +8,9 @@ checkpoints, run log) is :mod:`metadrop_jax.workdir`; the meta-test protocol is
 
 from __future__ import annotations
 
-import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Any
@@ -17,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from metadrop_jax import config as config_lib
 from metadrop_jax import data as data_lib
@@ -29,7 +29,8 @@ from metadrop_jax import metrics as metrics_lib
 from metadrop_jax import workdir as workdir_lib
 
 
-# The ETA: the steps after the first one (which compiles) are timed, then it is said once.
+# The ETA: the steps after the first one (which compiles) are timed alone (no validation or
+# checkpoint inside), then it is said once.
 ETA_TIMED_STEPS = 2
 CPU_EXPERIMENT = 'python launch.py --config=configs/omniglot_5way1shot_cpu.py'
 
@@ -64,25 +65,33 @@ def _progress(total, initial, enabled):
 def train(config, workdir: str) -> dict[str, Any]:
   """Meta-trains (resuming from ``workdir`` if it holds a checkpoint) and returns a status dict.
 
-  Stops early, checkpointed, after ``max_steps_per_run`` steps or ``max_minutes_per_run``.
+  Stops early, checkpointed, after ``max_steps_per_run`` steps, ``max_minutes_per_run``, or at
+  SIGINT / SIGTERM (Ctrl-C, a scheduler's preemption: the step in flight finishes, is saved, and
+  the status says 'interrupted'). One run at a time holds the workdir.
   """
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.check_or_write_run_config(workdir, config)
-  init_key, train_key = keys_lib.run_keys(config)
-  state, tx = meta.create_state(init_key, config)
-  mgr = workdir_lib.checkpoint_manager(workdir, config)
-  restored = workdir_lib.restore_latest(mgr, state)
-  if restored is not None:
-    state = restored
-  start = int(state.step)
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  workdir_lib.prepare(workdir)
+  with workdir_lib.locked(workdir), _StopOnSignal() as stop:
+    return _train(config, workdir, stop)
 
+
+def _train(config, workdir: str, stop: '_StopOnSignal') -> dict[str, Any]:
+  workdir_lib.check_run_config(workdir, config)
   train_np = data_lib.load_split(config.data, 'train')
   val_np = data_lib.load_split(config.data, 'val') if config.val_every else None
   workdir_lib.check_split(train_np, config, 'train')
   if val_np is not None:
     workdir_lib.check_split(val_np, config, 'val')
+  workdir_lib.write_run_config(workdir, config)    # only a config that can start is recorded
+
+  init_key, train_key = keys_lib.run_keys(config)
+  state, tx = meta.create_state(init_key, config)
+  mgr = workdir_lib.checkpoint_manager(workdir, config)
+  restored = workdir_lib.restore_latest(mgr, state, workdir, set_aside=True)
+  if restored is not None:
+    state = restored
+  start = int(state.step)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   sharding = _task_sharding(config)
   if config.data.sampler == 'device':
     images = jax.device_put(train_np)
@@ -101,7 +110,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     end = min(end, start + config.max_steps_per_run)
   bar = _progress(config.num_steps, start, config.progress_bar)
   t0 = time.time()
-  window, last_log = [], time.time()
+  # the metrics since the last row: restored with the checkpoint, so rows match an uninterrupted run
+  window, last_log = workdir_lib.load_metrics_window(workdir, start), time.time()
   step = start
   stopped = 'finished'
   warned_inner = False
@@ -109,7 +119,10 @@ def train(config, workdir: str) -> dict[str, Any]:
     _say(f'meta-train: {config.num_steps - start} steps of {config.name} on a CPU; the ETA follows '
          f'the first {ETA_TIMED_STEPS + 1} steps (the CPU-sized experiment: {CPU_EXPERIMENT})',
          bar)
+  timed = 0.0
   while step < end:
+    timing = start + 1 <= step < start + 1 + ETA_TIMED_STEPS
+    t_step = time.time()
     if config.data.sampler == 'device':
       state, m = step_fn(state, images, train_key)
     else:
@@ -117,23 +130,23 @@ def train(config, workdir: str) -> dict[str, Any]:
                                            config.way, config.shot, config.query,
                                            config.data.shared_classes)
       state, m = step_fn(state, jax.device_put(eps, sharding), train_key)
+    if step == start or timing:   # the first step (compiling) and the timed ones: wait for them
+      jax.block_until_ready(state)
+      timed += (time.time() - t_step) if timing else 0.0
     step += 1
     window.append(m)
     if bar is not None:
       bar.update(1)
-    if step == start + 1:
-      jax.block_until_ready(state)
-      t_timed = time.time()
-    elif step == start + 1 + ETA_TIMED_STEPS:
-      jax.block_until_ready(state)
-      _say(eta_message((time.time() - t_timed) / ETA_TIMED_STEPS, config.num_steps - step,
-                       jax.default_backend()), bar)
-    if step % config.log_every == 0 or step == end:
+    if step == start + 1 + ETA_TIMED_STEPS and step < config.num_steps:
+      _say(eta_message(timed / ETA_TIMED_STEPS, config.num_steps - step, jax.default_backend()),
+           bar)
+    if step % config.log_every == 0 or step == config.num_steps:
       scalars = {f'train/{k}': float(v) for k, v in
                  jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *window)).items()}
       if not all(np.isfinite(v) for v in scalars.values()):
         raise FloatingPointError(f'non-finite training metrics in steps {step - len(window) + 1}-'
-                                 f'{step}: {scalars}. Lower meta_lr / inner_lr, or check the data.')
+                                 f'{step}: {scalars}. Lower meta_lr / inner_lr, or check the data.'
+                                 + _last_checkpoint(mgr))
       diverging = inner_loop_diverging(scalars)
       if diverging and not warned_inner:
         warnings.warn(f'steps {step - len(window) + 1}-{step}: {diverging}', RuntimeWarning)
@@ -152,11 +165,15 @@ def train(config, workdir: str) -> dict[str, Any]:
                                   'val/loss': r['loss']})
     out_of_time = (config.max_minutes_per_run and
                    (time.time() - t0) / 60.0 >= config.max_minutes_per_run)
-    if step % config.checkpoint_every == 0 or step == end or out_of_time:
-      mgr.save(step, args=ocp.args.StandardSave(state))
-      mgr.wait_until_finished()
-    if out_of_time:
-      stopped = 'time limit'
+    if step % config.checkpoint_every == 0 or step == end or out_of_time or stop.requested:
+      if not workdir_lib.all_finite(state.params):
+        raise FloatingPointError(f'the parameters are not finite at step {step}: not saved. '
+                                 'Lower meta_lr / inner_lr, or check the data.'
+                                 + _last_checkpoint(mgr))
+      workdir_lib.save_checkpoint(mgr, workdir, step, state)
+      workdir_lib.save_metrics_window(workdir, step, window)
+    if out_of_time or stop.requested:
+      stopped = 'time limit' if out_of_time else f'interrupted ({stop.requested})'
       break
   if bar is not None:
     bar.close()
@@ -169,6 +186,39 @@ def train(config, workdir: str) -> dict[str, Any]:
                                        'meta_lr': config_lib.meta_lr(config),
                                        **workdir_lib.provenance()})
   return status | {'state': state}
+
+
+def _last_checkpoint(mgr) -> str:
+  last = mgr.latest_step()
+  return (f' The last checkpoint ({last}, finite) is kept; rerunning resumes from it.'
+          if last is not None else ' No checkpoint was written.')
+
+
+class _StopOnSignal:
+  """While active (main thread only), SIGINT and SIGTERM ask the loop to stop after the step in
+  flight, checkpointed; a second signal interrupts at once."""
+
+  def __init__(self):
+    self.requested = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested is not None:   # a second signal: stop now
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+    print(f'\n{self.requested}: stopping after this step, checkpointed '
+          '(send it again to stop at once)', file=sys.stderr, flush=True)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False
 
 
 def inner_loop_diverging(scalars: dict, factor: float = 10.0) -> str | None:

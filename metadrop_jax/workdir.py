@@ -1,20 +1,31 @@
 """A training workdir: its run config, checkpoints, run log and provenance; the data splits a run
 reads, checked against the config.
 
-Layout: ``config.json`` (the run's config; a resumed run refuses one that would change its
-results), ``checkpoints/<step>/`` (orbax, written synchronously), ``runs.jsonl`` (one line per
-sitting), ``metrics.jsonl`` + ``tb/`` (:class:`metrics.MetricWriter`), ``results*.json``.
+Layout: ``config.json`` (the run's config, written once the data checks pass; a resumed run,
+or an evaluation, refuses one that would change its results), ``checkpoints/<step>/`` (orbax,
+written synchronously, only from finite states) with their SHA-256 in
+``checkpoint_hashes.json``, ``metrics_window.json`` (the metrics since the last logged row, at
+the last checkpoint), ``runs.jsonl`` (one line per sitting), ``metrics.jsonl`` + ``tb/``
+(:class:`metrics.MetricWriter`), ``results*.json``, and ``.lock`` (held by the run using it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import shutil
 import subprocess
+import time
+import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
@@ -24,11 +35,60 @@ from metadrop_jax import keys as keys_lib
 from metadrop_jax import meta
 from metadrop_jax import metrics as metrics_lib
 
-# Fields that may change between sittings of one run without changing its results.
+# Fields that may change between sittings of one run (and at evaluation) without changing its
+# results. data.sampler is not one: the host and device samplers draw different episodes.
 LOOP_FIELDS = ('max_steps_per_run', 'max_minutes_per_run', 'progress_bar', 'log_every',
                'val_every', 'checkpoint_every', 'keep_checkpoints', 'num_steps', 'eval',
-               'data.cache_dir', 'data.path', 'data.ilsvrc_path', 'data.source', 'data.sampler',
+               'data.cache_dir', 'data.path', 'data.ilsvrc_path', 'data.source',
                'model.conv_impl', 'name')
+
+
+class WorkdirError(RuntimeError):
+  """A workdir that cannot be used as asked; the message says why and what to do."""
+
+
+def prepare(workdir: str) -> None:
+  """Creates ``workdir``; refuses a path that is a file."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir={workdir} is a file, not a folder: choose another path')
+  os.makedirs(workdir, exist_ok=True)
+
+
+@contextlib.contextmanager
+def locked(workdir: str):
+  """Holds ``workdir/.lock`` (an exclusive flock) for one run; a second run on the same workdir
+  stops at once instead of interleaving checkpoints and logs."""
+  path = os.path.join(workdir, '.lock')
+  with open(path, 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or '?'
+      raise WorkdirError(f'{workdir} is in use by another run (pid {holder}); wait for it to '
+                         'finish or use another --workdir') from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+      yield
+    finally:
+      f.seek(0)
+      f.truncate()
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_writable(workdir: str) -> None:
+  """Refuses a workdir this process cannot write (before a long evaluation, not after it)."""
+  probe = os.path.join(workdir, f'.write_probe.{os.getpid()}')
+  try:
+    with open(probe, 'w') as f:
+      f.write('')
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'{workdir} is not writable ({e.strerror}): the results could not be '
+                       'saved; copy the workdir somewhere writable or fix its permissions') from e
 
 
 def flatten(d: dict) -> dict:
@@ -40,33 +100,67 @@ def flatten(d: dict) -> dict:
 # run config
 # ------------------------------------------------------------------------------------------------
 
-def check_or_write_run_config(workdir: str, config) -> None:
-  """Stores config.json; on resume refuses a config that would change the run's results."""
+def _stored_config(workdir: str) -> dict | None:
+  """workdir/config.json as a dict (None if absent); a ConfigError naming the file if unreadable."""
   path = os.path.join(workdir, 'config.json')
-  current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
+  if not os.path.exists(path):
+    return None
+  try:
     with open(path) as f:
       stored = json.load(f)
-    a, b = flatten(stored), flatten(current)
-    ignore = lambda k: any(k == f or k.startswith(f + '.') for f in LOOP_FIELDS)
-    diff = sorted(k for k in set(a) | set(b) if not ignore(k) and a.get(k) != b.get(k))
-    if diff:
-      lines = [f'    {k}: workdir has {a.get(k)!r}, now {b.get(k)!r}' for k in diff]
-      raise config_lib.ConfigError(
-          f'{workdir} holds a run with a different config; resuming would mix two '
-          'experiments:\n' + '\n'.join(lines) + '\n  Use a new --workdir, or the same config.')
-  metrics_lib.write_json_atomic(path, current)
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(
+        f'{path} is not a readable config ({e}). Restore it from a copy of the workdir, or move '
+        'it away to start the run afresh in this workdir.') from e
+  if not isinstance(stored, dict):
+    raise config_lib.ConfigError(f'{path} is not a config (a JSON object was expected)')
+  return stored
+
+
+def check_run_config(workdir: str, config, doing: str = 'resuming') -> None:
+  """Refuses ``config`` when the workdir's config.json differs in a field that changes results
+  (any field but :data:`LOOP_FIELDS`); nothing to check in a workdir without one."""
+  stored = _stored_config(workdir)
+  if stored is None:
+    return
+  a, b = flatten(stored), flatten(json.loads(config.to_json_best_effort()))
+  ignore = lambda k: any(k == f or k.startswith(f + '.') for f in LOOP_FIELDS)
+  diff = sorted(k for k in set(a) | set(b) if not ignore(k) and a.get(k) != b.get(k))
+  if diff:
+    lines = [f'    {k}: workdir has {a.get(k)!r}, now {b.get(k)!r}' for k in diff]
+    raise config_lib.ConfigError(
+        f'{workdir} holds a run with a different config; {doing} would mix two experiments:\n'
+        + '\n'.join(lines) + '\n  Use a new --workdir, or the workdir\'s config (leave out '
+        '--config to use its config.json).')
+
+
+def write_run_config(workdir: str, config) -> None:
+  metrics_lib.write_json_atomic(os.path.join(workdir, 'config.json'),
+                                json.loads(config.to_json_best_effort()))
+
+
+def check_or_write_run_config(workdir: str, config) -> None:
+  """:func:`check_run_config`, then stores config.json."""
+  check_run_config(workdir, config)
+  write_run_config(workdir, config)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (its config.json over the current defaults)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: {workdir} is not a training workdir '
-                            '(train first with launch.py --config=... --workdir=...)')
-  with open(path) as f:
-    cfg = config_lib.base_config()
-    cfg.update_from_flattened_dict(flatten(json.load(f)))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir={workdir} is a file, not a training workdir')
+  stored = _stored_config(workdir)
+  if stored is None:
+    raise FileNotFoundError(f'{os.path.join(workdir, "config.json")} not found: {workdir} is '
+                            'not a training workdir (train first with launch.py --config=... '
+                            '--workdir=...)')
+  cfg = config_lib.base_config()
+  try:
+    cfg.update_from_flattened_dict(flatten(stored))
+  except (KeyError, TypeError, ValueError) as e:
+    raise config_lib.ConfigError(f'{workdir}/config.json does not fit this version\'s config '
+                                 f'({e}); evaluate it with the commit that wrote it '
+                                 '(runs.jsonl names it)') from e
   return cfg
 
 
@@ -80,33 +174,146 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=opts)
 
 
-def restore_latest(mgr: ocp.CheckpointManager, template: meta.TrainState):
-  """The latest checkpoint restored into ``template``'s structure, or None if there is none."""
-  step = mgr.latest_step()
-  if step is None:
+_HASHES = 'checkpoint_hashes.json'
+
+
+def _checkpoint_digest(step_dir: str) -> dict[str, str]:
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      h = hashlib.sha256()
+      with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+          h.update(chunk)
+      out[os.path.relpath(path, step_dir)] = h.hexdigest()
+  return out
+
+
+def save_checkpoint(mgr: ocp.CheckpointManager, workdir: str, step: int, state) -> None:
+  """Saves ``state`` at ``step`` (synchronously) and records the files' SHA-256, so a later
+  restore can tell a truncated or altered checkpoint from an intact one."""
+  mgr.save(step, args=ocp.args.StandardSave(state))
+  mgr.wait_until_finished()
+  path = os.path.join(workdir, _HASHES)
+  hashes = _read_hashes(workdir)
+  kept = {str(s) for s in mgr.all_steps()}
+  hashes = {s: h for s, h in hashes.items() if s in kept}
+  hashes[str(step)] = _checkpoint_digest(os.path.join(mgr.directory, str(step)))
+  metrics_lib.write_json_atomic(path, hashes)
+
+
+def _read_hashes(workdir: str) -> dict:
+  try:
+    with open(os.path.join(workdir, _HASHES)) as f:
+      hashes = json.load(f)
+    return hashes if isinstance(hashes, dict) else {}
+  except (OSError, ValueError):
+    return {}
+
+
+def _damage(mgr, workdir: str | None, step: int) -> str | None:
+  """Why checkpoint ``step`` cannot be trusted (files missing, truncated or altered since they
+  were written), or None. Checkpoints without recorded hashes are not judged here."""
+  if workdir is None:
+    return None
+  recorded = _read_hashes(workdir).get(str(step))
+  if recorded is None:
+    return None
+  step_dir = os.path.join(mgr.directory, str(step))
+  now = _checkpoint_digest(step_dir)
+  bad = sorted(f for f in set(recorded) | set(now) if recorded.get(f) != now.get(f))
+  return (f'{len(bad)} of its files are missing or differ from what was written '
+          f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})') if bad else None
+
+
+def restore_latest(mgr: ocp.CheckpointManager, template: meta.TrainState,
+                   workdir: str | None = None, set_aside: bool = False):
+  """The newest intact checkpoint restored into ``template``'s structure, or None if there is
+  none. A damaged checkpoint (hash mismatch, or orbax cannot read it) is skipped, with a warning,
+  for the one before it; ``set_aside`` then moves the damaged ones to
+  ``workdir/damaged_checkpoints/`` so that the resumed run can write those steps again. When no
+  checkpoint can be restored nothing is moved (they may belong to another config)."""
+  steps = sorted(mgr.all_steps(), reverse=True)
+  if not steps:
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  try:
-    restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-  except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(
-        f'checkpoint {mgr.directory}/{step} cannot be restored into this config ({e}). It was '
-        'written by a different method or model size; use a fresh --workdir, or the config that '
-        'wrote it (workdir/config.json).') from e
-  return meta.TrainState(*restored)
+  problems, damaged = [], []
+  for step in steps:
+    problem = _damage(mgr, workdir, step)
+    if problem is None:
+      try:
+        restored = meta.TrainState(*mgr.restore(step, args=ocp.args.StandardRestore(abstract)))
+      except Exception as e:  # pylint: disable=broad-except
+        problem = f'orbax cannot read it ({type(e).__name__}: {str(e)[:300]})'
+    if problem is not None:
+      problems.append(f'checkpoint {step} is damaged: {problem}')
+      damaged.append(step)
+      continue
+    if damaged and set_aside and workdir is not None:
+      for bad in damaged:
+        dest = os.path.join(workdir, 'damaged_checkpoints', f'{bad}.{int(time.time())}')
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(os.path.join(mgr.directory, str(bad)), dest)
+        problems.append(f'moved {bad} to {dest}')
+      mgr.reload()
+    if problems:
+      warnings.warn(f'{mgr.directory}: ' + '; '.join(problems) + f'. Resuming from the intact '
+                    f'checkpoint {step}.', RuntimeWarning)
+    return restored
+  raise WorkdirError(
+      f'no checkpoint in {mgr.directory} can be restored:\n  ' + '\n  '.join(problems) +
+      '\n  If every one fails to fit, the workdir was written by another config or version: '
+      'use a fresh --workdir, or the config and commit that wrote it (config.json, runs.jsonl).')
 
 
 def restore(workdir: str, config=None) -> tuple[Any, meta.TrainState]:
-  """(config, latest TrainState) of a training workdir; config defaults to its config.json."""
-  config = config or load_run_config(workdir)
+  """(config, latest intact TrainState) of a training workdir. ``config`` defaults to the
+  workdir's config.json; a given one must not differ from it in a field that changes results."""
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir={workdir} is ' + ('a file, not a training workdir'
+                       if os.path.exists(workdir) else 'not there: train first'))
+  if config is None:
+    config = load_run_config(workdir)
+  else:
+    check_run_config(workdir, config, doing='evaluating it with this config')
   config_lib.validate(config)
   init_key, _ = keys_lib.run_keys(config)
   template, _ = meta.create_state(init_key, config)
-  state = restore_latest(checkpoint_manager(workdir, config), template)
+  state = restore_latest(checkpoint_manager(workdir, config), template, workdir)
   if state is None:
     raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first '
                             f'(launch.py --config=... --workdir={workdir})')
   return config, state
+
+
+def all_finite(tree) -> bool:
+  """Whether every leaf of ``tree`` is finite (one reduction on the device)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return bool(jnp.all(jnp.stack(leaves))) if leaves else True
+
+
+_WINDOW = 'metrics_window.json'
+
+
+def save_metrics_window(workdir: str, step: int, window: list) -> None:
+  """The per-step metrics logged since the last metrics row, at checkpoint ``step``: a resumed
+  run starts its first row's average from them, as an uninterrupted run would."""
+  rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(window)]
+  metrics_lib.write_json_atomic(os.path.join(workdir, _WINDOW), {'step': int(step), 'rows': rows})
+
+
+def load_metrics_window(workdir: str, step: int) -> list:
+  """The window saved with checkpoint ``step`` (float32 scalars), or [] if there is none."""
+  try:
+    with open(os.path.join(workdir, _WINDOW)) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return []
+  if not isinstance(saved, dict) or saved.get('step') != step:
+    return []
+  return [{k: np.float32(v) for k, v in m.items()} for m in saved.get('rows', [])]
 
 
 # ------------------------------------------------------------------------------------------------
