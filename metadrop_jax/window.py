@@ -476,7 +476,7 @@ def _tail_copy(src, dst, limit=MAX_FILE_BYTES - 2**20):
 # packing
 # ------------------------------------------------------------------------------------------------
 
-SKIP_PARTS = ('tb', '__pycache__')
+SKIP_PARTS = ('tb', '__pycache__', '.lock')   # .lock: held by a running train() only
 
 
 def _skip(rel: str) -> bool:
