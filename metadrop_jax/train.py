@@ -44,7 +44,8 @@ def eta_message(seconds_per_step: float, remaining: int, backend: str) -> str:
   if backend == 'cpu' and eta > 2 * 3600:
     msg += ('.\n  This config is sized for a GPU (pip install -e ".[gpu]"). The reduced-budget '
             f'CPU experiment takes about 35 minutes per method:\n    {CPU_EXPERIMENT}\n'
-            '  (docs/results.md); this run continues, checkpointed: rerun the command to resume.')
+            '  (docs/results.md). This run goes on; Ctrl-C stops it checkpointed, and the same\n'
+            '  command resumes it.')
   return msg
 
 
