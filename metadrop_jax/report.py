@@ -317,18 +317,23 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def _run_label(workdir: str) -> str:
-  """``method (name)`` from config.json / results.json, else the workdir's basename."""
-  for fn in ('results.json', 'config.json'):
+  """``method (name[, meta-gradient])`` from results.json / config.json, else the workdir's
+  basename; the meta-gradient is named unless it is the exact one."""
+  d = {}
+  for fn in ('config.json', 'results.json'):
     p = os.path.join(workdir, fn)
-    if os.path.exists(p):
-      try:
-        with open(p) as f:
-          d = json.load(f)
-        m = method_label(d.get('method', '?'))
-        return f"{m} ({d.get('name', os.path.basename(os.path.normpath(workdir)))})"
-      except (OSError, json.JSONDecodeError):
-        pass
-  return os.path.basename(os.path.normpath(workdir))
+    try:
+      with open(p) as f:
+        d.update(json.load(f))
+    except (OSError, json.JSONDecodeError):
+      pass
+  if not d:
+    return os.path.basename(os.path.normpath(workdir))
+  name = d.get('name', os.path.basename(os.path.normpath(workdir)))
+  mg = d.get('meta_gradient', 'exact')
+  if mg != 'exact':
+    name += f', {META_GRADIENT_LABELS.get(mg, mg)}'
+  return f"{method_label(d.get('method', '?'))} ({name})"
 
 
 def _color(i: int, n: int):

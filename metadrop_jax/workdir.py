@@ -114,6 +114,15 @@ def _stored_config(workdir: str) -> dict | None:
         'it away to start the run afresh in this workdir.') from e
   if not isinstance(stored, dict):
     raise config_lib.ConfigError(f'{path} is not a config (a JSON object was expected)')
+  return _upgrade(stored)
+
+
+def _upgrade(stored: dict) -> dict:
+  """A config.json written before ``meta_lr`` became one field (it was ``meta_lr``, None meaning
+  ``meta_lr_by_method[method]``) in today's form: the rate the run trained with."""
+  by_method = stored.pop('meta_lr_by_method', None)
+  if by_method is not None and stored.get('meta_lr') is None:
+    stored['meta_lr'] = by_method.get(stored.get('method'))
   return stored
 
 

@@ -130,3 +130,29 @@ def test_paper_configs_default_to_the_authors_meta_gradient():
                'mimgnet_5way5shot', 'omniglot_5way1shot_cpu'):
     assert importlib.import_module(f'configs.{name}').get_config().meta_gradient == 'authors'
   assert config_lib.base_config().meta_gradient == 'exact'
+
+
+RUNS = ('authors_maml', 'authors_metadrop', 'exact_maml', 'exact_metadrop')
+
+
+def test_committed_study_configs_load():
+  """results/fidelity/<run>/config.json (written before meta_lr became one field) still loads,
+  with the meta learning rate the run trained with."""
+  from metadrop_jax import workdir as workdir_lib
+  for run in RUNS:
+    config = workdir_lib.load_run_config(f'results/fidelity/{run}')
+    mg, method = run.split('_')
+    assert (config.method, config.meta_gradient, config.meta_lr) == (method, mg, 1e-3)
+
+
+def test_committed_study_checkpoint_restores(tmp_path):
+  """A released study model restores, finite, at the step its results.json names."""
+  import json
+  import shutil
+
+  from metadrop_jax import workdir as workdir_lib
+  wd = shutil.copytree('results/fidelity/authors_metadrop', tmp_path / 'run')
+  _, state = workdir_lib.restore(str(wd))
+  assert int(state.step) == 2000 and workdir_lib.all_finite(state.params)
+  if (wd / 'results.json').exists():
+    assert json.loads((wd / 'results.json').read_text())['step'] == 2000
