@@ -93,15 +93,6 @@ def tf_reference(row: dict):
   return ref['s_per_iter'].get((row.get('config'), row.get('method'))) if same_place else None
 
 
-def _parse_value(v: str):
-  for cast in (int, float):
-    try:
-      return cast(v)
-    except ValueError:
-      pass
-  return {'true': True, 'false': False}.get(v.lower(), v)
-
-
 def _build_config(name: str, method: str, overrides: dict):
   sys.path.insert(0, ROOT)
   import importlib
@@ -334,10 +325,9 @@ def main(argv=None):
   for c in configs:
     if c not in ALL_CONFIGS:
       ap.error(f'unknown config {c!r}: choose from {ALL_CONFIGS}')
-  overrides = {}
-  for s in args.set:
-    k, _, v = s.partition('=')
-    overrides[k] = _parse_value(v)
+  sys.path.insert(0, ROOT)
+  from metadrop_jax import config as config_lib   # imports jax, initialises no backend
+  overrides = config_lib.parse_overrides(args.set)
 
   rows = []
 

@@ -215,15 +215,6 @@ def format_check(out: dict) -> str:
   return '\n'.join(lines)
 
 
-def _parse_value(v: str):
-  for cast in (int, float):
-    try:
-      return cast(v)
-    except ValueError:
-      pass
-  return {'true': True, 'false': False}.get(v.lower(), v)
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--setting', default=SMOKE_SETTING)
@@ -232,10 +223,9 @@ def main(argv=None):
   ap.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
   ap.add_argument('--out', default='')
   a = ap.parse_args(argv)
+  from metadrop_jax import config as config_lib
   overrides = dict(SMOKE_OVERRIDES) if a.setting == SMOKE_SETTING else {}
-  for s in a.set:
-    k, _, v = s.partition('=')
-    overrides[k] = _parse_value(v)
+  overrides.update(config_lib.parse_overrides(a.set))
   def save(out):   # after every row: a smoke test cut by its timeout keeps what it measured
     if a.out:
       with open(a.out + '.tmp', 'w') as f:

@@ -189,3 +189,17 @@ def ilsvrc_tree(root: Path, csv_dir: Path, n_images: int = MINI_IMAGES, per_clas
 def copy_tree(src: Path, dst: Path) -> Path:
   shutil.copytree(src, dst)
   return dst
+
+
+def data_config(name, path='', source='auto', cache_dir='', **kw):
+  """A ``config.data`` for ``name`` reading ``path`` (the other fields: base_config's)."""
+  from metadrop_jax.config import base_config
+  c = base_config().data
+  c.name, c.path, c.source, c.cache_dir = name, str(path), source, str(cache_dir)
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def quiet(*_):
+  """A ``log`` callback that prints nothing."""

@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -97,18 +96,6 @@ def tiny_config(**over):
   c = tiny.get_config()
   c.progress_bar = False
   return config_lib.override(c, over)
-
-
-def data_config(name, path='', source='auto', cache_dir='', **kw):
-  c = config_lib.base_config().data
-  c.name, c.path, c.source, c.cache_dir = name, str(path), source, str(cache_dir)
-  for k, v in kw.items():
-    c[k] = v
-  return c
-
-
-def quiet(*_):
-  pass
 
 
 @pytest.fixture
@@ -388,7 +375,7 @@ def _prepare_fake(tmp_path, arrays=None):
                                                                  dtype=np.uint8)}
   d, m = cache.prepare(dataset='fake', cache_dir=tmp_path / 'cache', key={'v': 1},
                        source_files=lambda: [], build=lambda: (arrays, {}), description='',
-                       log=quiet)
+                       log=H.quiet)
   return d, m, arrays
 
 
@@ -413,9 +400,9 @@ def test_modified_cache_array_of_the_same_shape_is_detected(tmp_path):
 
 def test_modified_omniglot_cache_through_load_split(tmp_path):
   root = H.write_omniglot(tmp_path / 'o', 'zip')
-  c = data_config('omniglot', root, 'local', tmp_path / 'cache')
+  c = H.data_config('omniglot', root, 'local', tmp_path / 'cache')
   train = omniglot.load_split(c, 'train', **H.OMNI_COUNTS)
-  d, _ = omniglot.prepare(c, log=quiet, **H.OMNI_COUNTS)
+  d, _ = omniglot.prepare(c, log=H.quiet, **H.OMNI_COUNTS)
   train[:4] = train[4:8].copy()                   # one character replaced by another
   np.save(d / 'train.npy', train)
   with pytest.raises(DataError, match=r'train\.npy: contents changed.*delete'):
@@ -464,7 +451,7 @@ def test_unwritable_cache_dir(tmp_path, monkeypatch):
 def test_unreadable_omniglot_zip_names_the_file(tmp_path, deny_read):
   root = H.write_omniglot(tmp_path / 'o', 'zip')
   deny_read(root / 'images_evaluation.zip')
-  c = data_config('omniglot', root, 'local', tmp_path / 'cache')
+  c = H.data_config('omniglot', root, 'local', tmp_path / 'cache')
   with pytest.raises(DataError, match=rf'{root}/images_evaluation\.zip: cannot read it '
                                       r'\(Permission denied\); make it readable') as e:
     omniglot.load_split(c, 'train', **H.OMNI_COUNTS)
@@ -475,7 +462,7 @@ def test_unreadable_miniimagenet_image_names_the_file(tmp_path, deny_read):
   tree = H.write_tree(tmp_path / 'tree', H.mini_files())
   victim = sorted((tree / 'miniimagenet' / 'val').rglob('*.jpg'))[1]
   deny_read(victim)
-  c = data_config('miniimagenet', tree, 'local', tmp_path / 'cache')
+  c = H.data_config('miniimagenet', tree, 'local', tmp_path / 'cache')
   with pytest.raises(DataError, match=rf'{victim}: cannot read it \(Permission denied\)'):
     miniimagenet.load_split(c, 'train', **H.MINI_COUNTS)
 
@@ -504,7 +491,7 @@ def test_corrupt_deflated_omniglot_member_names_zip_and_member(tmp_path):
   with zipfile.ZipFile(zp) as z, pytest.raises(Exception) as raw:
     z.read(victim)
   assert isinstance(raw.value, zlib.error)        # which used to escape, naming no file
-  c = data_config('omniglot', root, 'local', tmp_path / 'cache')
+  c = H.data_config('omniglot', root, 'local', tmp_path / 'cache')
   with pytest.raises(DataError, match=rf'{zp}: member {victim} is corrupt \(zlib\.error: .*\); get a '
                                       r'fresh copy of images_evaluation\.zip'):
     omniglot.load_split(c, 'test', **H.OMNI_COUNTS)
@@ -514,7 +501,7 @@ def test_corrupt_deflated_miniimagenet_member_names_zip_and_member(tmp_path):
   files = H.mini_files()
   victim = sorted(k for k in files if k.startswith('miniimagenet/test/'))[2]
   zp = _corrupt_deflated_member(tmp_path / 'miniimagenet_84x84.zip', files, victim)
-  c = data_config('miniimagenet', zp, 'local', tmp_path / 'cache')
+  c = H.data_config('miniimagenet', zp, 'local', tmp_path / 'cache')
   with pytest.raises(DataError, match=rf'member {victim} of {zp} is corrupt or unreadable '
                                       r'\(zlib\.error: .*get a fresh copy of miniimagenet_84x84\.zip'):
     miniimagenet.load_split(c, 'test', **H.MINI_COUNTS)
@@ -530,7 +517,7 @@ def test_offline_without_omniglot_fails_fast_saying_where_to_put_it(tmp_path, mo
   from metadrop_jax import data as data_lib
   t0 = time.time()
   with pytest.raises(DataError) as e:
-    data_lib.load_split(data_config('omniglot', cache_dir=tmp_path / 'cache'), 'train')
+    data_lib.load_split(H.data_config('omniglot', cache_dir=tmp_path / 'cache'), 'train')
   assert time.time() - t0 < 5
   msg = str(e.value)
   assert '\n' not in msg and 'no network' in msg and 'github.com unreachable' in msg

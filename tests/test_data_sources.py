@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 import data_helpers as H
-from metadrop_jax.config import base_config
 from metadrop_jax.data import DataError, cache, load_split, miniimagenet, omniglot, prepare
 
 OMNI_DIR = H.SHARED_DATA / 'omniglot'
@@ -29,18 +28,6 @@ need_omniglot = pytest.mark.skipif(
 need_mini = pytest.mark.skipif(
     not MINI_ZIP.is_file(),
     reason=f'real miniImageNet not found at {MINI_ZIP} (shared/data beside the repository)')
-
-
-def config(name, path='', source='auto', cache_dir='', **kw):
-  c = base_config().data
-  c.name, c.path, c.source, c.cache_dir = name, str(path), source, str(cache_dir)
-  for k, v in kw.items():
-    c[k] = v
-  return c
-
-
-def quiet(*_):
-  pass
 
 
 def expected_omniglot_image(png: bytes) -> np.ndarray:
@@ -58,7 +45,7 @@ def check_rotations(a: np.ndarray):
 
 @pytest.fixture(scope='module')
 def real_omniglot(tmp_path_factory):
-  c = config('omniglot', OMNI_DIR, 'local', tmp_path_factory.mktemp('cache'))
+  c = H.data_config('omniglot', OMNI_DIR, 'local', tmp_path_factory.mktemp('cache'))
   return c, {s: load_split(c, s) for s in ('train', 'val', 'test')}
 
 
@@ -74,7 +61,7 @@ def test_real_omniglot_shapes_values_rotations(real_omniglot):
     assert (x == 255).mean() > 0.01
     check_rotations(x)
   # First meta-train character, first image, decoded straight from the zip.
-  directory, manifest = omniglot.prepare(c, log=quiet)
+  directory, manifest = omniglot.prepare(c, log=H.quiet)
   alphabet, character = manifest['characters']['train'][0].split('/')
   for arc in ('images_background', 'images_evaluation'):
     z = zipfile.ZipFile(OMNI_DIR / f'{arc}.zip')
@@ -91,7 +78,7 @@ def test_real_omniglot_shapes_values_rotations(real_omniglot):
 @need_omniglot
 def test_real_omniglot_split_disjoint_and_val(real_omniglot):
   c, a = real_omniglot
-  _, manifest = omniglot.prepare(c, log=quiet)
+  _, manifest = omniglot.prepare(c, log=H.quiet)
   tr, te = manifest['characters']['train'], manifest['characters']['test']
   assert len(tr) == 1200 and len(te) == 423 and not set(tr) & set(te) and len(set(tr + te)) == 1623
   # The same by pixels: no unrotated image of a test character appears among train images.
@@ -130,7 +117,7 @@ def test_real_miniimagenet_one_class_per_split_fully(tmp_path):
     for f in by[w]:
       files[f'miniimagenet/{split}/{w}/{f}'] = z.read(f'miniimagenet/{split}/{w}/{f}')
   sub = H.write_zip(tmp_path / 'one_class.zip', files)
-  c = config('miniimagenet', sub, 'local', tmp_path / 'cache')
+  c = H.data_config('miniimagenet', sub, 'local', tmp_path / 'cache')
   counts = dict(split_classes={'train': 1, 'val': 1, 'test': 1}, n_images=600)
   for split, (w, names) in picked.items():
     a = miniimagenet.load_split(c, split, **counts)
@@ -142,7 +129,7 @@ def test_real_miniimagenet_one_class_per_split_fully(tmp_path):
 @pytest.mark.slow   # ~30-35 s on 2 cores (60,000 JPEG decodes); the test above covers one class per split
 @need_mini
 def test_real_miniimagenet_full(tmp_path):
-  c = config('miniimagenet', MINI_ZIP.parent, 'auto', tmp_path)
+  c = H.data_config('miniimagenet', MINI_ZIP.parent, 'auto', tmp_path)
   z = zipfile.ZipFile(MINI_ZIP)
   seen = set()
   for split, n in (('train', 64), ('val', 16), ('test', 20)):
@@ -156,7 +143,7 @@ def test_real_miniimagenet_full(tmp_path):
       np.testing.assert_array_equal(a[i, 0], _decode_rgb(z.read(f'miniimagenet/{split}/{w}/{by[w][0]}')))
       np.testing.assert_array_equal(a[i, -1], _decode_rgb(z.read(f'miniimagenet/{split}/{w}/{by[w][-1]}')))
     del a
-  directory, manifest = miniimagenet.prepare(c, log=quiet)
+  directory, manifest = miniimagenet.prepare(c, log=H.quiet)
   assert manifest['source_files'][0]['sha256'] == (
       '8fa60f1b9710eb6521750e1829e52bee2e785b859a1d9eb75c9c651fa6dcdce3')
 
@@ -164,7 +151,7 @@ def test_real_miniimagenet_full(tmp_path):
 # ==== Omniglot on tiny archives ==================================================================
 
 def omni_load(root, cache_dir, split, source='local', **kw):
-  return omniglot.load_split(config('omniglot', root, source, cache_dir, **kw), split, **H.OMNI_COUNTS)
+  return omniglot.load_split(H.data_config('omniglot', root, source, cache_dir, **kw), split, **H.OMNI_COUNTS)
 
 
 def test_omniglot_zip_parser_matches_direct_decoding(tmp_path):
@@ -200,10 +187,10 @@ def test_omniglot_folder_equals_zip_and_val_split(tmp_path):
 
 
 def test_omniglot_auto_source(tmp_path):
-  assert omniglot.resolve_source(config('omniglot', tmp_path)) == 'local'
-  assert omniglot.resolve_source(config('omniglot', '')) == 'tfds'
+  assert omniglot.resolve_source(H.data_config('omniglot', tmp_path)) == 'local'
+  assert omniglot.resolve_source(H.data_config('omniglot', '')) == 'tfds'
   with pytest.raises(DataError, match='needs data.path'):
-    omniglot.resolve_source(config('omniglot', '', 'local'))
+    omniglot.resolve_source(H.data_config('omniglot', '', 'local'))
 
 
 def test_omniglot_missing_archive(tmp_path):
@@ -251,7 +238,7 @@ def test_omniglot_wrong_image_count(tmp_path):
 
 def test_omniglot_wrong_character_count_and_stray_file(tmp_path):
   root = H.write_omniglot(tmp_path / 'o', 'folder')
-  c = config('omniglot', root, 'local', tmp_path / 'c')
+  c = H.data_config('omniglot', root, 'local', tmp_path / 'c')
   with pytest.raises(DataError, match='found 9 characters .* expected 1623'):
     omniglot.load_split(c, 'train')
   import shutil
@@ -267,7 +254,7 @@ def test_omniglot_wrong_character_count_and_stray_file(tmp_path):
 
 def test_cache_reuse_rebuild_and_atomicity(tmp_path, monkeypatch):
   root = H.write_omniglot(tmp_path / 'o', 'zip')
-  c = config('omniglot', root, 'local', tmp_path / 'cache')
+  c = H.data_config('omniglot', root, 'local', tmp_path / 'cache')
   logs = []
   d1, m1 = omniglot.prepare(c, log=logs.append, **H.OMNI_COUNTS)
   assert len(logs) == 1 and (d1 / 'manifest.json').is_file()
@@ -299,7 +286,7 @@ def test_cache_reuse_rebuild_and_atomicity(tmp_path, monkeypatch):
     raise DataError('simulated failure')
   monkeypatch.setattr(omniglot, 'build_arrays', boom)
   with pytest.raises(DataError, match='simulated'):
-    omniglot.prepare(c, log=quiet, **H.OMNI_COUNTS)
+    omniglot.prepare(c, log=H.quiet, **H.OMNI_COUNTS)
   for d in (tmp_path / 'cache').iterdir():
     assert not [p for p in d.iterdir() if '.tmp-' in p.name]
     if (d / 'manifest.json').exists():
@@ -308,8 +295,8 @@ def test_cache_reuse_rebuild_and_atomicity(tmp_path, monkeypatch):
 
 def test_cache_detects_tampered_array(tmp_path):
   root = H.write_omniglot(tmp_path / 'o', 'zip')
-  c = config('omniglot', root, 'local', tmp_path / 'cache')
-  d, _ = omniglot.prepare(c, log=quiet, **H.OMNI_COUNTS)
+  c = H.data_config('omniglot', root, 'local', tmp_path / 'cache')
+  d, _ = omniglot.prepare(c, log=H.quiet, **H.OMNI_COUNTS)
   np.save(d / 'test.npy', np.zeros((2, 4, 28, 28, 1), np.uint8))
   with pytest.raises(DataError, match='manifest says uint8'):
     omni_load(root, tmp_path / 'cache', 'test')
@@ -318,7 +305,7 @@ def test_cache_detects_tampered_array(tmp_path):
 # ==== miniImageNet on tiny archives ===============================================================
 
 def mini_load(path, cache_dir, split, source='auto', **kw):
-  return miniimagenet.load_split(config('miniimagenet', path, source, cache_dir, **kw), split,
+  return miniimagenet.load_split(H.data_config('miniimagenet', path, source, cache_dir, **kw), split,
                                  **H.MINI_COUNTS)
 
 
@@ -446,7 +433,7 @@ def test_miniimagenet_npy(tmp_path):
 def test_miniimagenet_ilsvrc(tmp_path):
   ilsvrc = H.ilsvrc_tree(tmp_path / 'ILSVRC' / 'train', tmp_path / 'csv')
   c = dict(ilsvrc_path=str(ilsvrc))
-  assert miniimagenet.resolve_source(config('miniimagenet', tmp_path / 'csv', **c))[0] == 'ilsvrc'
+  assert miniimagenet.resolve_source(H.data_config('miniimagenet', tmp_path / 'csv', **c))[0] == 'ilsvrc'
   for split in H.MINI_SPLITS:
     got = mini_load(tmp_path / 'csv', tmp_path / 'c', split, **c)
     rows = (tmp_path / 'csv' / f'{split}.csv').read_text().splitlines()[1:]
@@ -478,7 +465,7 @@ def test_miniimagenet_ilsvrc(tmp_path):
 
 def test_dispatcher_and_cli(tmp_path, capsys):
   zp = H.write_zip(tmp_path / 'miniimagenet_84x84.zip', H.mini_files())
-  c = config('miniimagenet', zp, 'auto', tmp_path / 'c')
+  c = H.data_config('miniimagenet', zp, 'auto', tmp_path / 'c')
   with pytest.raises(DataError, match='lists 3 classes, expected 64'):   # real counts by default
     load_split(c, 'train')
   with pytest.raises(SystemExit) as e:
@@ -518,8 +505,8 @@ def test_omniglot_tfds_equals_local(tmp_path, monkeypatch):
     self._url_infos.update(infos)
   monkeypatch.setattr(download_manager.DownloadManager, '__init__', init_with_test_checksums)
   counts = dict(images_per_character=2)
-  t = config('omniglot', tmp_path / 'tfds', 'tfds', tmp_path / 'cache', val_classes=10)
-  l = config('omniglot', manual, 'local', tmp_path / 'cache', val_classes=10)
+  t = H.data_config('omniglot', tmp_path / 'tfds', 'tfds', tmp_path / 'cache', val_classes=10)
+  l = H.data_config('omniglot', manual, 'local', tmp_path / 'cache', val_classes=10)
   for split in ('train', 'val', 'test'):
     a, b = omniglot.load_split(t, split, **counts), omniglot.load_split(l, split, **counts)
     assert a.shape == b.shape == ({'train': 4760, 'val': 40, 'test': 1692}[split], 2, 28, 28, 1)
