@@ -19,7 +19,7 @@ import sys
 import warnings
 from typing import Any, Sequence
 
-from metadrop_jax import methods
+from metadrop_jax import methods, metrics
 
 # Table 1 of the paper (ICLR 2020), MAML and Meta-dropout rows, accuracy ± 95% CI in percent,
 # 1000 episodes, as quoted by the authors' README; and the authors' re-run of their released code
@@ -143,7 +143,7 @@ def compare(run: dict) -> dict[str, Any]:
          'mc_samples': run.get('mc_samples'), 'workdir': run.get('workdir', ''),
          'name': run.get('name', ''), 'commit': run.get('commit', ''),
          'device': run.get('device', ''), 'meta_gradient': run.get('meta_gradient'),
-         'seed': run.get('seed')}
+         'seed': run.get('seed'), 'split': run.get('split'), 'eval_seed': run.get('eval_seed')}
   for src in ('paper', 'rerun'):
     ref = out[src]
     out[f'diff_{src}'] = None if ref is None else acc - ref[0]
@@ -222,7 +222,9 @@ def build_table(runs: Sequence[dict]) -> str:
            'Accuracy (%) ± 95% CI over meta-test episodes. "paper": the paper\'s Table 1; '
            '"re-run": the authors\' re-run of their released code (docs/paper.md); '
            'Δ = ours − reference; "paper in our CI": |ours − paper| ≤ our CI. "reduced budget": '
-           f'the evaluated checkpoint is short of {FULL_BUDGET_STEPS} meta-iterations.', '',
+           f'the evaluated checkpoint is short of {FULL_BUDGET_STEPS} meta-iterations. Gain: '
+           '"paired ±" is the 95% CI of the per-episode difference, where both runs were '
+           'meta-tested on the same episodes.', '',
            '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for m in order:
     for i, row in enumerate(cells[m]):
@@ -236,7 +238,9 @@ def build_table(runs: Sequence[dict]) -> str:
     a, b = cells['metadrop'][0].get(col), cells['maml'][0].get(col)
     parts = []
     if a and b:
-      parts.append(f"**{a['accuracy'] - b['accuracy']:+.2f}**")
+      paired = paired_gain(a, b)
+      parts.append(f"**{a['accuracy'] - b['accuracy']:+.2f}**" +
+                   (f" (paired ± {paired['ci95']:.2f})" if paired else ''))
     else:
       parts.append('—')
     pa, pb = PAPER_TABLE1.get(('metadrop',) + s), PAPER_TABLE1.get(('maml',) + s)
@@ -265,6 +269,22 @@ def build_table(runs: Sequence[dict]) -> str:
         str(c['episodes']), str(c['mc_samples']), str(c['commit']), str(c['device'])]) + ' |')
   lines += seeds_section(comps)
   return '\n'.join(lines) + '\n'
+
+
+def paired_gain(a: dict, b: dict) -> dict | None:
+  """Meta-dropout − MAML over the episodes both were meta-tested on (``metrics.paired_difference``
+  of their ``episode_accs_<split>.npy``), or None unless both were meta-tested on the same
+  episodes: same split, evaluation seed and number of episodes (the episode sampler is a
+  function of these and the data)."""
+  import numpy as np
+  same = ('split', 'eval_seed', 'episodes')
+  if any(a.get(k) is None or a.get(k) != b.get(k) for k in same):
+    return None
+  try:
+    accs = [np.load(os.path.join(c['workdir'], f"episode_accs_{c['split']}.npy")) for c in (a, b)]
+    return metrics.paired_difference(*accs)
+  except (OSError, ValueError):
+    return None
 
 
 def seeds_section(comps: Sequence[dict]) -> list[str]:

@@ -211,3 +211,34 @@ def test_accuracy_bars_one_panel_per_setting(tmp_path, runs):
     assert colors is not None and len(colors) > 20
   with pytest.raises(ValueError, match='no results'):
     report.plot_accuracy_bars([], str(tmp_path / 'none.png'))
+
+
+def test_gain_has_a_paired_ci_only_over_the_same_episodes(tmp_path):
+  import numpy as np
+  from metadrop_jax import metrics
+  rng = np.random.default_rng(0)
+  hard = rng.uniform(0.3, 1.0, 1000)               # episode difficulty, shared by both models
+  a = np.clip(hard + rng.normal(0.02, 0.03, 1000), 0, 1)
+  b = np.clip(hard + rng.normal(0.0, 0.03, 1000), 0, 1)
+  wds = []
+  for name, method, accs in (('md', 'metadrop', a), ('maml', 'maml', b)):
+    s = metrics.summarize(accs)
+    wd = _write_run(tmp_path, name, method=method, dataset='omniglot', way=5, shot=1,
+                    acc=s['mean'], ci=s['ci95'])
+    res = json.loads((tmp_path / name / 'results.json').read_text())
+    res.update(split='test', eval_seed=0)
+    (tmp_path / name / 'results.json').write_text(json.dumps(res))
+    np.save(tmp_path / name / 'episode_accs_test.npy', accs)
+    wds.append(wd)
+  want = metrics.summarize(a - b)
+  gain = _row(report.build_table(report.load_results(wds)), 'Gain (Meta-dropout − MAML)')
+  assert gain[-1] == f"**{want['mean']:+.2f}** (paired ± {want['ci95']:.2f})"
+  # the paired interval is far narrower than either model's own (the difficulty cancels)
+  assert want['ci95'] < 0.5 * metrics.summarize(a)['ci95']
+  # other evaluation episodes: no pairing
+  res = json.loads((tmp_path / 'maml' / 'results.json').read_text())
+  (tmp_path / 'maml' / 'results.json').write_text(json.dumps({**res, 'eval_seed': 1}))
+  gain = _row(report.build_table(report.load_results(wds)), 'Gain (Meta-dropout − MAML)')
+  assert gain[-1] == f"**{want['mean']:+.2f}**"
+  with pytest.raises(ValueError, match='paired'):
+    metrics.paired_difference(a, b[:10])
