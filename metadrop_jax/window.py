@@ -222,6 +222,23 @@ def measured_torch_cells(device_kind: str, repo: str = ROOT) -> set:
   return out
 
 
+def bench_plan(mode: str, cells: list, measured: set, window_flags: str, next_cell) -> tuple:
+  """(mode, the cells to benchmark) for ``--bench=mode``. 'auto' is 'full' on the first window
+  of a card kind (no committed row for it: ``measured`` is empty of ``cells``), else 'quick':
+  later windows train, and the quick cell (the campaign's next run, ``next_cell()``, at the
+  campaign's precision; its compile lands in the cache for the sitting) measures each setting as
+  the campaign reaches it. The first H200 window's full benchmark took 55 % of its budget for
+  five cells. 'full' measures the cells not yet measured (all of them again if none is left)."""
+  todo = [c for c in cells if _cell_key(c, window_flags) not in measured]
+  if mode == 'auto':
+    mode = 'full' if len(todo) == len(cells) else 'quick'
+  if mode == 'full':
+    return mode, todo or cells
+  if mode == 'quick':
+    return mode, [next_cell() or cells[0]]
+  return mode, []
+
+
 def choose_precision(smoke: dict | None, bench_rows: list[dict]) -> tuple[str, str]:
   """('highest' | 'default', why). TF32 ('default') only where the smoke test passed it and the
   benchmark measured it at least TF32_MIN_SPEEDUP faster on the same cell; else 'highest'."""
@@ -310,22 +327,8 @@ def run_window(a) -> dict:
     cells.append(('highest', first, 'metadrop', nondet, 1))
   cells += [('highest', first, 'maml', None, 1), ('highest', first, 'metadrop', None, a.bench_seeds)]
   cells += [('highest', c, m, None, 1) for c in configs[1:] for m in ('metadrop', 'maml')]
-  measured = measured_cells(kind)
-  todo = [c for c in cells if _cell_key(c, flags) not in measured]
-  bench_mode = a.bench
-  if bench_mode == 'auto':
-    # full on the first window of a card kind; after that the windows train, and the quick cell
-    # (the campaign's next run) measures each setting as the campaign reaches it. The first H200
-    # window's full benchmark took 55 % of its budget for five cells.
-    bench_mode = 'full' if len(todo) == len(cells) else 'quick'
-  if bench_mode == 'full':
-    jobs = todo or cells
-  elif bench_mode == 'quick':
-    # the campaign's next run at the campaign's precision: a timing for this window's card, and
-    # its compile lands in the cache for the sitting
-    jobs = [_next_run_cell(os.path.abspath(a.campaign_dir)) or cells[0]]
-  else:
-    jobs = []
+  bench_mode, jobs = bench_plan(a.bench, cells, measured_cells(kind), flags,
+                                lambda: _next_run_cell(os.path.abspath(a.campaign_dir)))
   bench_end = time.time() + BENCH_FRACTION.get(bench_mode, 0.0) * a.budget_s
   bench_rows: list[dict] = []
 

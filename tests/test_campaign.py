@@ -230,3 +230,25 @@ def test_a_killed_sitting_is_recovered_from_the_runs_logs(tmp_path):
   assert row['runs'] == [{'name': 'r1', 'from': 0, 'to': 20, 'minutes': 0.5, 'stopped': 'finished',
                           'evaluated': True, 'accuracy': 50.0, 'ci95': 1.0}]
   assert json.loads((tmp_path / 'sittings.jsonl').read_text())['killed']
+
+
+def test_bench_plan_benchmarks_in_full_only_on_a_card_kinds_first_window():
+  det = '--xla_gpu_deterministic_ops=true'
+  cells = [('highest', 'omni', 'metadrop', None, 1), ('highest', 'omni', 'maml', None, 1),
+           ('highest', 'mimg', 'metadrop', None, 1)]
+  key = lambda c: window._cell_key(c, det)
+  nxt = ('highest', 'mimg', 'maml', None, 1, 'authors')
+  # first window on this card kind: every cell
+  assert window.bench_plan('auto', cells, set(), det, lambda: nxt) == ('full', cells)
+  # a later one: only the campaign's next run, though cells are still missing
+  assert window.bench_plan('auto', cells, {key(cells[0])}, det, lambda: nxt) == ('quick', [nxt])
+  # no campaign run to train: the first cell
+  assert window.bench_plan('quick', cells, set(), det, lambda: None) == ('quick', cells[:1])
+  # asked for in full: what is missing, else everything again
+  assert window.bench_plan('full', cells, {key(cells[0])}, det, lambda: nxt) == ('full', cells[1:])
+  assert window.bench_plan('full', cells, {key(c) for c in cells}, det, lambda: nxt) == (
+      'full', cells)
+  assert window.bench_plan('skip', cells, set(), det, lambda: nxt) == ('skip', [])
+  # a row measured without deterministic ops does not count for a deterministic window
+  nondet = {window._cell_key(c, '') for c in cells}
+  assert window.bench_plan('auto', cells, nondet, det, lambda: nxt)[0] == 'full'
