@@ -23,13 +23,15 @@ from metadrop_jax import workdir as workdir_lib
 
 
 def evaluate(params, images, config, *, split: str = 'test', num_episodes: int | None = None,
-             mc_samples: int | None = None, eval_step=None) -> dict[str, Any]:
+             mc_samples: int | None = None, eval_step=None,
+             should_stop=None) -> dict[str, Any] | None:
   """The paper's meta-test protocol: adapt on each episode's support set with ``mc_samples``
   MC samples of the perturbed inner loss, score the query set; mean and 95% CI over episodes.
 
   ``eval_step``: a step built by :func:`meta.make_eval_step` for these settings (default: built,
   or reused from an earlier call with an equivalent config).
-  Returns ``{'mean', 'ci95', 'n'}`` in percent plus ``'loss'`` and the per-episode ``'accs'``.
+  Returns ``{'mean', 'ci95', 'n'}`` in percent plus ``'loss'`` and the per-episode ``'accs'``;
+  None when ``should_stop()`` (asked before each batch of episodes) said to stop.
   """
   n = num_episodes or config.eval.num_episodes
   mc = mc_samples or config.eval.mc_samples
@@ -40,6 +42,8 @@ def evaluate(params, images, config, *, split: str = 'test', num_episodes: int |
   images = jnp.asarray(images)
   accs, losses = [], []
   for i in range(math.ceil(n / bt)):
+    if should_stop is not None and should_stop():
+      return None
     a, l = step(params, images, *keys_lib.eval_batch_keys(ep_key, noise_key, i))
     accs.append(a)
     losses.append(l)

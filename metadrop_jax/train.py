@@ -159,11 +159,14 @@ def _train(config, workdir: str, stop: '_StopOnSignal') -> dict[str, Any]:
         bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", acc=f"{scalars['train/acc']:.3f}")
       window, last_log = [], now
     if val_step is not None and step % config.val_every == 0:
+      # a stop signal skips (or cuts short) this validation: Ctrl-C does not wait for it
       r = evaluation.evaluate(state.params, val_np, config, split='val',
                               num_episodes=config.eval.val_episodes,
-                              mc_samples=config.eval.val_mc_samples, eval_step=val_step)
-      writer.write_scalars(step, {'val/acc': r['mean'] / 100.0, 'val/ci95': r['ci95'] / 100.0,
-                                  'val/loss': r['loss']})
+                              mc_samples=config.eval.val_mc_samples, eval_step=val_step,
+                              should_stop=lambda: stop.requested is not None)
+      if r is not None:
+        writer.write_scalars(step, {'val/acc': r['mean'] / 100.0, 'val/ci95': r['ci95'] / 100.0,
+                                    'val/loss': r['loss']})
     out_of_time = (config.max_minutes_per_run and
                    (time.time() - t0) / 60.0 >= config.max_minutes_per_run)
     if step % config.checkpoint_every == 0 or step == end or out_of_time or stop.requested:

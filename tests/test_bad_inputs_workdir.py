@@ -152,6 +152,30 @@ def test_a_signal_saves_and_stops_cleanly(tmp_path, sig):
   assert int(state.step) == status['step'] >= 3
 
 
+def test_a_signal_during_validation_stops_it_and_saves(tmp_path, monkeypatch):
+  """A stop signal that arrives while a validation runs cuts it short (no half-validation
+  written) and the run stops at that step, checkpointed, as after a training step."""
+  wd = str(tmp_path / 'run')
+  c = small(num_steps=10, val_every=2, checkpoint_every=100, log_every=1,
+            **{'eval.val_episodes': 8, 'eval.batch_tasks': 2, 'eval.val_mc_samples': 1})
+  real, calls = keys.eval_batch_keys, []
+
+  def batch_keys(*a):           # the SIGTERM comes in the second validation, after its 1st batch
+    calls.append(a[-1])
+    if len(calls) == 6:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a)
+
+  monkeypatch.setattr(keys, 'eval_batch_keys', batch_keys)
+  status = train.train(c, wd)
+  assert status['stopped'] == 'interrupted (SIGTERM)' and status['step'] == 4
+  assert calls == [0, 1, 2, 3, 0, 1]        # step 2's 4 batches, step 4's first 2 only
+  assert os.listdir(os.path.join(wd, 'checkpoints')) == ['4']
+  rows = [json.loads(l) for l in open(os.path.join(wd, 'metrics.jsonl'))]
+  assert [r['step'] for r in rows if 'val/acc' in r] == [2]
+  assert train.train(c, wd)['step'] == 10                   # and it resumes
+
+
 # (10) an unwritable workdir is refused before the evaluation ------------------------------------
 
 def test_eval_checks_writability_first(trained, tmp_path, monkeypatch):
