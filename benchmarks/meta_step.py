@@ -326,8 +326,8 @@ def main(argv=None):
     if c not in ALL_CONFIGS:
       ap.error(f'unknown config {c!r}: choose from {ALL_CONFIGS}')
   sys.path.insert(0, ROOT)
-  from metadrop_jax import config as config_lib   # imports jax, initialises no backend
-  overrides = config_lib.parse_overrides(args.set)
+  from metadrop_jax.cli import parse_overrides     # no jax in this parent process
+  overrides = parse_overrides(args.set)
 
   rows = []
 

@@ -147,19 +147,6 @@ def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collectio
   return config
 
 
-def parse_overrides(items) -> dict:
-  """``['model.channels=8', 'first_order=true']`` -> ``{'model.channels': 8, 'first_order': True}``
-  (ints, floats and true/false are cast; anything else stays a string), for ``override``."""
-  def value(v: str):
-    for cast in (int, float):
-      try:
-        return cast(v)
-      except ValueError:
-        pass
-    return {'true': True, 'false': False}.get(v.lower(), v)
-  return {k: value(v) for k, _, v in (s.partition('=') for s in items)}
-
-
 def meta_lr(config: ml_collections.ConfigDict) -> float:
   """The meta learning rate: ``config.meta_lr`` if set, else the authors' value for this setting
   and method (:data:`AUTHORS_META_LR`), else :data:`DEFAULT_META_LR`.

@@ -84,7 +84,7 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, 
   }
   name = 'results.json' if split == 'test' else f'results_{split}.json'
   metrics_lib.write_json_atomic(os.path.join(workdir, name), result)
-  path = os.path.join(workdir, f'episode_accs_{split}.npy')
+  path = metrics_lib.episode_accs_path(workdir, split)
   with open(path + '.tmp', 'wb') as f:
     np.save(f, r['accs'])
   os.replace(path + '.tmp', path)

@@ -223,9 +223,9 @@ def main(argv=None):
   ap.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
   ap.add_argument('--out', default='')
   a = ap.parse_args(argv)
-  from metadrop_jax import config as config_lib
+  from metadrop_jax.cli import parse_overrides
   overrides = dict(SMOKE_OVERRIDES) if a.setting == SMOKE_SETTING else {}
-  overrides.update(config_lib.parse_overrides(a.set))
+  overrides.update(parse_overrides(a.set))
   def save(out):   # after every row: a smoke test cut by its timeout keeps what it measured
     if a.out:
       with open(a.out + '.tmp', 'w') as f:

@@ -38,6 +38,11 @@ def paired_difference(accs_a, accs_b) -> dict:
   return summarize(a - b)
 
 
+def episode_accs_path(workdir: str, split: str) -> str:
+  """Where a meta-test writes its per-episode accuracies (``evaluation.evaluate_checkpoint``)."""
+  return os.path.join(workdir, f'episode_accs_{split}.npy')
+
+
 def write_json_atomic(path: str, obj) -> None:
   """Writes JSON through a temp file and os.replace: never a half-written file."""
   tmp = f'{path}.tmp.{os.getpid()}'

@@ -19,6 +19,8 @@ import sys
 import warnings
 from typing import Any, Sequence
 
+import numpy as np
+
 from metadrop_jax import methods, metrics
 
 # Table 1 of the paper (ICLR 2020), MAML and Meta-dropout rows, accuracy ± 95% CI in percent,
@@ -276,12 +278,11 @@ def paired_gain(a: dict, b: dict) -> dict | None:
   of their ``episode_accs_<split>.npy``), or None unless both were meta-tested on the same
   episodes: same split, evaluation seed and number of episodes (the episode sampler is a
   function of these and the data)."""
-  import numpy as np
   same = ('split', 'eval_seed', 'episodes')
   if any(a.get(k) is None or a.get(k) != b.get(k) for k in same):
     return None
   try:
-    accs = [np.load(os.path.join(c['workdir'], f"episode_accs_{c['split']}.npy")) for c in (a, b)]
+    accs = [np.load(metrics.episode_accs_path(c['workdir'], c['split'])) for c in (a, b)]
     return metrics.paired_difference(*accs)
   except (OSError, ValueError):
     return None
@@ -290,7 +291,6 @@ def paired_gain(a: dict, b: dict) -> dict | None:
 def seeds_section(comps: Sequence[dict]) -> list[str]:
   """Runs that differ only in their seed (same method, setting, meta-gradient, steps): mean ±
   std over seeds (ddof=1) beside each seed's own 95% CI. Empty when no group has 2 seeds."""
-  import numpy as np
   groups: dict[tuple, list[dict]] = {}
   for c in comps:
     if c.get('seed') is not None:
@@ -365,7 +365,6 @@ def _color(i: int, n: int):
 
 
 def _smooth(y, window: int):
-  import numpy as np
   y = np.asarray(y, np.float64)
   if window <= 1 or len(y) < window:
     return y
