@@ -49,6 +49,8 @@ flags.DEFINE_list('campaign_settings', None, 'campaign mode, new campaign only: 
                   'settings (default: the four of Table 1).')
 flags.DEFINE_list('campaign_overrides', None, 'campaign mode, new campaign only: field=value '
                   'overrides of every run (tests: val_every=0).')
+flags.DEFINE_list('formulation', None, 'campaign mode: execution fields set on every run of this '
+                  'sitting (field=value, e.g. model.pool_impl=select; campaign.FORMULATION_FIELDS).')
 flags.DEFINE_string('precision_choice', None, "campaign mode: 'highest' | 'default', used when "
                     "the campaign's matmul precision is still 'auto' (window.py decides it).")
 FLAGS = flags.FLAGS
@@ -329,13 +331,8 @@ def _campaign():
   from metadrop_jax import campaign
   cdir = FLAGS.campaign_dir
   if FLAGS.campaign_settings:
-    overrides = {}
-    for item in FLAGS.campaign_overrides or []:
-      k, _, v = item.partition('=')
-      try:
-        overrides[k] = json.loads(v.replace('True', 'true').replace('False', 'false'))
-      except json.JSONDecodeError:
-        overrides[k] = v
+    from metadrop_jax.cli import parse_overrides
+    overrides = parse_overrides(FLAGS.campaign_overrides or [])
     try:
       campaign.init_campaign(cdir, FLAGS.campaign_settings, overrides)
     except ValueError as e:
@@ -350,7 +347,13 @@ def _campaign():
     return
   import time
   budget_s = FLAGS.deadline - time.time() if FLAGS.deadline else FLAGS.budget_minutes * 60.0
-  summary = campaign.sitting(cdir, budget_s, precision_choice=FLAGS.precision_choice)
+  from metadrop_jax.cli import parse_overrides
+  try:
+    formulation = campaign.check_formulation(parse_overrides(FLAGS.formulation or []))
+  except ValueError as e:
+    raise UserError(f'--formulation: {e}') from e
+  summary = campaign.sitting(cdir, budget_s, precision_choice=FLAGS.precision_choice,
+                             formulation=formulation)
   print(json.dumps(summary, indent=2))
 
 

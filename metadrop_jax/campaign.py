@@ -132,6 +132,11 @@ def run_config(run: dict, camp: dict):
   return config_lib.validate(c)
 
 
+def config_lib_override(cfg, fields: dict):
+  from metadrop_jax import config as config_lib
+  return config_lib.validate(config_lib.override(cfg, fields)) if fields else cfg
+
+
 def workdir_of(cdir: str, run: dict) -> str:
   return os.path.join(cdir, run['name'])
 
@@ -206,10 +211,27 @@ def resolve_precision(cdir: str, camp: dict, choice: str | None) -> str:
   return p
 
 
+# Fields a sitting may set on every run it trains (execution strategies: equal results to float32
+# rounding, tests/test_fast_paths.py; workdir.LOOP_FIELDS lets a run change them between sittings).
+FORMULATION_FIELDS = ('model.conv_impl', 'model.pool_impl', 'model.fuse_noise_conv',
+                      'model.task_map', 'model.inner_loop')
+
+
+def check_formulation(formulation: dict | None) -> dict:
+  """``formulation`` (field -> value) if every field is an execution strategy, else ValueError."""
+  bad = sorted(set(formulation or {}) - set(FORMULATION_FIELDS))
+  if bad:
+    raise ValueError(f'formulation fields {bad} change results; a sitting may only set '
+                     f'{FORMULATION_FIELDS}')
+  return dict(formulation or {})
+
+
 def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
-            precision_choice: str | None = None, log=print) -> dict:
+            precision_choice: str | None = None, formulation: dict | None = None,
+            log=print) -> dict:
   """Trains the campaign's next runs for ``budget_s`` seconds (wall clock, compile included),
-  checkpointing each; meta-tests runs that finish; regenerates the tables. Returns a summary."""
+  checkpointing each; meta-tests runs that finish; regenerates the tables. Returns a summary.
+  ``formulation``: execution fields (:data:`FORMULATION_FIELDS`) set on every run it trains."""
   import jax
   from metadrop_jax import data as data_lib
   from metadrop_jax import evaluation
@@ -217,6 +239,7 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   from metadrop_jax import workdir as workdir_lib
   t_start = time.time()
   deadline = t_start + budget_s
+  formulation = check_formulation(formulation)
   camp = load_campaign(cdir)
   on_acc = jax.default_backend() != 'cpu'
   precision = resolve_precision(cdir, camp, precision_choice)
@@ -232,7 +255,8 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
              'budget_s': budget_s, 'backend': jax.default_backend(),
              'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
              'commit': workdir_lib.provenance()['commit'], 'matmul_precision': precision,
-             'xla_flags': os.environ.get('XLA_FLAGS', ''), 'runs': [], 'skipped': []}
+             'xla_flags': os.environ.get('XLA_FLAGS', ''), 'formulation': formulation,
+             'runs': [], 'skipped': []}
   left = lambda: deadline - time.time()
 
   def evaluate(run, cfg, entry):
@@ -267,7 +291,7 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
     members = sorted(members, key=lambda r: r['step'])
     for i, row in enumerate(members):
       run = _run_of(camp, row['name'])
-      cfg = run_config(run, camp)
+      cfg = config_lib_override(run_config(run, camp), formulation)
       t_data = time.time()
       data_lib.load_split(cfg.data, 'train')   # prepares the cache outside the run's share
       if time.time() - t_data > 1:

@@ -19,6 +19,7 @@ DATASETS = ('omniglot', 'miniimagenet', 'synthetic')
 CONV_IMPLS = ('auto', 'xla', 'im2col')
 TASK_MAPS = ('auto', 'vmap', 'map')
 INNER_LOOPS = ('unroll', 'scan')
+POOL_IMPLS = ('reduce_window', 'select')
 # How the meta-gradient treats the inner loop (README, "Which meta-gradient"):
 #   'exact'       second order through the unrolled inner loop: the method as the paper states it;
 #   'authors'     what the authors' TF code computes: every batch norm's backward pass acts as a
@@ -76,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn_eps = 1e-3           # TF's batch_norm default
   c.model.conv_impl = 'auto'      # 'xla' (lax.conv) | 'im2col' (patches @ kernel) | 'auto'
   c.model.fuse_noise_conv = True  # compute theta and phi convs of a block as one conv
+  c.model.pool_impl = 'reduce_window'  # 2x2 max-pool: 'reduce_window' | 'select' (no scatter in
+                                  # its derivative; the same values and derivatives)
   c.model.compute_dtype = 'float32'  # 'float32' | 'bfloat16' (params stay float32)
   # execution strategy only (same numbers up to float32 rounding; docs/performance.md):
   c.model.task_map = 'auto'       # tasks of a meta-batch: 'vmap' | 'map' (lax.map) | 'auto'
@@ -224,6 +227,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.model.channels >= 1, f'model.channels={config.model.channels}: must be >= 1')
   need(config.model.conv_impl in CONV_IMPLS,
        f'model.conv_impl={config.model.conv_impl!r}: choose one of {CONV_IMPLS}')
+  need(config.model.pool_impl in POOL_IMPLS,
+       f'model.pool_impl={config.model.pool_impl!r}: choose one of {POOL_IMPLS}')
   need(config.model.task_map in TASK_MAPS,
        f'model.task_map={config.model.task_map!r}: choose one of {TASK_MAPS}')
   need(config.model.inner_loop in INNER_LOOPS,

@@ -141,7 +141,8 @@ def _grad(cfg, params, ep, key, *, device, dtype, conv_impl):
 
 
 def check(setting=SMOKE_SETTING, method='metadrop', gradients=('authors', 'exact'),
-          precisions=('highest', 'default'), overrides=None, save=None) -> dict:
+          precisions=('highest', 'default'), overrides=None, save=None,
+          conv_impls=('xla',)) -> dict:
   """Rows per (meta-gradient, precision); see the module docstring and TOL_* for the verdict."""
   import jax
   import numpy as np
@@ -177,23 +178,24 @@ def check(setting=SMOKE_SETTING, method='metadrop', gradients=('authors', 'exact
     for prec in precisions:
       if dev.platform == 'cpu' and prec != 'highest':
         continue    # float32 dots are float32 on the CPU whatever the setting: nothing to learn
-      if dev.platform == 'cpu':   # the device is the CPU (dry run): the floor is the answer
-        row = {**cpu32, 'precision': prec}
-      else:
-        jax.config.update('jax_default_matmul_precision', prec)
-        try:
-          row = compare(gradient, prec, *_grad(cfg, params, ep, key, device=dev,
-                                               dtype=np.float32, conv_impl='xla'),
-                        ref_loss, ref, t_ref)
-        finally:
-          jax.config.update('jax_default_matmul_precision', None)
-      tol = max(TOL_HIGHEST if prec == 'highest' else TOL_TF32, FLOOR_FACTOR * floor)
-      row.update(cpu_float32_rel_err=floor, tol=tol,
-                 **{'pass': bool(row['finite'] and row['rel_err'] <= tol)})
-      out['rows'].append(row)
-      _verdict(out)
-      if save:
-        save(out)
+      for impl in conv_impls:
+        if dev.platform == 'cpu':   # the device is the CPU (dry run): the floor is the answer
+          row = {**cpu32, 'precision': prec}
+        else:
+          jax.config.update('jax_default_matmul_precision', prec)
+          try:
+            row = compare(gradient, prec, *_grad(cfg, params, ep, key, device=dev,
+                                                 dtype=np.float32, conv_impl=impl),
+                          ref_loss, ref, t_ref)
+          finally:
+            jax.config.update('jax_default_matmul_precision', None)
+        tol = max(TOL_HIGHEST if prec == 'highest' else TOL_TF32, FLOOR_FACTOR * floor)
+        row.update(cpu_float32_rel_err=floor, tol=tol, conv_impl=impl,
+                   **{'pass': bool(row['finite'] and row['rel_err'] <= tol)})
+        out['rows'].append(row)
+        _verdict(out)
+        if save:
+          save(out)
   return _verdict(out)
 
 
@@ -201,6 +203,10 @@ def _verdict(out):
   by = lambda p: [r['pass'] for r in out['rows'] if r['precision'] == p]
   out['pass_highest'] = bool(by('highest')) and all(by('highest'))
   out['pass_default'] = bool(by('default')) and all(by('default'))
+  impls = sorted({r.get('conv_impl', 'xla') for r in out['rows']})
+  out['pass_highest_by_conv_impl'] = {
+      i: all(r['pass'] for r in out['rows']
+             if r['precision'] == 'highest' and r.get('conv_impl', 'xla') == i) for i in impls}
   return out
 
 
@@ -208,7 +214,8 @@ def format_check(out: dict) -> str:
   lines = [f"meta-gradient of one {out['setting']} {out['method']} task on {out['device']} "
            f"(jax {out['jax']}) vs float64 CPU:"]
   for r in out['rows']:
-    lines.append(f"  {r['meta_gradient']:<8} precision={r['precision']:<8} rel err {r['rel_err']:.2e}"
+    lines.append(f"  {r['meta_gradient']:<8} {r.get('conv_impl', 'xla'):<7} "
+                 f"precision={r['precision']:<8} rel err {r['rel_err']:.2e}"
                  f" (worst array {r['max_leaf_rel_err']:.2e}, loss {r['loss_rel_err']:.1e}) "
                  f"CPU float32 {r['cpu_float32_rel_err']:.1e}, tol {r['tol']:.1e}: "
                  f"{'PASS' if r['pass'] else 'FAIL'}")
@@ -221,6 +228,10 @@ def main(argv=None):
   ap.add_argument('--method', default='metadrop')
   ap.add_argument('--gradients', default='authors,exact')
   ap.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
+  ap.add_argument('--precisions', default='highest,default',
+                  help="matmul precisions on the device: 'highest' (float32), 'default' (TF32)")
+  ap.add_argument('--conv_impls', default='xla',
+                  help='conv formulations checked on the device (xla, im2col)')
   ap.add_argument('--out', default='')
   a = ap.parse_args(argv)
   from metadrop_jax.cli import parse_overrides
@@ -232,7 +243,9 @@ def main(argv=None):
         json.dump(out, f, indent=1)
       os.replace(a.out + '.tmp', a.out)
 
-  out = check(a.setting, a.method, tuple(a.gradients.split(',')), overrides=overrides, save=save)
+  out = check(a.setting, a.method, tuple(a.gradients.split(',')),
+              precisions=tuple(a.precisions.split(',')), overrides=overrides, save=save,
+              conv_impls=tuple(a.conv_impls.split(',')))
   print(format_check(out))
   save(out)
   return 0

@@ -45,6 +45,7 @@ class NetSpec:
   bn_eps: float = 1e-3
   bn_backward: str = 'exact'      # 'exact' | 'constant'; set by meta.MetaSpec from meta_gradient
   conv_impl: str = 'xla'          # resolved: 'xla' | 'im2col'
+  pool_impl: str = 'reduce_window'  # 'reduce_window' | 'select' (same values and derivatives)
   fuse_noise_conv: bool = True
   compute_dtype: str = 'float32'
   fixed_noise_mean: float = 1.0
@@ -76,6 +77,7 @@ def spec_from_config(config, image_shape: tuple[int, int, int]) -> NetSpec:
       method=config.method,
       bn_eps=config.model.bn_eps,
       conv_impl=impl,
+      pool_impl=config.model.pool_impl,
       fuse_noise_conv=config.model.fuse_noise_conv,
       compute_dtype=config.model.compute_dtype,
       fixed_noise_mean=config.methods.fixed_noise_mean,
@@ -183,12 +185,30 @@ def _bn_bwd(eps, residuals, g):
 _batch_norm_constant_backward.defvjp(_bn_fwd, _bn_bwd)
 
 
-def max_pool(x: jax.Array) -> jax.Array:
-  """2x2 max-pool, stride 2, VALID (odd sizes drop the last row/column, as TF does)."""
-  # reduce_window, not reshape + jnp.max: the latter was 13% faster on XLA:CPU but its gradient
-  # splits ties evenly, and second-order meta-gradients then disagreed between conv formulations
-  # (tests/test_fast_paths.py caught it).
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+def max_pool(x: jax.Array, impl: str = 'reduce_window') -> jax.Array:
+  """2x2 max-pool, stride 2, VALID (odd sizes drop the last row/column, as TF does).
+
+  ``'reduce_window'``: ``lax.reduce_window``; its derivative is a select-and-scatter, which
+  XLA:GPU turns into a scatter (a sort or a loop under deterministic ops).
+  ``'select'``: the four stride-2 phases of each window compared in row-major order with
+  ``where(a >= b, a, b)``: the same value, and the derivative goes to the same element (the first
+  maximum of the window, as reduce_window's rule picks it), to every order, with selects and
+  pads instead of a scatter.
+  """
+  if impl == 'reduce_window':
+    # reduce_window, not reshape + jnp.max: the latter's gradient splits ties evenly, and
+    # second-order meta-gradients then disagreed between conv formulations
+    # (tests/test_fast_paths.py caught it).
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+  if impl != 'select':
+    raise ValueError(f"max_pool impl={impl!r}: use 'reduce_window' or 'select'")
+  h, w = (x.shape[1] // 2) * 2, (x.shape[2] // 2) * 2
+  m = None
+  for i in range(2):
+    for j in range(2):
+      phase = x[:, i:h:2, j:w:2, :]
+      m = phase if m is None else jnp.where(m >= phase, m, phase)
+  return m
 
 
 def _mix(h, mix, layer: int):
@@ -265,7 +285,8 @@ def forward_features(params: Params, x: jax.Array, key: jax.Array | None, spec: 
       u, kl = spec.row.perturb(spec, mu, a, keys[l], sample)
       kl_total = kl_total + kl
     feats[f'u{l}'] = u
-    h = max_pool(jax.nn.relu(batch_norm(u, bn[name]['beta'], spec.bn_eps, spec.bn_backward)))
+    h = max_pool(jax.nn.relu(batch_norm(u, bn[name]['beta'], spec.bn_eps, spec.bn_backward)),
+                 spec.pool_impl)
     h = _mix(h, mix, l + 1)
   feat = h.reshape(h.shape[0], -1)
   logits = feat @ theta['dense']['w'] + theta['dense']['b']

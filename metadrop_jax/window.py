@@ -51,7 +51,7 @@ PAPER_SETTINGS = ('omniglot_20way1shot', 'omniglot_20way5shot', 'mimgnet_5way1sh
 TF32_MIN_SPEEDUP = 1.25   # TF32 trains the campaign only if it is at least this much faster
 # Fractions of the budget the phases may use at most (the campaign gets the rest).
 SMOKE_FRACTION = 0.4     # runs beside the benchmark
-BENCH_FRACTION = {'full': 0.55, 'quick': 0.4, 'skip': 0.0}
+BENCH_FRACTION = {'full': 0.55, 'quick': 0.4, 'skip': 0.0, 'formulations': 0.45}
 PACK_RESERVE_S = 15.0
 
 
@@ -239,6 +239,34 @@ def bench_plan(mode: str, cells: list, measured: set, window_flags: str, next_ce
   return mode, []
 
 
+def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
+  """The formulation a sitting trains with: the fastest deterministic cell of the formulations
+  benchmark (steps dispatched back to back) whose conv formulation passed the smoke test, if it
+  is faster than the baseline; else the configs' default. Returns {'overrides', 'extra_flags',
+  'cell', 'why'}."""
+  from metadrop_jax import campaign
+  none = {'overrides': {}, 'extra_flags': '', 'cell': None}
+  rows = [r for r in (form or {}).get('rows', []) if 'error' not in r]
+  if not rows:
+    return {**none, 'why': 'no formulation measured'}
+  passed = (smoke or {}).get('pass_highest_by_conv_impl') or {}
+  ok = [r for r in rows if r.get('deterministic_ops') and
+        passed.get(r['overrides'].get('model.conv_impl', 'xla'), False)]
+  if not ok:
+    return {**none, 'why': 'no deterministic cell whose conv formulation passed the smoke test'}
+  best = min(ok, key=lambda r: r['ms_per_iter_pipelined'])
+  base = next((r for r in rows if r['cell'] == 'baseline'), None)
+  if base is not None and best['ms_per_iter_pipelined'] >= base['ms_per_iter_pipelined']:
+    return {**none, 'why': 'no cell faster than the baseline'}
+  overrides = {k: v for k, v in best['overrides'].items() if k in campaign.FORMULATION_FIELDS}
+  why = f"{best['cell']}: {best['ms_per_iter_pipelined']:.2f} ms/iter"
+  if base is not None:
+    why += (f" vs baseline {base['ms_per_iter_pipelined']:.2f} "
+            f"({base['ms_per_iter_pipelined'] / best['ms_per_iter_pipelined']:.2f}x)")
+  return {'overrides': overrides, 'extra_flags': best.get('extra_flags', ''),
+          'cell': best['cell'], 'why': why}
+
+
 def choose_precision(smoke: dict | None, bench_rows: list[dict]) -> tuple[str, str]:
   """('highest' | 'default', why). TF32 ('default') only where the smoke test passed it and the
   benchmark measured it at least TF32_MIN_SPEEDUP faster on the same cell; else 'highest'."""
@@ -306,6 +334,7 @@ def run_window(a) -> dict:
   smoke_cmd = [py, '-m', 'metadrop_jax.gpu_check', f'--setting={a.smoke_setting}',
                f'--gradients={a.smoke_gradients}', f'--out={smoke_path}']
   smoke_cmd += [f'--set={x}' for x in a.smoke_set.split(',') if x]
+  smoke_cmd += [f'--precisions={a.smoke_precisions}', f'--conv_impls={a.smoke_conv_impls}']
   smoke_proc = Background(log, smoke_cmd, os.path.join(work, 'smoke.log'), light)
   smoke_end = time.time() + SMOKE_FRACTION * a.budget_s
 
@@ -332,7 +361,20 @@ def run_window(a) -> dict:
   bench_end = time.time() + BENCH_FRACTION.get(bench_mode, 0.0) * a.budget_s
   bench_rows: list[dict] = []
 
+  formulations_path = os.path.join(work, 'formulations.json')
+  trace_dir = os.path.join(work, 'traces')
+
   def bench():
+    if bench_mode == 'formulations':
+      cmd = [py, 'benchmarks/formulations.py', f'--config={first}', '--method=metadrop',
+             f'--gradient={a.bench_gradient}', '--precision=highest',
+             f'--cells={a.formulations_cells}', f'--parallel={a.formulations_parallel}',
+             f'--iters={a.bench_iters}', f'--warmup={a.bench_warmup}',
+             f'--trace_dir={trace_dir}', '--trace_steps=3', f'--deadline={bench_end}',
+             f'--out={formulations_path}']
+      cmd += [f'--set={x}' for x in a.bench_set.split(',') if x]
+      log.run(cmd, bench_end - time.time() + 5, env)
+      return {'mode': bench_mode, 'formulations': _read_json(formulations_path)}
     if not jobs:
       return {'mode': bench_mode}
     base = [py, 'benchmarks/meta_step.py', '--no-naive', f'--iters={a.bench_iters}',
@@ -398,6 +440,10 @@ def run_window(a) -> dict:
   precision, why = choose_precision(smoke_res, bench_rows)
   summary['precision_choice'] = {'precision': precision, 'why': why}
   log(f'matmul precision for a campaign still on auto: {precision} ({why})')
+  form = choose_formulation(_read_json(formulations_path), smoke_res)
+  summary['formulation_choice'] = form
+  log(f"formulation of this sitting: {form['overrides'] or 'the configs default'} "
+      f"({form['why']})")
   cdir = os.path.abspath(a.campaign_dir)
 
   def campaign_phase():
@@ -407,11 +453,16 @@ def run_window(a) -> dict:
     cmd = [py, 'launch.py', '--mode=campaign', f'--campaign_dir={cdir}',
            f'--deadline={hard - min(30.0, 0.1 * a.budget_s):.1f}',
            f'--precision_choice={precision}']
+    if form['overrides']:
+      cmd.append('--formulation=' + ','.join(f'{k}={v}' for k, v in form['overrides'].items()))
+    cenv = dict(env)
+    if form.get('extra_flags'):
+      cenv['XLA_FLAGS'] = (cenv.get('XLA_FLAGS', '') + ' ' + form['extra_flags']).strip()
     if a.campaign_settings:
       cmd.append(f'--campaign_settings={a.campaign_settings}')
       if a.campaign_overrides:
         cmd.append(f'--campaign_overrides={a.campaign_overrides}')
-    rc, _ = log.run(cmd, hard - time.time(), env)
+    rc, _ = log.run(cmd, hard - time.time(), cenv)
     row = _read_jsonl_tail(os.path.join(cdir, 'sittings.jsonl'))
     if not (row and row.get('start', '') >= summary['start']) and os.path.isdir(cdir):
       row = recover_sitting(cdir, t0, summary['start'])
@@ -423,8 +474,13 @@ def run_window(a) -> dict:
   # d. pack
   summary['seconds_before_pack'] = round(time.time() - t0, 1)
   cache_dir = os.environ.get('JAX_COMPILATION_CACHE_DIR', '')
+  extra = {}
+  if os.path.exists(formulations_path):
+    extra['formulations.json'] = formulations_path
+  if os.path.isdir(trace_dir):
+    extra['traces.tgz'] = trace_dir
   files = pack(a.out, work, cdir, since=t0, summary=summary, log=log,
-               cache_dir=cache_dir if a.pack_cache else '')
+               cache_dir=cache_dir if a.pack_cache else '', extra=extra)
   summary['files'] = files
   log(f'packed {len(files)} files into {a.out}: ' +
       ', '.join(f"{n} ({s / 2**20:.1f} MiB)" for n, s in files.items()))
@@ -516,11 +572,26 @@ def campaign_members(cdir: str, since: float) -> list[str]:
   return out
 
 
-def pack(out_dir, work, cdir, *, since, summary, log=print, cache_dir='') -> dict[str, int]:
-  """Writes the campaign archive (split if needed) and the compile cache into ``out_dir``.
-  window.json and window.log are written by the caller. Returns {file name: bytes}."""
+def pack(out_dir, work, cdir, *, since, summary, log=print, cache_dir='',
+         extra=None) -> dict[str, int]:
+  """Writes ``extra`` (name -> a file, copied, or a folder, packed as .tgz), the campaign archive
+  (split if needed) and the compile cache into ``out_dir``. window.json and window.log are
+  written by the caller. Returns {file name: bytes}."""
   files: dict[str, int] = {}
   budget_files = MAX_FILES - 2     # window.json, window.log
+  for name, src in (extra or {}).items():
+    dst = os.path.join(out_dir, name)
+    if os.path.isdir(src):
+      with tarfile.open(dst, 'w:gz') as tar:
+        tar.add(src, arcname=os.path.basename(src))
+    else:
+      shutil.copy(src, dst)
+    if os.path.getsize(dst) > MAX_FILE_BYTES - 2**20:
+      log(f'{name} is {os.path.getsize(dst)} bytes: too large to bring back')
+      os.remove(dst)
+      continue
+    files[name] = os.path.getsize(dst)
+    budget_files -= 1
   if os.path.isdir(cdir):
     buf = io.BytesIO()
     members = campaign_members(cdir, since)
@@ -565,7 +636,7 @@ def format_window(s: dict) -> str:
                f"torch {inf.get('versions', {}).get('torch')}")
   sm = s['phases'].get('smoke', {}).get('result') or {}
   for r in sm.get('rows', []):
-    lines.append(f"smoke {r['meta_gradient']:<7} {r['precision']:<8} rel err {r['rel_err']:.1e} "
+    lines.append(f"smoke {r['meta_gradient']:<7} {r.get('conv_impl', 'xla'):<7} {r['precision']:<8} rel err {r['rel_err']:.1e} "
                  f"{'PASS' if r['pass'] else 'FAIL'}")
   for r in (s['phases'].get('bench', {}).get('result') or {}).get('rows', []):
     if 'error' in r:
@@ -588,6 +659,22 @@ def format_window(s: dict) -> str:
                    f"grad rel {r['grad_rel_err']:.1e}")
     else:
       lines.append(f"torch {r['config']:<20} {r['method']:<8} {r['s_per_iter'] * 1e3:8.2f} ms/it")
+  fm = (s['phases'].get('bench', {}).get('result') or {}).get('formulations') or {}
+  for r in fm.get('rows', []):
+    if 'error' in r:
+      lines.append(f"form  {r['cell']:<22} {str(r['error'])[:60]}")
+    else:
+      lines.append(f"form  {r['cell']:<22} {'det' if r['deterministic_ops'] else 'nondet':<7}"
+                   f"{r['ms_per_iter']:7.2f} ms/it {r['ms_per_iter_pipelined']:7.2f} pipelined  "
+                   f"compile {r['compile_s']:5.1f} s  {r['state_sha256'][:8]}")
+  for r in fm.get('concurrent', []):
+    lines.append(f"form  {r['copies']} x {r['cell']}: " + (
+        str(r['error']) if 'error' in r else f"{r['aggregate_steps_per_s']:.1f} steps/s in all"))
+  if fm.get('determinism'):
+    lines.append(f"form  determinism {fm['determinism']}")
+  fc = s.get('formulation_choice')
+  if fc:
+    lines.append(f"formulation choice: {fc.get('overrides')} ({fc.get('why')})")
   pc = s.get('precision_choice', {})
   lines.append(f"precision choice: {pc.get('precision')} ({pc.get('why')})")
   camp = (s['phases'].get('campaign', {}).get('result') or {})
@@ -724,9 +811,18 @@ def main(argv=None) -> int:
   r.add_argument('--smoke_setting', default='omniglot_20way1shot')
   r.add_argument('--smoke_gradients', default='authors,exact')
   r.add_argument('--smoke_set', default='', help='config overrides of the smoke test: k=v,k=v')
-  r.add_argument('--bench', default='auto', choices=['auto', 'full', 'quick', 'skip'],
+  r.add_argument('--bench', default='auto', choices=['auto', 'full', 'quick', 'skip',
+                                                    'formulations'],
                  help='auto: full while some cell has no committed row for this card kind, '
-                      "else quick (the campaign's next run only)")
+                      "else quick (the campaign's next run only); formulations: every "
+                      'formulation of the first config side by side (benchmarks/formulations.py), '
+                      'and the sitting trains with the fastest')
+  r.add_argument('--formulations_cells', default='baseline,select,select_im2col,select_nondet,'
+                 'select_nondet_again,select_im2col_nondet,baseline_nondet,select_unfused,'
+                 'select_scan,select_map,select_no_cmd_buffer,select_im2col_scan')
+  r.add_argument('--formulations_parallel', type=int, default=6)
+  r.add_argument('--smoke_precisions', default='highest,default')
+  r.add_argument('--smoke_conv_impls', default='xla')
   r.add_argument('--bench_configs', default=','.join(PAPER_SETTINGS))
   r.add_argument('--bench_gradient', default='authors')
   r.add_argument('--bench_set', default='', help='config overrides of every benchmark cell '

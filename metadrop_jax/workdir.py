@@ -36,11 +36,13 @@ from metadrop_jax import meta
 from metadrop_jax import metrics as metrics_lib
 
 # Fields that may change between sittings of one run (and at evaluation) without changing its
-# results. data.sampler is not one: the host and device samplers draw different episodes.
+# results (the model.* ones are execution strategies, equal to float32 rounding:
+# tests/test_fast_paths.py). data.sampler is not one: the host and device samplers draw different episodes.
 LOOP_FIELDS = ('max_steps_per_run', 'max_minutes_per_run', 'progress_bar', 'log_every',
                'val_every', 'checkpoint_every', 'keep_checkpoints', 'num_steps', 'eval',
                'data.cache_dir', 'data.path', 'data.ilsvrc_path', 'data.source',
-               'model.conv_impl', 'name')
+               'model.conv_impl', 'model.pool_impl', 'model.fuse_noise_conv', 'model.task_map',
+               'model.inner_loop', 'name')
 
 
 class WorkdirError(RuntimeError):

@@ -25,6 +25,8 @@ FAST_PATHS = {
     'fused': {'model.fuse_noise_conv': True},
     'scan': {'model.inner_loop': 'scan'},
     'map': {'model.task_map': 'map'},
+    'select_pool': {'model.pool_impl': 'select'},
+    'im2col_select_pool': {'model.conv_impl': 'im2col', 'model.pool_impl': 'select'},
     'all': {'model.conv_impl': 'im2col', 'model.fuse_noise_conv': True,
             'model.inner_loop': 'scan', 'model.task_map': 'map'},
     'defaults': {'model.conv_impl': 'auto', 'model.fuse_noise_conv': True,

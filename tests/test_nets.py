@@ -1,5 +1,7 @@
 """The forward pass: noise placement, transductive batch norm, shared logit-noise scale."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,3 +139,47 @@ def test_max_pool_matches_reduce_window(size):
   np.testing.assert_array_equal(nets.max_pool(x), ref(x))
   g = jax.grad(lambda v: (nets.max_pool(v) ** 2).sum())(x)
   np.testing.assert_allclose(g, jax.grad(lambda v: (ref(v) ** 2).sum())(x), rtol=1e-6)
+
+
+def _pool_inputs(size, ties):
+  x = jax.random.normal(jax.random.PRNGKey(size), (2, size, size, 3))
+  if ties:   # ReLU zeros and equal maxima: where the two rules could route the gradient apart
+    x = jnp.round(jax.nn.relu(x) * 2) / 2
+  return x
+
+
+@pytest.mark.parametrize('size', [7, 8])
+@pytest.mark.parametrize('ties', [False, True])
+def test_select_pool_equals_reduce_window(size, ties):
+  """'select' pooling: the same values, first derivatives routed to the same (first) maximum of
+  each window, and the same second derivatives (a Hessian-vector product through the pool, as the
+  meta-gradient takes one), bit for bit, ties included."""
+  x = _pool_inputs(size, ties)
+  v = jax.random.normal(jax.random.PRNGKey(99), x.shape)
+  pool = {impl: functools.partial(nets.max_pool, impl=impl) for impl in ('reduce_window', 'select')}
+  f = {impl: (lambda u, p=p: jnp.sum(jnp.sin(p(u)) * p(u ** 2))) for impl, p in pool.items()}
+  np.testing.assert_array_equal(pool['select'](x), pool['reduce_window'](x))
+  g = {impl: jax.grad(fn)(x) for impl, fn in f.items()}
+  np.testing.assert_array_equal(g['select'], g['reduce_window'])
+  hvp = {impl: jax.jvp(jax.grad(fn), (x,), (v,))[1] for impl, fn in f.items()}
+  np.testing.assert_array_equal(hvp['select'], hvp['reduce_window'])
+  vjp2 = {impl: jax.grad(lambda u, fn=fn: jnp.vdot(jax.grad(fn)(u), v))(x) for impl, fn in f.items()}
+  np.testing.assert_array_equal(vjp2['select'], vjp2['reduce_window'])
+
+
+def test_select_pool_has_no_scatter():
+  """The point of 'select': its derivative (to second order) compiles without a scatter or a
+  select-and-scatter, which XLA:GPU serialises under deterministic ops."""
+  x = _pool_inputs(8, True)
+  def hlo(impl):
+    fn = lambda u: jnp.sum(nets.max_pool(u, impl) ** 3)
+    g2 = jax.grad(lambda u: jnp.sum(jax.grad(fn)(u) ** 2))
+    return jax.jit(g2).lower(x).as_text()
+  assert 'select_and_scatter' in hlo('reduce_window')
+  text = hlo('select')
+  assert 'scatter' not in text and 'select_and_scatter' not in text
+
+
+def test_max_pool_rejects_unknown_impl():
+  with pytest.raises(ValueError, match='max_pool impl'):
+    nets.max_pool(_pool_inputs(8, False), 'cudnn')

@@ -1,0 +1,465 @@
+"""Every formulation of the meta-training step, measured side by side on one device in one run.
+
+Each cell is one formulation of the same step (config x method x meta-gradient): the execution
+fields of ``config.model`` (conv and pool implementations, theta/phi fusion, task map, inner loop)
+and the XLA flags (deterministic ops on or off, command buffers). All formulations compute the
+same function (tests/test_fast_paths.py); what differs is speed, and on a GPU the rounding.
+
+Cells are compiled in parallel, one process each, a wave at a time; once a wave has compiled,
+its processes are timed one after the other, so the timing of one never shares the device or
+the host with another's compile. Per cell:
+
+* compile s; ms/iter as the median of ``--iters`` steps each waited for (latency), and as the
+  mean of ``--iters`` steps dispatched back to back (what training achieves);
+* the counts of ops in the optimised HLO that matter on a GPU (sort, while, scatter,
+  select-and-scatter, grouped convolutions, cuDNN convolutions, GEMMs, transposes, fusions);
+* a SHA-256 of the state after warm-up + timed steps (cells with identical numerics agree; two
+  processes of one cell agree only if the device is deterministic) and the last loss;
+* optionally a ``jax.profiler`` trace of a few steps (``--trace``; see profile_step.py).
+
+Then, for the fastest cell (or ``--concurrent_cell``), N copies train at once on the card in
+separate processes (``--concurrent=2,4``): the aggregate steps per second of N runs sharing one
+device against one run alone.
+
+  python benchmarks/formulations.py --config=omniglot_20way1shot --out=formulations.json
+  python benchmarks/formulations.py --config=tiny --cells=baseline,select --iters=5
+  python benchmarks/formulations.py --list                     # the cells and what they set
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+DET = '--xla_gpu_deterministic_ops=true'
+NO_CMD_BUFFER = '--xla_gpu_enable_command_buffer='
+
+# name -> (config overrides, deterministic ops, extra XLA flags). Most likely winners first, so
+# that a short run still measures them. 'baseline' is the formulation trained before this table.
+CELLS = {
+    'baseline': ({'model.conv_impl': 'xla', 'model.pool_impl': 'reduce_window'}, True, ''),
+    'select': ({'model.conv_impl': 'xla', 'model.pool_impl': 'select'}, True, ''),
+    'select_im2col': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}, True, ''),
+    'select_nondet': ({'model.conv_impl': 'xla', 'model.pool_impl': 'select'}, False, ''),
+    'select_nondet_again': ({'model.conv_impl': 'xla', 'model.pool_impl': 'select'}, False, ''),
+    'select_im2col_nondet': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}, False,
+                             ''),
+    'baseline_nondet': ({'model.conv_impl': 'xla', 'model.pool_impl': 'reduce_window'}, False, ''),
+    'select_unfused': ({'model.conv_impl': 'xla', 'model.pool_impl': 'select',
+                        'model.fuse_noise_conv': False}, True, ''),
+    'select_scan': ({'model.conv_impl': 'xla', 'model.pool_impl': 'select',
+                     'model.inner_loop': 'scan'}, True, ''),
+    'select_map': ({'model.conv_impl': 'xla', 'model.pool_impl': 'select',
+                    'model.task_map': 'map'}, True, ''),
+    'select_no_cmd_buffer': ({'model.conv_impl': 'xla', 'model.pool_impl': 'select'}, True,
+                             NO_CMD_BUFFER),
+    'select_im2col_scan': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
+                            'model.inner_loop': 'scan'}, True, ''),
+}
+DEFAULT_TRACE = ('baseline', 'select', 'select_im2col')
+
+HLO_OPS = {
+    'sort': r'\bsort\(',
+    'while': r'\bwhile\(',
+    'scatter': r'\bscatter\(',
+    'select_and_scatter': r'\bselect-and-scatter\(',
+    'grouped_conv': r'(?:batch|feature)_group_count=(?:[2-9]|\d{2,})',
+    'cudnn_conv': r'custom_call_target="__cudnn\$conv',
+    'gemm': r'custom_call_target="__cublas',
+    'convolution': r'\bconvolution\(',
+    'dot': r'\bdot\(',
+    'transpose': r'\btranspose\(',
+    'fusion': r'\bfusion\(',
+}
+
+
+def hlo_counts(text: str) -> dict[str, int]:
+  """Counts of the ops of :data:`HLO_OPS` in an optimised HLO module's text."""
+  return {k: len(re.findall(p, text)) for k, p in HLO_OPS.items()}
+
+
+def cell_env(name: str, base_flags: str) -> dict:
+  """The environment of a cell's process: XLA_FLAGS with or without deterministic ops."""
+  _, det, extra = CELLS[name]
+  flags = ' '.join(f for f in base_flags.split() if 'xla_gpu_deterministic_ops' not in f)
+  flags = ' '.join(x for x in (flags, DET if det else '', extra) if x)
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = flags
+  env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'   # many processes share the card
+  env['PYTHONUNBUFFERED'] = '1'
+  return env
+
+
+def state_digest(state) -> str:
+  import jax
+  import numpy as np
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(state)):
+    h.update(np.ascontiguousarray(leaf).tobytes())
+  return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# one cell (child process): compile, say READY, wait for GO, time, say RESULT
+# ------------------------------------------------------------------------------------------------
+
+def worker(a: dict) -> None:
+  import jax
+  import numpy as np
+  import meta_step
+  from metadrop_jax import keys as keys_lib
+  from metadrop_jax import meta
+
+  jax.config.update('jax_default_matmul_precision', a['precision'])
+  overrides = {**CELLS[a['cell']][0], 'meta_gradient': a['gradient'], **a.get('set', {})}
+  config = meta_step._build_config(a['config'], a['method'], overrides)
+  images = jax.device_put(meta_step._synthetic_images(config))
+  init_key, train_key = keys_lib.run_keys(config)
+  state, tx = meta.create_state(init_key, config)
+  step = meta.make_train_step(config, tx)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, images, train_key).compile()
+  compile_s = time.perf_counter() - t0
+  counts = hlo_counts(compiled.as_text())
+  print('READY ' + json.dumps({'compile_s': compile_s}), flush=True)
+  if sys.stdin.readline().strip() != 'GO':
+    return
+  for _ in range(a['warmup']):
+    state, metrics = compiled(state, images, train_key)
+  jax.block_until_ready(state)
+  lat = []
+  for _ in range(a['iters']):
+    s = time.perf_counter()
+    state, metrics = compiled(state, images, train_key)
+    jax.block_until_ready(state)
+    lat.append(time.perf_counter() - s)
+  s = time.perf_counter()
+  for _ in range(a['iters']):
+    state, metrics = compiled(state, images, train_key)
+  jax.block_until_ready(state)
+  pipelined = (time.perf_counter() - s) / a['iters']
+  loss = float(jax.device_get(metrics['loss']))
+  digest = state_digest(state)
+  trace_dir = a.get('trace_dir')
+  if trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(a['trace_steps']):
+      state, metrics = compiled(state, images, train_key)
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    # keep the JSON traces (what profile_step.py reads); the xplane protobuf holds the HLO too
+    # and is ten times larger
+    for root, _, files in os.walk(trace_dir):
+      for fn in files:
+        if fn.endswith('.xplane.pb'):
+          os.remove(os.path.join(root, fn))
+  dev = jax.devices()[0]
+  try:
+    peak = (dev.memory_stats() or {}).get('peak_bytes_in_use')
+  except Exception:  # noqa: BLE001 - CPU: no statistics
+    peak = None
+  print('RESULT ' + json.dumps({
+      'ms_per_iter': 1e3 * float(np.median(lat)), 'ms_per_iter_min': 1e3 * float(np.min(lat)),
+      'ms_per_iter_pipelined': 1e3 * pipelined, 'compile_s': compile_s, 'hlo': counts,
+      'loss': loss, 'state_sha256': digest, 'steps': a['warmup'] + 2 * a['iters'],
+      'peak_mem_bytes': peak, 'device': f'{dev.platform}:{dev.device_kind}',
+      'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', '')}), flush=True)
+
+
+def concurrent_worker(a: dict) -> None:
+  """One of N copies of a cell training at once: compile, READY, GO, ``iters`` steps back to
+  back; reports its own wall time."""
+  import jax
+  import meta_step
+  from metadrop_jax import keys as keys_lib
+  from metadrop_jax import meta
+  jax.config.update('jax_default_matmul_precision', a['precision'])
+  overrides = {**CELLS[a['cell']][0], 'meta_gradient': a['gradient'], **a.get('set', {})}
+  config = meta_step._build_config(a['config'], a['method'], overrides)
+  images = jax.device_put(meta_step._synthetic_images(config))
+  init_key, train_key = keys_lib.run_keys(config)
+  state, tx = meta.create_state(init_key, config)
+  compiled = meta.make_train_step(config, tx).lower(state, images, train_key).compile()
+  for _ in range(a['warmup']):
+    state, _ = compiled(state, images, train_key)
+  jax.block_until_ready(state)
+  print('READY {}', flush=True)
+  if sys.stdin.readline().strip() != 'GO':
+    return
+  s = time.perf_counter()
+  for _ in range(a['iters']):
+    state, _ = compiled(state, images, train_key)
+  jax.block_until_ready(state)
+  print('RESULT ' + json.dumps({'seconds': time.perf_counter() - s, 'iters': a['iters']}),
+        flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the parent: waves of parallel compiles, serial timing
+# ------------------------------------------------------------------------------------------------
+
+class Child:
+  def __init__(self, mode, args, env, log_path):
+    self.log = open(log_path, 'w')
+    self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, json.dumps(args)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                              text=True, env=env, cwd=ROOT, start_new_session=True)
+    self.ready = None
+    self.result = None
+
+  def wait_for(self, tag, deadline):
+    """The JSON after the next line starting with ``tag`` (None at EOF or the deadline)."""
+    import select
+    while time.time() < deadline:
+      r, _, _ = select.select([self.p.stdout], [], [], max(0.05, min(1.0, deadline - time.time())))
+      if not r:
+        continue
+      line = self.p.stdout.readline()
+      if not line:
+        return None
+      if line.startswith(tag + ' '):
+        return json.loads(line[len(tag) + 1:])
+    return None
+
+  def send(self, word):
+    try:
+      self.p.stdin.write(word + '\n')
+      self.p.stdin.flush()
+    except (BrokenPipeError, OSError):
+      pass
+
+  def stop(self):
+    import signal
+    if self.p.poll() is None:
+      try:
+        os.killpg(self.p.pid, signal.SIGKILL)
+      except (ProcessLookupError, PermissionError):
+        self.p.kill()
+    self.p.wait()
+    self.log.close()
+
+  def error_tail(self):
+    try:
+      with open(self.log.name) as f:
+        return f.read()[-1500:]
+    except OSError:
+      return ''
+
+
+def run_cells(cells, a, base, deadline, log) -> list[dict]:
+  rows = []
+  for w in range(0, len(cells), a.parallel):
+    wave = cells[w:w + a.parallel]
+    if time.time() > deadline - 10:
+      rows += [{'cell': c, 'error': 'not run: deadline'} for c in wave]
+      continue
+    kids = {}
+    for c in wave:
+      args = {**base, 'cell': c}
+      if c in a.trace and a.trace_dir:
+        args['trace_dir'] = os.path.join(a.trace_dir, c)
+      kids[c] = Child('--_worker', args, cell_env(c, a.base_flags),
+                      os.path.join(a.logs, f'{c}.log'))
+    t_wave = time.time()
+    for c, k in kids.items():
+      k.ready = k.wait_for('READY', deadline - 5)
+    log(f'wave {w // a.parallel + 1}: {len(wave)} cells compiled in {time.time() - t_wave:.0f} s')
+    for c, k in kids.items():
+      row = {'cell': c, 'overrides': CELLS[c][0], 'deterministic_ops': CELLS[c][1],
+             'extra_flags': CELLS[c][2]}
+      if k.ready is not None and time.time() < deadline - 3:
+        k.send('GO')
+        k.result = k.wait_for('RESULT', deadline - 1)
+      if k.result is not None:
+        row.update(k.result)
+        log(f"  {c:<24} {row['ms_per_iter']:8.2f} ms/iter ({row['ms_per_iter_pipelined']:.2f} "
+            f"pipelined)  compile {row['compile_s']:5.1f} s  {row['state_sha256']}")
+      else:
+        row['error'] = ('not timed: deadline' if k.ready is not None else
+                        'no compile before the deadline or crashed: ' + k.error_tail()[-300:])
+        log(f'  {c:<24} {row["error"][:100]}')
+      k.stop()
+      rows.append(row)
+  return rows
+
+
+def run_concurrent(cell, ns, a, base, deadline, log) -> list[dict]:
+  out = []
+  for n in ns:
+    if time.time() > deadline - 15:
+      out.append({'cell': cell, 'copies': n, 'error': 'not run: deadline'})
+      continue
+    kids = [Child('--_concurrent', {**base, 'cell': cell, 'iters': a.concurrent_iters},
+                  cell_env(cell, a.base_flags), os.path.join(a.logs, f'concurrent_{n}_{i}.log'))
+            for i in range(n)]
+    ok = all(k.wait_for('READY', deadline - 5) is not None for k in kids)
+    res = []
+    if ok:
+      t = time.time()
+      for k in kids:
+        k.send('GO')
+      res = [k.wait_for('RESULT', deadline - 1) for k in kids]
+      wall = time.time() - t
+    for k in kids:
+      k.stop()
+    if not ok or any(r is None for r in res):
+      out.append({'cell': cell, 'copies': n, 'error': 'not finished before the deadline'})
+      continue
+    steps = sum(r['iters'] for r in res)
+    row = {'cell': cell, 'copies': n, 'wall_s': wall, 'steps': steps,
+           'aggregate_steps_per_s': steps / wall,
+           'per_copy_ms_per_iter': [1e3 * r['seconds'] / r['iters'] for r in res]}
+    log(f"  {n} copies of {cell}: {row['aggregate_steps_per_s']:.1f} steps/s together")
+    out.append(row)
+  return out
+
+
+def fastest(rows, deterministic_only=True):
+  ok = [r for r in rows if 'error' not in r and (r['deterministic_ops'] or not deterministic_only)]
+  return min(ok, key=lambda r: r['ms_per_iter_pipelined']) if ok else None
+
+
+def determinism(rows) -> dict:
+  """Pairs of cells whose state digests after the same steps must agree (same numerics): two
+  processes of one cell, and every cell against 'baseline' (informative: a formulation with
+  other rounding differs by design)."""
+  by = {r['cell']: r for r in rows if 'error' not in r}
+  out = {}
+  if 'select_nondet' in by and 'select_nondet_again' in by:
+    out['nondet_two_processes_identical'] = (by['select_nondet']['state_sha256'] ==
+                                             by['select_nondet_again']['state_sha256'])
+  if 'baseline' in by:
+    out['same_state_as_baseline'] = sorted(c for c, r in by.items()
+                                           if r['state_sha256'] == by['baseline']['state_sha256'])
+  return out
+
+
+def format_table(summary) -> str:
+  rows = summary['rows']
+  base = next((r for r in rows if r['cell'] == 'baseline' and 'error' not in r), None)
+  lines = [f"{summary['config']} {summary['method']} ({summary['gradient']}), precision "
+           f"{summary['precision']}, {summary.get('device')}, jax {summary.get('jax')}",
+           f"{'cell':<24}{'det':>4}{'ms/it':>9}{'pipel.':>9}{'vs base':>8}{'compile':>8}"
+           f"{'sort':>5}{'while':>6}{'scat':>5}{'s&s':>4}{'grpconv':>8}{'  state'}"]
+  for r in rows:
+    if 'error' in r:
+      lines.append(f"{r['cell']:<24} {r['error'][:70]}")
+      continue
+    h = r['hlo']
+    ratio = base['ms_per_iter_pipelined'] / r['ms_per_iter_pipelined'] if base else float('nan')
+    lines.append(f"{r['cell']:<24}{'yes' if r['deterministic_ops'] else 'no':>4}"
+                 f"{r['ms_per_iter']:9.2f}{r['ms_per_iter_pipelined']:9.2f}{ratio:7.2f}x"
+                 f"{r['compile_s']:8.1f}{h['sort']:5d}{h['while']:6d}{h['scatter']:5d}"
+                 f"{h['select_and_scatter']:4d}{h['grouped_conv']:8d}  {r['state_sha256'][:8]}")
+  for r in summary.get('concurrent', []):
+    if 'error' in r:
+      lines.append(f"{r['copies']} x {r['cell']}: {r['error']}")
+    else:
+      lines.append(f"{r['copies']} x {r['cell']} at once: {r['aggregate_steps_per_s']:.1f} steps/s "
+                   f"in all (per copy {', '.join(f'{x:.1f}' for x in r['per_copy_ms_per_iter'])} "
+                   'ms/iter)')
+  w = summary.get('winner')
+  if w:
+    lines.append(f"fastest deterministic: {w['cell']} {w['ms_per_iter_pipelined']:.2f} ms/iter "
+                 f"pipelined {w['overrides']}")
+  for k, v in summary.get('determinism', {}).items():
+    lines.append(f'{k}: {v}')
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  if argv and argv[0] in ('--_worker', '--_concurrent'):
+    (worker if argv[0] == '--_worker' else concurrent_worker)(json.loads(argv[1]))
+    return 0
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument('--config', default='omniglot_20way1shot',
+                  help="paper config name (configs/<name>.py) or 'tiny'")
+  ap.add_argument('--method', default='metadrop')
+  ap.add_argument('--gradient', default='authors', help='meta_gradient of every cell')
+  ap.add_argument('--precision', default='highest', choices=['highest', 'default'])
+  ap.add_argument('--cells', default=','.join(CELLS), help='comma-separated cells, in order')
+  ap.add_argument('--list', action='store_true', help='print the cells and exit')
+  ap.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                  help='config override of every cell (e.g. the tiny test config)')
+  ap.add_argument('--iters', type=int, default=20)
+  ap.add_argument('--warmup', type=int, default=3)
+  ap.add_argument('--parallel', type=int, default=6, help='cells compiled at once (a wave)')
+  ap.add_argument('--trace', default=','.join(DEFAULT_TRACE),
+                  help='cells whose steps are traced (with --trace_dir)')
+  ap.add_argument('--trace_dir', default='', help='write jax.profiler traces here')
+  ap.add_argument('--trace_steps', type=int, default=5)
+  ap.add_argument('--concurrent', default='2,4',
+                  help='numbers of copies of the fastest cell trained at once ("" for none)')
+  ap.add_argument('--concurrent_cell', default='', help='default: the fastest deterministic cell')
+  ap.add_argument('--concurrent_iters', type=int, default=100)
+  ap.add_argument('--base_flags', default=os.environ.get('XLA_FLAGS', ''),
+                  help='XLA_FLAGS under every cell (deterministic ops are set per cell)')
+  ap.add_argument('--deadline', type=float, default=0.0, help='unix time to be done by')
+  ap.add_argument('--out', default='', help='write everything as JSON here')
+  a = ap.parse_args(argv)
+  if a.list:
+    for c, (ov, det, extra) in CELLS.items():
+      print(f"{c:<24} det ops {'on ' if det else 'off'} {ov} {extra}")
+    return 0
+  cells = [c for c in a.cells.split(',') if c]
+  bad = [c for c in cells if c not in CELLS]
+  if bad:
+    ap.error(f'unknown cells {bad}: --list shows them')
+  from metadrop_jax.cli import parse_overrides
+  extra = parse_overrides(a.set)
+  a.trace = [c for c in a.trace.split(',') if c]
+  a.logs = tempfile.mkdtemp(prefix='formulations_')
+  deadline = a.deadline or time.time() + 3600
+  t0 = time.time()
+
+  def log(msg):
+    print(f'[{time.time() - t0:6.1f}s] {msg}', flush=True)
+
+  base = {'config': a.config, 'method': a.method, 'gradient': a.gradient, 'set': extra,
+          'precision': a.precision, 'iters': a.iters, 'warmup': a.warmup,
+          'trace_steps': a.trace_steps}
+  summary = {'config': a.config, 'method': a.method, 'gradient': a.gradient,
+             'precision': a.precision, 'set': extra, 'iters': a.iters, 'warmup': a.warmup,
+             'commit': os.environ.get('METADROP_COMMIT', ''), 'base_flags': a.base_flags,
+             'start': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t0))}
+
+  def save():
+    if a.out:
+      tmp = a.out + '.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(summary, f, indent=1)
+      os.replace(tmp, a.out)
+
+  summary['rows'] = run_cells(cells, a, base, deadline, log)
+  done = [r for r in summary['rows'] if 'error' not in r]
+  if done:
+    summary['device'], summary['jax'] = done[0]['device'], done[0]['jax']
+  summary['winner'] = fastest(summary['rows'])
+  summary['determinism'] = determinism(summary['rows'])
+  save()
+  ns = [int(x) for x in a.concurrent.split(',') if x]
+  cc = a.concurrent_cell or (summary['winner'] or {}).get('cell')
+  if ns and cc:
+    summary['concurrent'] = run_concurrent(cc, ns, a, base, deadline, log)
+  summary['seconds'] = time.time() - t0
+  save()
+  print(format_table(summary))
+  if a.out:
+    print(f'wrote {a.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
