@@ -66,6 +66,17 @@ CELLS = {
                              NO_CMD_BUFFER),
     'select_im2col_scan': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
                             'model.inner_loop': 'scan'}, True, ''),
+    # multi-pass tensor-core GEMMs (nets.DOT_ALGORITHMS); the smoke test decides whether they
+    # are accurate enough to train with
+    'select_im2col_bf16x3': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
+                              'model.dot_algorithm': 'bf16_x3'}, True, ''),
+    'select_im2col_bf16x6': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
+                              'model.dot_algorithm': 'bf16_x6'}, True, ''),
+    'select_im2col_tf32x3': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
+                              'model.dot_algorithm': 'tf32_x3'}, True, ''),
+    'select_im2col_bf16x3_unfused': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
+                                      'model.dot_algorithm': 'bf16_x3',
+                                      'model.fuse_noise_conv': False}, True, ''),
 }
 DEFAULT_TRACE = ('baseline', 'select', 'select_im2col')
 

@@ -20,6 +20,7 @@ CONV_IMPLS = ('auto', 'xla', 'im2col')
 TASK_MAPS = ('auto', 'vmap', 'map')
 INNER_LOOPS = ('unroll', 'scan')
 POOL_IMPLS = ('reduce_window', 'select')
+DOT_ALGORITHMS = ('default', 'bf16_x3', 'bf16_x6', 'tf32_x3')   # nets.DOT_ALGORITHMS
 # How the meta-gradient treats the inner loop (README, "Which meta-gradient"):
 #   'exact'       second order through the unrolled inner loop: the method as the paper states it;
 #   'authors'     what the authors' TF code computes: every batch norm's backward pass acts as a
@@ -79,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.fuse_noise_conv = True  # compute theta and phi convs of a block as one conv
   c.model.pool_impl = 'reduce_window'  # 2x2 max-pool: 'reduce_window' | 'select' (no scatter in
                                   # its derivative; the same values and derivatives)
+  c.model.dot_algorithm = 'default'  # im2col GEMMs: 'default' (jax_default_matmul_precision) |
+                                  # 'bf16_x3' | 'bf16_x6' | 'tf32_x3' (GPU: multi-pass tensor-core
+                                  # products; accuracy measured by gpu_check)
   c.model.compute_dtype = 'float32'  # 'float32' | 'bfloat16' (params stay float32)
   # execution strategy only (same numbers up to float32 rounding; docs/performance.md):
   c.model.task_map = 'auto'       # tasks of a meta-batch: 'vmap' | 'map' (lax.map) | 'auto'
@@ -229,6 +233,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f'model.conv_impl={config.model.conv_impl!r}: choose one of {CONV_IMPLS}')
   need(config.model.pool_impl in POOL_IMPLS,
        f'model.pool_impl={config.model.pool_impl!r}: choose one of {POOL_IMPLS}')
+  need(config.model.dot_algorithm in DOT_ALGORITHMS,
+       f'model.dot_algorithm={config.model.dot_algorithm!r}: choose one of {DOT_ALGORITHMS}')
+  need(config.model.dot_algorithm == 'default' or config.model.conv_impl == 'im2col',
+       f"model.dot_algorithm={config.model.dot_algorithm!r} applies to the im2col GEMMs: set "
+       "model.conv_impl='im2col' too")
   need(config.model.task_map in TASK_MAPS,
        f'model.task_map={config.model.task_map!r}: choose one of {TASK_MAPS}')
   need(config.model.inner_loop in INNER_LOOPS,

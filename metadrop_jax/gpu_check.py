@@ -118,13 +118,21 @@ def _problem(setting: str, method: str, gradient: str, overrides=None):
   return cfg, jax.device_get(state.params), jax.device_get(ep), jax.random.PRNGKey(2)
 
 
+def formulation_key(conv_impl: str, dot_algorithm: str = 'default') -> str:
+  """'xla', 'im2col' or 'im2col:bf16_x3': how rows and the formulations benchmark name a conv
+  formulation."""
+  return conv_impl if dot_algorithm in ('default', None) else f'{conv_impl}:{dot_algorithm}'
+
+
 def _grad(cfg, params, ep, key, *, device, dtype, conv_impl):
   import dataclasses
   import jax
   import numpy as np
   from metadrop_jax import meta
+  impl, _, algorithm = conv_impl.partition(':')
   spec = meta.spec_from_config(cfg)
-  spec = dataclasses.replace(spec, net=dataclasses.replace(spec.net, conv_impl=conv_impl))
+  spec = dataclasses.replace(spec, net=dataclasses.replace(
+      spec.net, conv_impl=impl, dot_algorithm=algorithm or 'default'))
   def cast(v):
     v = np.asarray(v)
     return v.astype(dtype) if v.dtype.kind == 'f' else v
@@ -203,7 +211,7 @@ def _verdict(out):
   by = lambda p: [r['pass'] for r in out['rows'] if r['precision'] == p]
   out['pass_highest'] = bool(by('highest')) and all(by('highest'))
   out['pass_default'] = bool(by('default')) and all(by('default'))
-  impls = sorted({r.get('conv_impl', 'xla') for r in out['rows']})
+  impls = sorted({r.get('conv_impl', 'xla') for r in out['rows']})  # formulation_key()s
   out['pass_highest_by_conv_impl'] = {
       i: all(r['pass'] for r in out['rows']
              if r['precision'] == 'highest' and r.get('conv_impl', 'xla') == i) for i in impls}
@@ -231,7 +239,8 @@ def main(argv=None):
   ap.add_argument('--precisions', default='highest,default',
                   help="matmul precisions on the device: 'highest' (float32), 'default' (TF32)")
   ap.add_argument('--conv_impls', default='xla',
-                  help='conv formulations checked on the device (xla, im2col)')
+                  help='conv formulations checked on the device: xla, im2col, or im2col:<dot '
+                       'algorithm> (im2col:bf16_x3; config.DOT_ALGORITHMS)')
   ap.add_argument('--out', default='')
   a = ap.parse_args(argv)
   from metadrop_jax.cli import parse_overrides

@@ -46,6 +46,7 @@ class NetSpec:
   bn_backward: str = 'exact'      # 'exact' | 'constant'; set by meta.MetaSpec from meta_gradient
   conv_impl: str = 'xla'          # resolved: 'xla' | 'im2col'
   pool_impl: str = 'reduce_window'  # 'reduce_window' | 'select' (same values and derivatives)
+  dot_algorithm: str = 'default'  # im2col GEMMs: 'default' | 'bf16_x3' | 'bf16_x6' | 'tf32_x3'
   fuse_noise_conv: bool = True
   compute_dtype: str = 'float32'
   fixed_noise_mean: float = 1.0
@@ -78,6 +79,7 @@ def spec_from_config(config, image_shape: tuple[int, int, int]) -> NetSpec:
       bn_eps=config.model.bn_eps,
       conv_impl=impl,
       pool_impl=config.model.pool_impl,
+      dot_algorithm=config.model.dot_algorithm,
       fuse_noise_conv=config.model.fuse_noise_conv,
       compute_dtype=config.model.compute_dtype,
       fixed_noise_mean=config.methods.fixed_noise_mean,
@@ -121,11 +123,27 @@ def init_params(key: jax.Array, spec: NetSpec) -> Params:
 # building blocks
 # ------------------------------------------------------------------------------------------------
 
-def conv3x3(x: jax.Array, w: jax.Array, b: jax.Array, impl: str, dtype: str = 'float32'):
+# config.model.dot_algorithm -> the algorithm of the im2col GEMMs ('default': the precision
+# jax_default_matmul_precision sets). The multi-pass ones split each float32 operand into 3 or 6
+# bfloat16 (or 3 TF32) products on the tensor cores with float32 accumulation; how close they
+# come to float32 on a given card is what the GPU smoke test measures. XLA:CPU runs the bf16 ones
+# as plain float32 and rejects tf32_x3.
+DOT_ALGORITHMS = {
+    'default': None,
+    'bf16_x3': jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+    'bf16_x6': jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+    'tf32_x3': jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+}
+
+
+def conv3x3(x: jax.Array, w: jax.Array, b: jax.Array, impl: str, dtype: str = 'float32',
+            algorithm: str = 'default'):
   """SAME 3x3 stride-1 convolution ``x: [B, H, W, Cin]``, ``w: [3, 3, Cin, Cout]``.
 
   'xla' uses lax.conv_general_dilated; 'im2col' builds the 9 shifted copies of the padded input
-  and multiplies by the reshaped kernel (the same sums in a layout XLA:CPU runs much faster).
+  and multiplies by the reshaped kernel (the same sums as one GEMM, which XLA:CPU and, vmapped
+  over tasks, XLA:GPU run much faster). ``algorithm`` (a key of :data:`DOT_ALGORITHMS`) applies
+  to that GEMM.
   """
   out = jnp.promote_types(x.dtype, w.dtype)     # float32 (float64 in gradient checks)
   cdt = jnp.bfloat16 if dtype == 'bfloat16' else out
@@ -140,6 +158,7 @@ def conv3x3(x: jax.Array, w: jax.Array, b: jax.Array, impl: str, dtype: str = 'f
     patches = jnp.concatenate(
         [xp[:, i:i + h, j:j + wd, :] for i in range(3) for j in range(3)], axis=-1)
     y = jnp.dot(patches.reshape(bsz * h * wd, 9 * cin), wc.reshape(9 * cin, -1),
+                precision=DOT_ALGORITHMS[algorithm],
                 preferred_element_type=out).reshape(bsz, h, wd, -1)
   else:
     raise ValueError(f'conv impl {impl!r}: use xla or im2col')
@@ -259,6 +278,7 @@ def forward_features(params: Params, x: jax.Array, key: jax.Array | None, spec: 
   theta, phi, bn = params['theta'], params['phi'], params['bn']
   keys = jax.random.split(key, spec.num_layers + 1) if sample else [None] * (spec.num_layers + 1)
   h = x
+  impl = (spec.conv_impl, spec.compute_dtype, spec.dot_algorithm)
   kl_total = jnp.zeros((), jnp.float32)
   feats = {}
   h = _mix(h, mix, 0)
@@ -268,16 +288,15 @@ def forward_features(params: Params, x: jax.Array, key: jax.Array | None, spec: 
     phi_input = spec.row.phi_input
     if phi_input == 'ones':
       # input-independent: phi's conv applied to an all-ones input (learned per position/channel)
-      mu = conv3x3(h, tw, tb, spec.conv_impl, spec.compute_dtype)
-      a = conv3x3(jnp.ones_like(h[:1]), phi[name]['w'], phi[name]['b'], spec.conv_impl,
-                  spec.compute_dtype)
+      mu = conv3x3(h, tw, tb, *impl)
+      a = conv3x3(jnp.ones_like(h[:1]), phi[name]['w'], phi[name]['b'], *impl)
     elif phi_input == 'features' and spec.fuse_noise_conv:
       both = conv3x3(h, jnp.concatenate([tw, phi[name]['w']], -1),
-                     jnp.concatenate([tb, phi[name]['b']], -1), spec.conv_impl, spec.compute_dtype)
+                     jnp.concatenate([tb, phi[name]['b']], -1), *impl)
       mu, a = both[..., :spec.channels], both[..., spec.channels:]
     else:
-      mu = conv3x3(h, tw, tb, spec.conv_impl, spec.compute_dtype)
-      a = (conv3x3(h, phi[name]['w'], phi[name]['b'], spec.conv_impl, spec.compute_dtype)
+      mu = conv3x3(h, tw, tb, *impl)
+      a = (conv3x3(h, phi[name]['w'], phi[name]['b'], *impl)
            if phi_input == 'features' else None)
     if spec.row.perturb is None:
       u = mu

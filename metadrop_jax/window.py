@@ -250,8 +250,10 @@ def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
   if not rows:
     return {**none, 'why': 'no formulation measured'}
   passed = (smoke or {}).get('pass_highest_by_conv_impl') or {}
-  ok = [r for r in rows if r.get('deterministic_ops') and
-        passed.get(r['overrides'].get('model.conv_impl', 'xla'), False)]
+  from metadrop_jax.gpu_check import formulation_key
+  ok = [r for r in rows if r.get('deterministic_ops') and passed.get(formulation_key(
+      r['overrides'].get('model.conv_impl', 'xla'),
+      r['overrides'].get('model.dot_algorithm', 'default')), False)]
   if not ok:
     return {**none, 'why': 'no deterministic cell whose conv formulation passed the smoke test'}
   best = min(ok, key=lambda r: r['ms_per_iter_pipelined'])
@@ -371,6 +373,7 @@ def run_window(a) -> dict:
              f'--cells={a.formulations_cells}', f'--parallel={a.formulations_parallel}',
              f'--iters={a.bench_iters}', f'--warmup={a.bench_warmup}',
              f'--trace_dir={trace_dir}', '--trace_steps=3', f'--deadline={bench_end}',
+             f'--concurrent={a.formulations_concurrent}',
              f'--out={formulations_path}']
       cmd += [f'--set={x}' for x in a.bench_set.split(',') if x]
       log.run(cmd, bench_end - time.time() + 5, env)
@@ -821,6 +824,9 @@ def main(argv=None) -> int:
                  'select_nondet_again,select_im2col_nondet,baseline_nondet,select_unfused,'
                  'select_scan,select_map,select_no_cmd_buffer,select_im2col_scan')
   r.add_argument('--formulations_parallel', type=int, default=6)
+  r.add_argument('--formulations_concurrent', default='',
+                 help='copies of the fastest cell trained at once, e.g. 2,4 (H200, 2026-12-04: '
+                      'no gain, the step keeps the card busy)')
   r.add_argument('--smoke_precisions', default='highest,default')
   r.add_argument('--smoke_conv_impls', default='xla')
   r.add_argument('--bench_configs', default=','.join(PAPER_SETTINGS))

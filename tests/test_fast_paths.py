@@ -27,6 +27,8 @@ FAST_PATHS = {
     'map': {'model.task_map': 'map'},
     'select_pool': {'model.pool_impl': 'select'},
     'im2col_select_pool': {'model.conv_impl': 'im2col', 'model.pool_impl': 'select'},
+    # XLA:CPU computes bf16_x3 as float32: this checks the plumbing; the GPU smoke test, accuracy
+    'im2col_bf16_x3': {'model.conv_impl': 'im2col', 'model.dot_algorithm': 'bf16_x3'},
     'all': {'model.conv_impl': 'im2col', 'model.fuse_noise_conv': True,
             'model.inner_loop': 'scan', 'model.task_map': 'map'},
     'defaults': {'model.conv_impl': 'auto', 'model.fuse_noise_conv': True,
