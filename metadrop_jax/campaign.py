@@ -227,6 +227,31 @@ def check_formulation(formulation: dict | None) -> dict:
   return dict(formulation or {})
 
 
+def device_kind() -> str:
+  """'cpu', or the accelerator's kind ('NVIDIA H200'): what formulations are recorded by."""
+  import jax
+  return 'cpu' if jax.default_backend() == 'cpu' else jax.devices()[0].device_kind
+
+
+def recorded_formulation(camp: dict, kind: str) -> dict:
+  return dict((camp.get('formulations') or {}).get(kind, {}).get('overrides', {}))
+
+
+def resolve_formulation(cdir: str, camp: dict, given: dict) -> dict:
+  """The formulation of this sitting: ``given`` (chosen by a measurement on this kind of device,
+  then recorded in campaign.json for it), else the one recorded for this kind, else the configs'
+  defaults ({})."""
+  import jax
+  kind = device_kind()
+  if not given:
+    return recorded_formulation(camp, kind)
+  if recorded_formulation(camp, kind) != given:
+    camp.setdefault('formulations', {})[kind] = {
+        'overrides': dict(given), 'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
+    save_campaign(cdir, camp)
+  return dict(given)
+
+
 def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
             precision_choice: str | None = None, formulation: dict | None = None,
             log=print) -> dict:
@@ -240,8 +265,8 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   from metadrop_jax import workdir as workdir_lib
   t_start = time.time()
   deadline = t_start + budget_s
-  formulation = check_formulation(formulation)
   camp = load_campaign(cdir)
+  formulation = resolve_formulation(cdir, camp, check_formulation(formulation))
   on_acc = jax.default_backend() != 'cpu'
   precision = resolve_precision(cdir, camp, precision_choice)
   jax.config.update('jax_default_matmul_precision', precision)

@@ -19,7 +19,7 @@ DATASETS = ('omniglot', 'miniimagenet', 'synthetic')
 CONV_IMPLS = ('auto', 'xla', 'im2col')
 TASK_MAPS = ('auto', 'vmap', 'map')
 INNER_LOOPS = ('unroll', 'scan')
-POOL_IMPLS = ('reduce_window', 'select')
+POOL_IMPLS = ('auto', 'reduce_window', 'select')
 DOT_ALGORITHMS = ('default', 'bf16_x3', 'bf16_x6', 'tf32_x3')   # nets.DOT_ALGORITHMS
 # How the meta-gradient treats the inner loop (README, "Which meta-gradient"):
 #   'exact'       second order through the unrolled inner loop: the method as the paper states it;
@@ -77,9 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_layers = 4          # conv blocks
   c.model.bn_eps = 1e-3           # TF's batch_norm default
   c.model.conv_impl = 'auto'      # 'xla' (lax.conv) | 'im2col' (patches @ kernel) | 'auto'
+                                  # (im2col: nets.resolve_conv_impl)
   c.model.fuse_noise_conv = True  # compute theta and phi convs of a block as one conv
-  c.model.pool_impl = 'reduce_window'  # 2x2 max-pool: 'reduce_window' | 'select' (no scatter in
-                                  # its derivative; the same values and derivatives)
+  c.model.pool_impl = 'auto'      # 2x2 max-pool: 'reduce_window' | 'select' (no scatter in its
+                                  # derivative; the same numbers) | 'auto' (nets.resolve_pool_impl)
   c.model.dot_algorithm = 'default'  # im2col GEMMs: 'default' (jax_default_matmul_precision) |
                                   # 'bf16_x3' | 'bf16_x6' | 'tf32_x3' (GPU: multi-pass tensor-core
                                   # products; accuracy measured by gpu_check)
@@ -235,7 +236,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f'model.pool_impl={config.model.pool_impl!r}: choose one of {POOL_IMPLS}')
   need(config.model.dot_algorithm in DOT_ALGORITHMS,
        f'model.dot_algorithm={config.model.dot_algorithm!r}: choose one of {DOT_ALGORITHMS}')
-  need(config.model.dot_algorithm == 'default' or config.model.conv_impl == 'im2col',
+  need(config.model.dot_algorithm == 'default' or config.model.conv_impl in ('im2col', 'auto'),
        f"model.dot_algorithm={config.model.dot_algorithm!r} applies to the im2col GEMMs: set "
        "model.conv_impl='im2col' too")
   need(config.model.task_map in TASK_MAPS,

@@ -238,7 +238,7 @@ def main(argv=None):
   ap.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
   ap.add_argument('--precisions', default='highest,default',
                   help="matmul precisions on the device: 'highest' (float32), 'default' (TF32)")
-  ap.add_argument('--conv_impls', default='xla',
+  ap.add_argument('--conv_impls', default='im2col',
                   help='conv formulations checked on the device: xla, im2col, or im2col:<dot '
                        'algorithm> (im2col:bf16_x3; config.DOT_ALGORITHMS)')
   ap.add_argument('--out', default='')

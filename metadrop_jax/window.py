@@ -269,6 +269,27 @@ def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
           'cell': best['cell'], 'why': why}
 
 
+def formulation_checked(smoke: dict | None, overrides: dict):
+  """Whether the smoke test passed the conv formulation that ``overrides`` (on top of the
+  configs' defaults) trains with, at 'highest' precision: True, False, or None (not run)."""
+  from metadrop_jax import nets
+  from metadrop_jax.gpu_check import formulation_key
+  if not smoke or not smoke.get('rows'):
+    return None
+  key = formulation_key(nets.resolve_conv_impl(overrides.get('model.conv_impl', 'auto')),
+                        overrides.get('model.dot_algorithm', 'default'))
+  by = smoke.get('pass_highest_by_conv_impl') or {}
+  return bool(by.get(key, False))
+
+
+def _recorded(cdir: str, kind: str) -> dict:
+  from metadrop_jax import campaign
+  try:
+    return campaign.recorded_formulation(campaign.load_campaign(cdir), kind)
+  except (OSError, ValueError):
+    return {}
+
+
 def choose_precision(smoke: dict | None, bench_rows: list[dict]) -> tuple[str, str]:
   """('highest' | 'default', why). TF32 ('default') only where the smoke test passed it and the
   benchmark measured it at least TF32_MIN_SPEEDUP faster on the same cell; else 'highest'."""
@@ -450,8 +471,10 @@ def run_window(a) -> dict:
   cdir = os.path.abspath(a.campaign_dir)
 
   def campaign_phase():
-    if smoke_res and smoke_res.get('rows') and not smoke_res.get('pass_highest'):
-      return {'skipped': 'the float32 meta-gradient check failed: no training on this device'}
+    checked = formulation_checked(smoke_res, form['overrides'] or _recorded(cdir, kind))
+    if checked is False:
+      return {'skipped': "the float32 meta-gradient check failed for this sitting's formulation: "
+                         'no training on this device'}
     hard = end - pack_reserve                 # killed here; it aims to be done well before
     cmd = [py, 'launch.py', '--mode=campaign', f'--campaign_dir={cdir}',
            f'--deadline={hard - min(30.0, 0.1 * a.budget_s):.1f}',
@@ -828,7 +851,9 @@ def main(argv=None) -> int:
                  help='copies of the fastest cell trained at once, e.g. 2,4 (H200, 2026-12-04: '
                       'no gain, the step keeps the card busy)')
   r.add_argument('--smoke_precisions', default='highest,default')
-  r.add_argument('--smoke_conv_impls', default='xla')
+  r.add_argument('--smoke_conv_impls', default='im2col',
+                 help="conv formulations the smoke test checks (gpu_check --conv_impls); the "
+                      "sitting trains only if its own passed")
   r.add_argument('--bench_configs', default=','.join(PAPER_SETTINGS))
   r.add_argument('--bench_gradient', default='authors')
   r.add_argument('--bench_set', default='', help='config overrides of every benchmark cell '

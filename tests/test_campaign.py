@@ -252,3 +252,48 @@ def test_bench_plan_benchmarks_in_full_only_on_a_card_kinds_first_window():
   # a row measured without deterministic ops does not count for a deterministic window
   nondet = {window._cell_key(c, '') for c in cells}
   assert window.bench_plan('auto', cells, nondet, det, lambda: nxt)[0] == 'full'
+
+
+def _form_row(cell, ms, det=True, **over):
+  return {'cell': cell, 'ms_per_iter_pipelined': ms, 'deterministic_ops': det,
+          'overrides': {'model.conv_impl': 'xla', 'model.pool_impl': 'select', **over},
+          'extra_flags': ''}
+
+
+def test_formulation_choice_needs_determinism_the_smoke_test_and_a_speedup():
+  """The sitting's formulation: the fastest deterministic cell whose conv formulation passed the
+  smoke test; a faster non-deterministic or unchecked cell is never chosen."""
+  rows = [_form_row('baseline', 38.0, **{'model.pool_impl': 'reduce_window'}),
+          _form_row('select', 25.0),
+          _form_row('select_im2col', 18.0, **{'model.conv_impl': 'im2col'}),
+          _form_row('select_im2col_nondet', 16.0, det=False, **{'model.conv_impl': 'im2col'}),
+          _form_row('bf16', 12.0, **{'model.conv_impl': 'im2col', 'model.dot_algorithm': 'bf16_x3'})]
+  smoke = {'rows': [1], 'pass_highest_by_conv_impl': {'xla': True, 'im2col': True,
+                                                      'im2col:bf16_x3': False}}
+  c = window.choose_formulation({'rows': rows}, smoke)
+  assert c['cell'] == 'select_im2col'
+  assert c['overrides'] == {'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}
+  smoke['pass_highest_by_conv_impl']['im2col'] = False
+  assert window.choose_formulation({'rows': rows}, smoke)['cell'] == 'select'
+  assert window.choose_formulation({'rows': rows[:1]}, smoke)['overrides'] == {}
+  assert window.choose_formulation(None, smoke)['overrides'] == {}
+  # the campaign trains only if its own formulation passed (a failed candidate does not stop it)
+  assert window.formulation_checked(smoke, {'model.conv_impl': 'xla'}) is True
+  assert window.formulation_checked(smoke, {}) is False            # default: im2col, failed here
+  assert window.formulation_checked({}, {}) is None
+
+
+def test_formulation_is_recorded_per_device_kind(tmp_path):
+  """A measured formulation is recorded in campaign.json for this kind of device; later
+  sittings without a measurement use it; bad fields are refused before anything is written."""
+  cdir = str(tmp_path / 'camp')
+  campaign.init_campaign(cdir, ['tiny'])
+  camp = campaign.load_campaign(cdir)
+  assert campaign.resolve_formulation(cdir, camp, {}) == {}
+  f = {'model.pool_impl': 'select'}
+  assert campaign.resolve_formulation(cdir, camp, f) == f
+  again = campaign.load_campaign(cdir)
+  assert campaign.recorded_formulation(again, campaign.device_kind()) == f
+  assert campaign.resolve_formulation(cdir, again, {}) == f
+  with pytest.raises(ValueError, match='change results'):
+    campaign.check_formulation({'inner_lr': 0.3})

@@ -16,6 +16,7 @@ import pytest
 
 from metadrop_jax import episodes as episodes_lib
 from metadrop_jax import meta
+from metadrop_jax import nets
 from tests.conftest import tiny
 
 REFERENCE = {'model.conv_impl': 'xla', 'model.task_map': 'vmap', 'model.inner_loop': 'unroll',
@@ -104,11 +105,12 @@ def test_fast_path_meta_gradient_matches_reference(method, path):
 
 def test_defaults_resolve_per_backend():
   spec = meta.spec_from_config(tiny())
-  if jax.default_backend() == 'cpu':
-    assert spec.net.conv_impl == 'im2col'
-  else:
-    assert spec.net.conv_impl == 'xla'
+  assert spec.net.conv_impl == 'im2col'
+  assert spec.net.pool_impl == ('reduce_window' if jax.default_backend() == 'cpu' else 'select')
   assert spec.task_map == 'vmap' and spec.inner_loop == 'unroll'
+  assert nets.resolve_pool_impl('auto', 'gpu') == 'select'
+  assert nets.resolve_pool_impl('auto', 'cpu') == 'reduce_window'
+  assert nets.resolve_conv_impl('xla') == 'xla'
 
 
 def test_first_order_scan_matches_unroll():
