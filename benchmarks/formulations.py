@@ -29,6 +29,7 @@ device against one run alone.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -142,7 +143,8 @@ def worker(a: dict) -> None:
   t0 = time.perf_counter()
   compiled = step.lower(state, images, train_key).compile()
   compile_s = time.perf_counter() - t0
-  counts = hlo_counts(compiled.as_text())
+  hlo_text = compiled.as_text()
+  counts = hlo_counts(hlo_text)
   print('READY ' + json.dumps({'compile_s': compile_s}), flush=True)
   if sys.stdin.readline().strip() != 'GO':
     return
@@ -164,13 +166,15 @@ def worker(a: dict) -> None:
   digest = state_digest(state)
   trace_dir = a.get('trace_dir')
   if trace_dir:
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    os.makedirs(trace_dir, exist_ok=True)
+    with gzip.open(os.path.join(trace_dir, 'optimized_hlo.txt.gz'), 'wt') as f:
+      f.write(hlo_text)     # what the kernels' hlo_op names refer to
+    jax.profiler.start_trace(trace_dir)
     for _ in range(a['trace_steps']):
       state, metrics = compiled(state, images, train_key)
     jax.block_until_ready(state)
     jax.profiler.stop_trace()
-    # keep the JSON traces (what profile_step.py reads); the xplane protobuf holds the HLO too
-    # and is ten times larger
+    # keep the JSON trace (what profile_step.py reads); the xplane protobuf is ten times larger
     for root, _, files in os.walk(trace_dir):
       for fn in files:
         if fn.endswith('.xplane.pb'):
@@ -180,7 +184,9 @@ def worker(a: dict) -> None:
     peak = (dev.memory_stats() or {}).get('peak_bytes_in_use')
   except Exception:  # noqa: BLE001 - CPU: no statistics
     peak = None
+  from metadrop_jax import flops as flops_lib
   print('RESULT ' + json.dumps({
+      **flops_lib.utilisation(config, pipelined, dev.device_kind),
       'ms_per_iter': 1e3 * float(np.median(lat)), 'ms_per_iter_min': 1e3 * float(np.min(lat)),
       'ms_per_iter_pipelined': 1e3 * pipelined, 'compile_s': compile_s, 'hlo': counts,
       'loss': loss, 'state_sha256': digest, 'steps': a['warmup'] + 2 * a['iters'],
@@ -336,6 +342,22 @@ def run_concurrent(cell, ns, a, base, deadline, log) -> list[dict]:
   return out
 
 
+def profiles(rows, a) -> dict:
+  """The profile tables (profile_step.parse) of the traced cells, with their measured wall time."""
+  import profile_step
+  out = {}
+  for r in rows:
+    d = os.path.join(a.trace_dir, r['cell']) if a.trace_dir else ''
+    if 'error' in r or not d or not os.path.isdir(d):
+      continue
+    try:
+      out[r['cell']] = profile_step.parse(d, a.trace_steps, r['ms_per_iter_pipelined'] / 1e3,
+                                          top=20)
+    except (OSError, ValueError) as e:
+      out[r['cell']] = {'error': repr(e)}
+  return out
+
+
 def fastest(rows, deterministic_only=True):
   ok = [r for r in rows if 'error' not in r and (r['deterministic_ops'] or not deterministic_only)]
   return min(ok, key=lambda r: r['ms_per_iter_pipelined']) if ok else None
@@ -464,9 +486,14 @@ def main(argv=None):
   cc = a.concurrent_cell or (summary['winner'] or {}).get('cell')
   if ns and cc:
     summary['concurrent'] = run_concurrent(cc, ns, a, base, deadline, log)
+  summary['profiles'] = profiles(summary['rows'], a)
   summary['seconds'] = time.time() - t0
   save()
   print(format_table(summary))
+  import profile_step
+  for cell, p in summary['profiles'].items():
+    print(f'\nprofile of {cell}:\n' + (p['error'] if 'error' in p else
+                                        profile_step.format_profile(p)))
   if a.out:
     print(f'wrote {a.out}')
   return 0

@@ -37,25 +37,11 @@ METHODS = ('metadrop', 'maml')
 # The reference formulation every fast path is tested against (tests/test_fast_paths.py).
 NAIVE = {'model.conv_impl': 'xla', 'model.task_map': 'vmap', 'model.inner_loop': 'unroll',
          'model.fuse_noise_conv': False}
-# Dense peak rates of the cards the GPU windows get (vendor datasheets, TFLOP/s; the "989
-# TFLOP/s" bf16 / "495" tf32 figures are dense, the datasheets' larger ones assume sparsity).
-# 'float32': CUDA-core FMA rate ('highest' precision); 'tf32': tensor cores on float32 inputs
-# (jax_default_matmul_precision='default' on Hopper); the fraction reported uses the one that
-# matches the run's precision.
-PEAK_TFLOPS = {
-    'H100 PCIe': {'float32': 51.2, 'tf32': 378.0, 'bf16': 756.0},
-    'H100': {'float32': 66.9, 'tf32': 494.7, 'bf16': 989.4},     # SXM5 ('NVIDIA H100 80GB HBM3')
-    'H200': {'float32': 66.9, 'tf32': 494.7, 'bf16': 989.4},     # same chip as H100 SXM
-}
-
-
 def peak_tflops(device_kind: str, precision: str):
   """The card's dense peak for this precision ('highest' -> float32, 'default' -> tf32), or None."""
-  kind = 'float32' if precision in ('highest', 'float32') else 'tf32'
-  for name, rates in PEAK_TFLOPS.items():   # 'H100 PCIe' is tested before 'H100'
-    if all(w in device_kind for w in name.split()):
-      return rates[kind]
-  return None
+  from metadrop_jax import flops as flops_lib
+  return flops_lib.peak_tflops(device_kind, 'float32' if precision in ('highest', 'float32')
+                               else 'tf32')
 
 
 # The authors' TF 1.x code (oneDNN), seconds per meta-iteration, measured once on one machine:
@@ -196,9 +182,12 @@ def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int
   med = float(np.median(times))
   peak_tf = peak_tflops(device.device_kind, precision or 'default') if device.platform == 'gpu' \
       else None
+  from metadrop_jax import flops as flops_lib
   return {'jax': jax.__version__, 'precision': precision or 'default', 'seeds': seeds,
       'peak_tflops': peak_tf,
       'peak_fraction': flops / med / 1e12 / peak_tf if peak_tf and med > 0 else None,
+      # the analytic count (convs and dense layers; XLA:GPU's count leaves out cuDNN convs)
+      **flops_lib.utilisation(config, med / seeds, device.device_kind),
       'config': name, 'method': method, 'overrides': overrides,
       'resolved': {'conv_impl': net.conv_impl, 'task_map': spec.task_map,
                    'inner_loop': spec.inner_loop, 'fuse_noise_conv': net.fuse_noise_conv,

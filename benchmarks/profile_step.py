@@ -1,0 +1,243 @@
+"""Where the time of one meta-training step goes: a ``jax.profiler`` trace, read offline as a table.
+
+  python benchmarks/profile_step.py --config=omniglot_20way1shot --steps=3 --out=profile.json
+  python benchmarks/profile_step.py --config=tiny --set=model.conv_impl=xla
+  python benchmarks/profile_step.py --parse=/path/to/trace_dir    # a trace taken elsewhere
+
+Capturing: the step is built as training builds it (``meta.make_train_step`` on device-resident
+synthetic images of the real shapes), compiled, warmed up, then ``--steps`` steps are traced and
+timed. Parsing needs no UI and no TensorFlow: it reads the trace-viewer JSON
+(``*.trace.json.gz``) that ``jax.profiler`` writes next to its protobuf, takes every event that
+an XLA op left on a device (on a GPU: the kernels, which carry ``hlo_op``; on the CPU: the ops of
+XLA's thunk executor), and prints
+
+* the top kernels (name, calls, total and mean µs, share of kernel time, µs per step);
+* kernel time (the sum of the kernels' durations), busy time (their union over streams, which
+  can overlap), the span from the first kernel to the last, and the wall time per step measured
+  around the traced steps: wall - busy is what the device waited for the host (launch gaps);
+* the split by category: conv, dot/GEMM, reduce, elementwise, copy/transpose/layout,
+  scatter/select-and-scatter, sort, other.
+
+The same parser reads the traces that ``benchmarks/formulations.py --trace_dir`` writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (category, pattern on the kernel name or its hlo_op), first match wins.
+CATEGORIES = (
+    ('sort', r'sort'),
+    ('scatter', r'scatter'),
+    ('conv', r'conv|fprop|dgrad|wgrad|winograd|fft|implicit_gemm|flip_filter|cudnn'),
+    ('dot', r'gemm|dot|cublas|cutlass|matmul'),
+    ('reduce', r'reduce'),
+    ('copy', r'copy|transpose|memcpy|memset|concatenate|pad|slice|reshape|bitcast|'
+             r'dynamic-update|dynamic_update|gather|nhwcTo|nchwTo|iota'),
+    ('elementwise', r'fusion|loop_|multiply|add|subtract|divide|select|compare|maximum|exp|log|'
+                    r'tanh|rsqrt|negate|convert|and|or'),
+)
+# Not ops of their own: markers, and XLA:CPU's control-flow thunks (a while loop's event spans
+# the ops of its body, which are events too).
+SKIP_NAMES = re.compile(r'^end: |^ThunkExecutor|^ThreadpoolListener|^Wait for|'
+                        r'^(while|call|conditional)(\.\d+)?$')
+
+
+def category(name: str, hlo_op: str = '') -> str:
+  text = f'{name} {hlo_op}'.lower()
+  for cat, pat in CATEGORIES:
+    if re.search(pat.lower(), text):
+      return cat
+  return 'other'
+
+
+def find_trace(path: str) -> str:
+  """The newest ``*.trace.json.gz`` under ``path`` (or ``path`` itself)."""
+  if os.path.isfile(path):
+    return path
+  found = sorted(glob.glob(os.path.join(path, '**', '*.trace.json.gz'), recursive=True),
+                 key=os.path.getmtime)
+  if not found:
+    raise FileNotFoundError(f'no *.trace.json.gz under {path}: capture one with --config, or '
+                            'point --parse at the folder jax.profiler wrote')
+  return found[-1]
+
+
+def device_events(trace: dict) -> list[dict]:
+  """The events XLA ops left on a device: on accelerators every event of a '/device:' process
+  (kernels, memcpy/memset), on the CPU the events that carry ``hlo_op``."""
+  ev = trace.get('traceEvents', [])
+  procs = {e['pid']: e['args']['name'] for e in ev
+           if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  on_device = {pid for pid, name in procs.items() if name.startswith('/device:')}
+  out = []
+  for e in ev:
+    if e.get('ph') != 'X' or SKIP_NAMES.search(e.get('name', '')):
+      continue
+    if on_device:
+      if e['pid'] in on_device:
+        out.append(e)
+    elif 'hlo_op' in e.get('args', {}):
+      out.append(e)
+  return out
+
+
+def _union(intervals) -> float:
+  total, end = 0.0, None
+  start = None
+  for s, e in sorted(intervals):
+    if end is None or s > end:
+      if end is not None:
+        total += end - start
+      start, end = s, e
+    else:
+      end = max(end, e)
+  if end is not None:
+    total += end - start
+  return total
+
+
+def summarise(events: list[dict], steps: int, wall_s_per_step: float | None = None,
+              top: int = 20) -> dict:
+  """The tables of the module docstring from the device events of ``steps`` traced steps."""
+  steps = max(1, steps)
+  by_name: dict[str, list] = collections.defaultdict(lambda: [0, 0.0, ''])
+  by_cat = collections.Counter()
+  for e in events:
+    args = e.get('args', {})
+    d = float(e.get('dur', 0.0))
+    k = by_name[e['name']]
+    k[0] += 1
+    k[1] += d
+    k[2] = args.get('hlo_op', k[2])
+    by_cat[category(e['name'], args.get('hlo_op', ''))] += d
+  kernel_us = sum(v[1] for v in by_name.values())
+  busy_us = _union((float(e['ts']), float(e['ts']) + float(e.get('dur', 0.0))) for e in events)
+  span_us = (max(float(e['ts']) + float(e.get('dur', 0.0)) for e in events) -
+             min(float(e['ts']) for e in events)) if events else 0.0
+  rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+  out = {
+      'steps': steps, 'events': len(events), 'kernels_per_step': len(events) / steps,
+      'kernel_ms_per_step': kernel_us / steps / 1e3, 'busy_ms_per_step': busy_us / steps / 1e3,
+      'span_ms_per_step': span_us / steps / 1e3,
+      'wall_ms_per_step': None if wall_s_per_step is None else 1e3 * wall_s_per_step,
+      'top': [{'name': n, 'hlo_op': v[2], 'calls': v[0], 'total_us': v[1],
+               'mean_us': v[1] / v[0], 'share': v[1] / kernel_us if kernel_us else 0.0,
+               'us_per_step': v[1] / steps, 'category': category(n, v[2])} for n, v in rows],
+      'categories': {c: {'ms_per_step': us / steps / 1e3,
+                         'share': us / kernel_us if kernel_us else 0.0}
+                     for c, us in by_cat.most_common()},
+  }
+  if out['wall_ms_per_step']:
+    out['host_gap_ms_per_step'] = out['wall_ms_per_step'] - out['busy_ms_per_step']
+  return out
+
+
+def parse(path: str, steps: int, wall_s_per_step: float | None = None, top: int = 20) -> dict:
+  trace_path = find_trace(path)
+  with gzip.open(trace_path, 'rt') as f:
+    trace = json.load(f)
+  out = summarise(device_events(trace), steps, wall_s_per_step, top)
+  out['trace'] = trace_path
+  return out
+
+
+def format_profile(p: dict) -> str:
+  wall = p.get('wall_ms_per_step')
+  lines = [f"{p['kernels_per_step']:.0f} device ops per step; per step: kernels "
+           f"{p['kernel_ms_per_step']:.2f} ms, busy (union over streams) "
+           f"{p['busy_ms_per_step']:.2f} ms, span {p['span_ms_per_step']:.2f} ms"
+           + (f", wall {wall:.2f} ms (host/launch gap {p['host_gap_ms_per_step']:.2f} ms)"
+              if wall else ''),
+           f"{'category':<14}{'ms/step':>9}{'share':>8}"]
+  for c, v in p['categories'].items():
+    lines.append(f"{c:<14}{v['ms_per_step']:9.3f}{v['share']:8.1%}")
+  lines.append(f"{'us/step':>9}{'calls':>7}{'mean us':>9}{'share':>7}  {'category':<12}kernel")
+  for r in p['top']:
+    lines.append(f"{r['us_per_step']:9.1f}{r['calls']:7d}{r['mean_us']:9.1f}{r['share']:7.1%}  "
+                 f"{r['category']:<12}{r['name'][:90]}")
+  return '\n'.join(lines)
+
+
+def capture(config_name: str, method: str, overrides: dict, steps: int, warmup: int,
+            trace_dir: str) -> float:
+  """Traces ``steps`` train steps of a config into ``trace_dir``; returns wall s per step."""
+  import jax
+  sys.path.insert(0, ROOT)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import meta_step
+  from metadrop_jax import keys as keys_lib
+  from metadrop_jax import meta
+  config = meta_step._build_config(config_name, method, overrides)
+  images = jax.device_put(meta_step._synthetic_images(config))
+  init_key, train_key = keys_lib.run_keys(config)
+  state, tx = meta.create_state(init_key, config)
+  step = meta.make_train_step(config, tx)
+  for _ in range(warmup):
+    state, _ = step(state, images, train_key)
+  jax.block_until_ready(state)
+  jax.profiler.start_trace(trace_dir)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, _ = step(state, images, train_key)
+  jax.block_until_ready(state)
+  wall = (time.perf_counter() - t) / steps
+  jax.profiler.stop_trace()
+  return wall
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument('--config', default='omniglot_20way1shot', help="paper config name or 'tiny'")
+  ap.add_argument('--method', default='metadrop')
+  ap.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                  help='config override, e.g. model.conv_impl=xla')
+  ap.add_argument('--precision', default='highest', choices=['highest', 'default'])
+  ap.add_argument('--steps', type=int, default=3, help='traced steps')
+  ap.add_argument('--warmup', type=int, default=3)
+  ap.add_argument('--top', type=int, default=20)
+  ap.add_argument('--trace_dir', default='', help='keep the trace here (default: a temp folder)')
+  ap.add_argument('--parse', default='', help='only parse this trace (file or folder)')
+  ap.add_argument('--wall_ms', type=float, default=None,
+                  help='with --parse: the measured wall ms per step, for the host-gap column')
+  ap.add_argument('--out', default='', help='write the tables as JSON here')
+  a = ap.parse_args(argv)
+  if a.steps < 1:
+    ap.error('--steps must be >= 1')
+  if a.parse:
+    p = parse(a.parse, a.steps, None if a.wall_ms is None else a.wall_ms / 1e3, a.top)
+  else:
+    import jax
+    sys.path.insert(0, ROOT)
+    from metadrop_jax.cli import parse_overrides
+    jax.config.update('jax_default_matmul_precision', a.precision)
+    trace_dir = a.trace_dir or tempfile.mkdtemp(prefix='profile_step_')
+    wall = capture(a.config, a.method, parse_overrides(a.set), a.steps, a.warmup, trace_dir)
+    p = parse(trace_dir, a.steps, wall, a.top)
+    dev = jax.devices()[0]
+    p.update(config=a.config, method=a.method, overrides=parse_overrides(a.set),
+             device=f'{dev.platform}:{dev.device_kind}', jax=jax.__version__,
+             precision=a.precision, xla_flags=os.environ.get('XLA_FLAGS', ''))
+  print(format_profile(p))
+  if a.out:
+    tmp = a.out + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(p, f, indent=1)
+    os.replace(tmp, a.out)
+    print(f'wrote {a.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
