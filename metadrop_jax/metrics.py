@@ -53,6 +53,21 @@ def write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def append_jsonl(path: str, row: dict) -> None:
+  """Appends ``row`` as one JSON line, durably (flush + fsync), always on a line of its own: if
+  the file's last line was cut by a crash (no trailing newline), a newline ends it first, so the
+  cut line stays one unreadable line (read_jsonl skips it) and the new row stays readable."""
+  with open(path, 'ab+') as f:
+    f.seek(0, os.SEEK_END)
+    if f.tell() > 0:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        f.write(b'\n')
+    f.write((json.dumps(row) + '\n').encode())
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def read_jsonl(path: str, *, skipped: list | None = None, warn: bool = True) -> list[dict]:
   """The JSON-object rows of a JSONL file; [] if it does not exist.
 

@@ -121,6 +121,11 @@ def _train(config, workdir: str, stop: '_StopOnSignal') -> dict[str, Any]:
          f'the first {ETA_TIMED_STEPS + 1} steps (the CPU-sized experiment: {CPU_EXPERIMENT})',
          bar)
   timed = 0.0
+  # At most one step queued behind the one running: before dispatching step t+1 the loop waits
+  # for step t-1's metrics. The device never idles (the next step is always queued), and the
+  # progress bar, the ETA, the time limit and a stop signal see steps that have run, not steps
+  # that were only dispatched (on a slow device an unbounded queue ran minutes past a stop).
+  in_flight = None
   while step < end:
     timing = start + 1 <= step < start + 1 + ETA_TIMED_STEPS
     t_step = time.time()
@@ -134,6 +139,9 @@ def _train(config, workdir: str, stop: '_StopOnSignal') -> dict[str, Any]:
     if step == start or timing:   # the first step (compiling) and the timed ones: wait for them
       jax.block_until_ready(state)
       timed += (time.time() - t_step) if timing else 0.0
+    elif in_flight is not None:
+      jax.block_until_ready(in_flight)
+    in_flight = m
     step += 1
     window.append(m)
     if bar is not None:

@@ -133,6 +133,13 @@ def check_run_config(workdir: str, config, doing: str = 'resuming') -> None:
   (any field but :data:`LOOP_FIELDS`); nothing to check in a workdir without one."""
   stored = _stored_config(workdir)
   if stored is None:
+    ckpt = os.path.join(workdir, 'checkpoints')
+    if os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt)):
+      raise config_lib.ConfigError(
+          f'{workdir} has checkpoints but no config.json: the config they were trained with is '
+          'unknown, and training on would record this one for the whole run. Restore '
+          'config.json from a copy of the workdir (runs.jsonl names the commit that wrote it), '
+          'or use a fresh --workdir.')
     return
   a, b = flatten(stored), flatten(json.loads(config.to_json_best_effort()))
   ignore = lambda k: any(k == f or k.startswith(f + '.') for f in LOOP_FIELDS)
@@ -215,12 +222,23 @@ def save_checkpoint(mgr: ocp.CheckpointManager, workdir: str, step: int, state) 
 
 
 def _read_hashes(workdir: str) -> dict:
-  try:
-    with open(os.path.join(workdir, _HASHES)) as f:
-      hashes = json.load(f)
-    return hashes if isinstance(hashes, dict) else {}
-  except (OSError, ValueError):
+  """The recorded checkpoint hashes ({} if the file does not exist). An unreadable file is an
+  error: reading it as empty would switch verification off and the next save would drop the
+  hashes of the older checkpoints."""
+  path = os.path.join(workdir, _HASHES)
+  if not os.path.exists(path):
     return {}
+  try:
+    with open(path) as f:
+      hashes = json.load(f)
+  except (OSError, ValueError) as e:
+    hashes = e
+  if not isinstance(hashes, dict):
+    why = hashes if isinstance(hashes, Exception) else 'not a JSON object'
+    raise WorkdirError(f'{path} is unreadable ({why}): the checkpoints cannot be verified. '
+                       'Restore it from a copy of the workdir, or move it away to resume without '
+                       'verifying the existing checkpoints.')
+  return hashes
 
 
 def _damage(mgr, workdir: str | None, step: int) -> str | None:
@@ -248,6 +266,9 @@ def restore_latest(mgr: ocp.CheckpointManager, template: meta.TrainState,
   steps = sorted(mgr.all_steps(), reverse=True)
   if not steps:
     return None
+  if workdir is not None and not os.path.exists(os.path.join(workdir, _HASHES)):
+    warnings.warn(f'{workdir}: no {_HASHES}: checkpoints {sorted(steps)} are restored without '
+                  'verifying their files', RuntimeWarning)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   problems, damaged = [], []
   for step in steps:
@@ -347,8 +368,7 @@ def provenance() -> dict:
 
 
 def append_run_log(workdir: str, row: dict) -> None:
-  with open(os.path.join(workdir, 'runs.jsonl'), 'a') as f:
-    f.write(json.dumps(row) + '\n')
+  metrics_lib.append_jsonl(os.path.join(workdir, 'runs.jsonl'), row)
 
 
 # ------------------------------------------------------------------------------------------------

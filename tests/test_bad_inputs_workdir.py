@@ -263,3 +263,60 @@ def test_the_first_row_after_a_resume_averages_a_full_window(tmp_path):
                     for line in open(tmp_path / d / 'metrics.jsonl')]
   assert [r['step'] for r in rows('b')] == [3, 6]
   assert rows('a') == rows('b')
+
+
+# run logs, config and checkpoint hashes of a trained workdir ----------------------------------
+
+def test_a_jsonl_row_after_a_cut_line_starts_on_a_fresh_line(tmp_path):
+  """A log whose last line a crash cut (no newline): the next row is readable, the cut line is
+  skipped alone (it used to swallow the new row into one unparsable line)."""
+  from metadrop_jax import metrics
+  path = str(tmp_path / 'runs.jsonl')
+  metrics.append_jsonl(path, {'step': 1})
+  with open(path, 'a') as f:
+    f.write('{"step": 2, "stop')                      # cut by a crash
+  metrics.append_jsonl(path, {'step': 3})
+  with pytest.warns(RuntimeWarning, match=r'runs\.jsonl:2: not a JSON object'):
+    assert metrics.read_jsonl(path) == [{'step': 1}, {'step': 3}]
+
+
+def test_checkpoints_without_config_json_are_refused(trained, tmp_path):
+  """config.json deleted from a trained workdir: training with another config used to resume
+  silently and record the new config for the whole run."""
+  wd, _ = trained
+  wd = _copy(wd, tmp_path / 'wd')
+  os.remove(os.path.join(wd, 'config.json'))
+  listing = lambda: sorted(set(os.listdir(wd)) - {'.lock'})   # the lock file stays by design
+  before = listing()
+  with pytest.raises(config_lib.ConfigError, match='checkpoints but no config.json'):
+    train.train(small(num_steps=6, inner_lr=0.3), wd)
+  assert listing() == before
+
+
+def test_unreadable_checkpoint_hashes_are_an_error_not_silence(trained, tmp_path):
+  """An unreadable checkpoint_hashes.json switched verification off silently and the next save
+  dropped the older checkpoints' hashes; a missing one is said."""
+  wd, _ = trained
+  wd = _copy(wd, tmp_path / 'wd')
+  path = os.path.join(wd, 'checkpoint_hashes.json')
+  good = open(path).read()
+  open(path, 'w').write(good[:len(good) // 2])
+  with pytest.raises(workdir_lib.WorkdirError, match='checkpoint_hashes.json is unreadable'):
+    train.train(small(num_steps=6), wd)
+  assert open(path).read() == good[:len(good) // 2]      # nothing rewritten
+  os.remove(path)
+  with pytest.warns(RuntimeWarning, match='restored without verifying'):
+    workdir_lib.restore(wd)
+
+
+def test_steps_in_flight_are_bounded(tmp_path, monkeypatch):
+  """The loop never runs more than one step ahead of the last one that finished: before step
+  t+1 is dispatched, step t-1's metrics are ready."""
+  waited = []
+  real = jax.block_until_ready
+  monkeypatch.setattr(train.jax, 'block_until_ready', lambda x: waited.append(x) or real(x))
+  status = train.train(small(num_steps=6, checkpoint_every=6, log_every=6), str(tmp_path))
+  assert status['step'] == 6
+  # step 1 (compile) and the ETA-timed steps wait for their state; every later step waits for
+  # the metrics dict of the step before it
+  assert sum(isinstance(w, dict) for w in waited) >= 6 - 1 - train.ETA_TIMED_STEPS - 1
