@@ -94,6 +94,11 @@ def _train(config, workdir: str, stop: '_StopOnSignal') -> dict[str, Any]:
   start = int(state.step)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   sharding = _task_sharding(config)
+  # A fresh state is uncommitted, a restored one committed to its device; jit compiles the step
+  # once per kind, so a second sitting in the same process (a notebook) compiled it again. Both
+  # are placed alike here: replicated over the task mesh, or on the default device.
+  state = jax.device_put(state, jax.devices()[0] if sharding is None else
+                         jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
   if config.data.sampler == 'device':
     images = jax.device_put(train_np)
     step_fn = meta.compiled('train', config, lambda: meta.make_train_step(config, tx, sharding),

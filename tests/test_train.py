@@ -147,3 +147,16 @@ def test_a_paper_run_on_a_cpu_says_so_with_its_eta():
     msg = train.eta_message(*args)
     assert 'ETA' in msg and train.CPU_EXPERIMENT not in msg
   assert 'ETA 16.7 min' in train.eta_message(0.5, 2000, 'cpu')
+
+
+def test_a_resumed_sitting_in_the_same_process_compiles_nothing(tmp_path):
+  """A fresh state was uncommitted and a restored one committed to its device, so the second
+  sitting of a run in one process (a notebook's) compiled the step again."""
+  from metadrop_jax import meta
+  c = tiny('metadrop', num_steps=4, max_steps_per_run=2, checkpoint_every=2, log_every=2,
+           val_every=0, **{'model.num_layers': 1})
+  assert train.train(c, str(tmp_path))['step'] == 2
+  step_fn = meta.compiled('train', c, lambda: None, None)
+  size = step_fn._cache_size()
+  assert train.train(c, str(tmp_path))['step'] == 4
+  assert step_fn._cache_size() == size
