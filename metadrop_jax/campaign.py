@@ -34,10 +34,8 @@ another sample of the same training process, not the bits an uninterrupted run w
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -120,16 +118,10 @@ def save_campaign(cdir: str, camp: dict) -> None:
 
 def run_config(run: dict, camp: dict):
   """The training config of one campaign run (paper config + method + meta-gradient)."""
-  from metadrop_jax import config as config_lib
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  c = importlib.import_module(f"configs.{run['setting']}").get_config()
-  c.method = run['method']
-  c.meta_gradient = run['meta_gradient']
-  config_lib.override(c, dict(RUN_LOOP_FIELDS))
-  config_lib.override(c, camp.get('overrides', {}))
-  return config_lib.validate(c)
+  import configs
+  return configs.get(run['setting'], **{'method': run['method'],
+                                        'meta_gradient': run['meta_gradient'],
+                                        **RUN_LOOP_FIELDS, **camp.get('overrides', {})})
 
 
 def config_lib_override(cfg, fields: dict):

@@ -105,10 +105,10 @@ def _problem(setting: str, method: str, gradient: str, overrides=None):
   """
   import jax
   import numpy as np
-  from metadrop_jax import campaign, episodes, meta
+  import configs
+  from metadrop_jax import episodes, meta
   from metadrop_jax import data as data_lib
-  run = {'setting': setting, 'method': method, 'meta_gradient': gradient}
-  cfg = campaign.run_config(run, {'overrides': overrides or {}})
+  cfg = configs.get(setting, **{'method': method, 'meta_gradient': gradient, **(overrides or {})})
   h, w, ch = data_lib.image_shape(cfg.data)
   rng = np.random.default_rng(0)
   images = (255 * (rng.random((cfg.way + 2, cfg.shot + cfg.query, h, w, ch)) < 0.12)).astype(
