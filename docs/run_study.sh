@@ -33,5 +33,5 @@ for spec in "$@"; do
   [[ -f "$wd/results.json" ]] && DONE+=("$wd")
 done
 [[ ${#DONE[@]} -gt 0 ]] || { echo "no run has results yet (MODE=$MODE)"; exit 0; }
-"$PYTHON" -m metadrop_jax.report --workdirs="$(IFS=,; echo "${DONE[*]}")" --out="$ROOT/table.md" \
+"$PYTHON" -m metadrop_jax.cli.report --workdirs="$(IFS=,; echo "${DONE[*]}")" --out="$ROOT/table.md" \
     --bars="$ROOT/accuracy.png" --curves="$ROOT/curves.png" --smooth=5 --title="${TITLE:-$CONFIG}"

@@ -5,6 +5,7 @@ import ast
 import pathlib
 import re
 import subprocess
+import sys
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,15 +25,11 @@ def _modules():
 
 
 def _imports(path):
-  """metadrop_jax modules imported by ``path``, except under ``if __name__ == '__main__':``."""
+  """metadrop_jax modules imported by ``path``, anywhere in it (an ``if __name__ == '__main__':``
+  block included: a module run as a program that imports its own CLI is still a circle)."""
   tree = ast.parse(path.read_text())
-  main_blocks = [n for n in ast.walk(tree) if isinstance(n, ast.If)
-                 and '__main__' in ast.unparse(n.test)]
-  skip = {id(m) for b in main_blocks for m in ast.walk(b)}
   out = set()
   for node in ast.walk(tree):
-    if id(node) in skip:
-      continue
     if isinstance(node, ast.Import):
       out |= {a.name for a in node.names if a.name.startswith('metadrop_jax')}
     elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('metadrop_jax'):
@@ -80,6 +77,33 @@ def test_plotting_modules_hold_no_model_code():
     assert not deps & {'metadrop_jax.nets', 'metadrop_jax.meta', 'metadrop_jax.export',
                        'metadrop_jax.train', 'metadrop_jax.workdir'}, (mod, deps)
     assert 'jax.jit' not in (ROOT / (mod.replace('.', '/') + '.py')).read_text()
+
+
+def test_library_modules_are_not_programs():
+  """Only the CLI modules (and data.prepare) run as programs: a library module has no
+  ``if __name__ == '__main__':`` block; users run ``python -m metadrop_jax.cli.<name>``."""
+  for name, path in _modules():
+    if name.startswith('metadrop_jax.cli') or name in CLI_ALLOWED:
+      continue
+    tree = ast.parse(path.read_text())
+    mains = [n for n in ast.walk(tree) if isinstance(n, ast.If) and '__main__' in ast.unparse(n.test)]
+    assert not mains, f'{name}: a __main__ block belongs in metadrop_jax/cli/'
+
+
+def test_console_scripts_name_the_cli_mains():
+  """Every [project.scripts] entry is a cli module's main(), and each cli module runs with -m."""
+  scripts = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['scripts']
+  clis = sorted(p.stem for p in (PKG / 'cli').glob('*.py') if p.stem != '__init__')
+  assert scripts == {f'metadrop-{c}': f'metadrop_jax.cli.{c}:main' for c in clis}
+  for c in clis:
+    text = (PKG / 'cli' / f'{c}.py').read_text()
+    assert 'def main(argv=None)' in text and "if __name__ == '__main__':" in text, c
+
+
+def test_a_cli_module_runs_as_a_program():
+  r = subprocess.run([sys.executable, '-m', 'metadrop_jax.cli.report', '--help'], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0 and 'python -m metadrop_jax.cli.report' in r.stdout, r.stderr
 
 
 def test_library_modules_hold_no_cli():
