@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the README figures in docs/images/ from training workdirs.
 #
-#   docs/make_figures.sh METADROP_WORKDIR [MAML_WORKDIR [OTHER_WORKDIRS...]]
-#   docs/make_figures.sh --tiny      # exercise the pipeline: trains configs/tiny.py (Meta-dropout
+#   scripts/make_figures.sh METADROP_WORKDIR [MAML_WORKDIR [OTHER_WORKDIRS...]]
+#   scripts/make_figures.sh --tiny   # exercise the pipeline: trains configs/tiny.py (Meta-dropout
 #                                    # and MAML, ~1 min each on a CPU) in a temp dir first
 #
 # Writes (FIG_DIR, default docs/images):
