@@ -328,7 +328,7 @@ def _run(config, workdir, train):
 
 
 def _campaign():
-  from metadrop_jax import campaign
+  from tools.long_runs import campaign
   cdir = FLAGS.campaign_dir
   if FLAGS.campaign_settings:
     from metadrop_jax.cli import parse_overrides

@@ -266,7 +266,8 @@ def check_against_jax(name, method, precision='highest') -> dict:
   import jax.numpy as jnp
   import numpy as np
   import torch
-  from metadrop_jax import gpu_check, meta
+  from metadrop_jax import meta
+  from tools.long_runs import gpu_check
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   set_precision(torch, precision)
   jax.config.update('jax_default_matmul_precision', precision)

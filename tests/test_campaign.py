@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from metadrop_jax import campaign, evaluation, gpu_check, report, window
+from metadrop_jax import evaluation, report
 from metadrop_jax import workdir as workdir_lib
+from tools.long_runs import campaign, gpu_check, window
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +119,7 @@ def test_window_dry_run_on_cpu(tmp_path):
          'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
          'METADROP_DATA_DIR': str(tmp_path / 'data'), 'METADROP_WINDOW_DATA': '0',
          'PYTHON': sys.executable}
-  cmd = ['bash', 'scripts/device_window.sh', '60', f'--campaign_dir={cdir}',
+  cmd = ['bash', 'tools/long_runs/device_window.sh', '60', f'--campaign_dir={cdir}',
          '--campaign_settings=tiny', '--smoke_setting=tiny', '--smoke_gradients=authors',
          f'--smoke_set={SMALLER}',
          f'--campaign_overrides=val_every=0,eval.num_episodes=10,{SMALLER}',

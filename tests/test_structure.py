@@ -10,12 +10,11 @@ import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / 'metadrop_jax'
-# Entry points: they may import anything, the trainer included. campaign.py drives training
-# sittings (train.train) as launch.py does.
-ENTRY_POINTS = {'metadrop_jax.api', 'metadrop_jax.__init__', 'metadrop_jax.campaign'}
-# Modules that are run as programs and still hold their own argparse: data/prepare.py
-# (python -m metadrop_jax.data.prepare) and the GPU-window drivers window.py and gpu_check.py.
-CLI_ALLOWED = {'metadrop_jax.data.prepare', 'metadrop_jax.window', 'metadrop_jax.gpu_check'}
+# Entry points: they may import anything, the trainer included.
+ENTRY_POINTS = {'metadrop_jax.api', 'metadrop_jax.__init__'}
+# The one library module that is run as a program with its own argparse:
+# python -m metadrop_jax.data.prepare.
+CLI_ALLOWED = {'metadrop_jax.data.prepare'}
 
 
 def _modules():

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Data (and the commit id) for a GPU window, into .gpu_data/ (git-ignored; carried).
 #
-#   bash scripts/pack_device_data.sh            # Omniglot's two zips (14 MB) + COMMIT
-#   bash scripts/pack_device_data.sh --mimg     # also miniImageNet's zip, split into parts that
+#   bash tools/long_runs/pack_device_data.sh            # Omniglot's two zips (14 MB) + COMMIT
+#   bash tools/long_runs/pack_device_data.sh --mimg     # also miniImageNet's zip, split into parts that
 #                                               # each fit one call beside the tree and the wheels
 #
 # Sources: $METADROP_DATA_DIR/<name>, else ../shared/data/<name> (as the loaders look).
 set -eu
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 SRC=${METADROP_DATA_DIR:-../shared/data}
 LIMIT=$((64 * 1024 * 1024))
 mkdir -p .gpu_data/omniglot
@@ -45,9 +45,9 @@ if [ -d .gpu_data/mimg ]; then
     if [ "$p" = "$LAST" ] && [ $((WINDOW + LASTB + 1048576)) -lt $LIMIT ]; then
       CARRY="$CARRY, \"$p\""; WINDOW=$((WINDOW + LASTB)); continue
     fi
-    echo "upload call: command='bash scripts/device_data.sh stash' carry=[\".gpu_data/mimg/SHA256SUMS\", \"$p\"] timeout_s=120"
+    echo "upload call: command='bash tools/long_runs/device_data.sh stash' carry=[\".gpu_data/mimg/SHA256SUMS\", \"$p\"] timeout_s=120"
   done
 fi
 BUDGET=450; [ -d .gpu_data/mimg ] && BUDGET=360   # the uploads' device time comes off the 15 min
-echo "window call: command='bash scripts/device_window.sh $BUDGET' carry=[$CARRY] timeout_s=$((BUDGET + 50))   ($WINDOW B)"
-echo "then give_back, and here: python -m metadrop_jax.window unpack <files_at>"
+echo "window call: command='bash tools/long_runs/device_window.sh $BUDGET' carry=[$CARRY] timeout_s=$((BUDGET + 50))   ($WINDOW B)"
+echo "then give_back, and here: python -m tools.long_runs.window unpack <files_at>"

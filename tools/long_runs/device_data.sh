@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Data on the device machine (docs/gpu_window.md).
 #
-#   bash scripts/device_data.sh stash      # upload call: copy the carried miniImageNet part(s)
+#   bash tools/long_runs/device_data.sh stash      # upload call: copy the carried miniImageNet part(s)
 #                                          # out of the tree into /tmp/metadrop_parts (sha256 checked),
 #                                          # where later calls' tree updates cannot touch them
-#   bash scripts/device_data.sh assemble   # window call: Omniglot zips and, when every part is
+#   bash tools/long_runs/device_data.sh assemble   # window call: Omniglot zips and, when every part is
 #                                          # there, the miniImageNet zip into $METADROP_DATA_DIR
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PARTS=${METADROP_PARTS_DIR:-/tmp/metadrop_parts}
 DATA=${METADROP_DATA_DIR:-/tmp/metadrop_data}
 SUMS=.gpu_data/mimg/SHA256SUMS

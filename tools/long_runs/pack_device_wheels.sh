@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for what the GPU image lacks, into .whl/ (git-ignored; carried with the window call).
 #
-#   bash scripts/pack_device_wheels.sh
+#   bash tools/long_runs/pack_device_wheels.sh
 #
 # The image (Python 3.12) has jax 0.11 with CUDA, flax, optax, orbax-checkpoint, absl-py, chex,
 # tqdm, matplotlib, scikit-learn, pillow, PyYAML; it lacks ml_collections (configs). orbax-checkpoint
@@ -9,7 +9,7 @@
 # same code (device_window.sh falls back to the image's if it does not import there).
 # tensorboardX is left out on purpose: no event files are written there (metrics.jsonl only).
 set -eu
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 ver() { $PY -c "import importlib.metadata as m; print(m.version('$1'))"; }
 PKGS="ml_collections==$(ver ml_collections) orbax-checkpoint==$(ver orbax-checkpoint)"

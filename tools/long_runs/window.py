@@ -42,7 +42,7 @@ import sys
 import tarfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2**20
 PART_BYTES = 15 * 2**20
@@ -174,7 +174,7 @@ def info() -> dict:
 def _next_run_cell(cdir: str):
   """The benchmark cell of the campaign's next run (None if there is none)."""
   try:
-    from metadrop_jax import campaign
+    from tools.long_runs import campaign
     camp = campaign.load_campaign(cdir)
     nxt = next((r for r in campaign.plan(cdir, camp) if r['action'] == 'train' and
                 r['data_here']), None)
@@ -244,13 +244,13 @@ def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
   benchmark (steps dispatched back to back) whose conv formulation passed the smoke test, if it
   is faster than the baseline; else the configs' default. Returns {'overrides', 'extra_flags',
   'cell', 'why'}."""
-  from metadrop_jax import campaign
+  from tools.long_runs import campaign
   none = {'overrides': {}, 'extra_flags': '', 'cell': None}
   rows = [r for r in (form or {}).get('rows', []) if 'error' not in r]
   if not rows:
     return {**none, 'why': 'no formulation measured'}
   passed = (smoke or {}).get('pass_highest_by_conv_impl') or {}
-  from metadrop_jax.gpu_check import formulation_key
+  from tools.long_runs.gpu_check import formulation_key
   ok = [r for r in rows if r.get('deterministic_ops') and passed.get(formulation_key(
       r['overrides'].get('model.conv_impl', 'xla'),
       r['overrides'].get('model.dot_algorithm', 'default')), False)]
@@ -273,7 +273,7 @@ def formulation_checked(smoke: dict | None, overrides: dict):
   """Whether the smoke test passed the conv formulation that ``overrides`` (on top of the
   configs' defaults) trains with, at 'highest' precision: True, False, or None (not run)."""
   from metadrop_jax import nets
-  from metadrop_jax.gpu_check import formulation_key
+  from tools.long_runs.gpu_check import formulation_key
   if not smoke or not smoke.get('rows'):
     return None
   key = formulation_key(nets.resolve_conv_impl(overrides.get('model.conv_impl', 'auto')),
@@ -283,7 +283,7 @@ def formulation_checked(smoke: dict | None, overrides: dict):
 
 
 def _recorded(cdir: str, kind: str) -> dict:
-  from metadrop_jax import campaign
+  from tools.long_runs import campaign
   try:
     return campaign.recorded_formulation(campaign.load_campaign(cdir), kind)
   except (OSError, ValueError):
@@ -344,7 +344,7 @@ def run_window(a) -> dict:
 
   def info_phase():
     out = os.path.join(work, 'info.json')
-    log.run([py, '-c', 'import json, sys; from metadrop_jax import window; '
+    log.run([py, '-c', 'import json, sys; from tools.long_runs import window; '
              f'json.dump(window.info(), open({out!r}, "w"))'], 120, light)
     return _read_json(out) or {}
 
@@ -354,7 +354,7 @@ def run_window(a) -> dict:
 
   # The smoke test (mostly the float64 reference on the CPU) runs beside the benchmark (on the
   # GPU): their overlap is a few seconds of small GPU work, and saves a minute of the window.
-  smoke_cmd = [py, '-m', 'metadrop_jax.gpu_check', f'--setting={a.smoke_setting}',
+  smoke_cmd = [py, '-m', 'tools.long_runs.gpu_check', f'--setting={a.smoke_setting}',
                f'--gradients={a.smoke_gradients}', f'--out={smoke_path}']
   smoke_cmd += [f'--set={x}' for x in a.smoke_set.split(',') if x]
   smoke_cmd += [f'--precisions={a.smoke_precisions}', f'--conv_impls={a.smoke_conv_impls}']
@@ -426,7 +426,7 @@ def run_window(a) -> dict:
     rc = smoke_proc.wait(smoke_end)
     res = _read_json(smoke_path)
     if res:
-      from metadrop_jax import gpu_check
+      from tools.long_runs import gpu_check
       log(gpu_check.format_check(res))
     return {'rc': rc, **(res or {})}
 
@@ -763,7 +763,7 @@ def unpack(src: str, repo: str = ROOT, campaign_dir: str | None = None, log=prin
     shutil.copy(os.path.join(src, 'jax_cache.tgz'), os.path.join(repo, '.gpu_cache'))
   written = []
   if os.path.exists(os.path.join(cdir, 'campaign.json')):
-    from metadrop_jax import campaign
+    from tools.long_runs import campaign
     written = campaign.write_reports(cdir, results_md=os.path.join(repo, 'docs', 'results.md'))
   written.append(write_performance_block(repo))
   log(format_window(summary))
@@ -824,7 +824,7 @@ def write_performance_block(repo: str = ROOT) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog='python -m metadrop_jax.window',
+  ap = argparse.ArgumentParser(prog='python -m tools.long_runs.window',
                                description=__doc__.split('\n')[0])
   sub = ap.add_subparsers(dest='cmd', required=True)
   r = sub.add_parser('run', help='one window (on the device)')

@@ -382,7 +382,7 @@ def write_reports(cdir: str, results_md: str | None = None) -> list[str]:
           'the state in this folder (see README.md).\n\n')
   written.append(report.write_atomic(os.path.join(cdir, 'status.md'), head + status))
   if results_md is None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if os.path.abspath(cdir) == os.path.join(root, DEFAULT_DIR):
       results_md = os.path.join(root, 'docs', 'results.md')
   if results_md and os.path.exists(results_md):
