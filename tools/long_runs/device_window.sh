@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One GPU window: the single command the device runs (docs/gpu_window.md).
+# One GPU job on a time-limited machine without internet (docs/gpu_window.md): the one command
+# to run there, from the repository's checkout (users call it as scripts/device_window.sh).
 #
-#   bash tools/long_runs/device_window.sh BUDGET_S [window.py run options...]
+#   OUT=/where/results/go bash scripts/device_window.sh BUDGET_S [window run options...]
 #
-# Installs the carried wheels (.whl/: what the GPU image lacks), lays out the carried data
-# (.gpu_data/) and the compile cache (.gpu_cache/), then runs `python -m tools.long_runs.window run`
+# Installs the copied wheels (.whl/: what the machine's Python lacks), lays out the copied data
+# (.gpu_data/) and compile cache (.gpu_cache/), then runs `python -m tools.long_runs.window run`
 # (smoke test, benchmark + torch peer, campaign sitting, packing into $OUT) under `timeout`.
-# Everything, packing included, ends within BUDGET_S seconds of the start of this script.
+# Everything, packing included, ends within BUDGET_S seconds of the start of this script: give
+# the job a time limit of BUDGET_S plus its start-up and the copying back.
 set -u
 T0=$(date +%s)
 BUDGET=${1:?usage: device_window.sh BUDGET_S [options]}
@@ -19,9 +21,9 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/metadrop_site .whl/*.whl && export PYTHONPATH=/tmp/metadrop_site${PYTHONPATH:+:$PYTHONPATH}
-  # the repo's orbax (same checkpoint format as the CPU side) unless it fails a save/restore here
+  # the repo's orbax (same checkpoint format as here) unless it fails a save/restore there
   JAX_PLATFORMS=cpu $PY tools/long_runs/orbax_roundtrip.py || {
-    echo "carried orbax fails here: using the image's"; rm -rf /tmp/metadrop_site/orbax*; }
+    echo "copied orbax fails here: using the installed one"; rm -rf /tmp/metadrop_site/orbax*; }
 fi
 [ -f .gpu_data/COMMIT ] && export METADROP_COMMIT=$(cat .gpu_data/COMMIT)
 export METADROP_DATA_DIR=${METADROP_DATA_DIR:-/tmp/metadrop_data}

@@ -1,6 +1,6 @@
 """GPU smoke test: the meta-gradient of one task on the accelerator vs a float64 CPU reference.
 
-  python -m metadrop_jax.gpu_check --setting=omniglot_20way1shot --out=smoke.json
+  python -m tools.long_runs.gpu_check --setting=omniglot_20way1shot --out=smoke.json
 
 One task of a paper config (its network, inner loop and episode shape, at its initial
 parameters; sparse binary images of the data set's shape), the real ``meta.task_loss`` and its

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Wheels for what the GPU image lacks, into .whl/ (git-ignored; carried with the window call).
+# Wheels for what the GPU machine's Python lacks, into .whl/ (git-ignored; copy it there with
+# the checkout: the machine has no internet).
 #
-#   bash tools/long_runs/pack_device_wheels.sh
+#   bash scripts/pack_device_wheels.sh
 #
-# The image (Python 3.12) has jax 0.11 with CUDA, flax, optax, orbax-checkpoint, absl-py, chex,
-# tqdm, matplotlib, scikit-learn, pillow, PyYAML; it lacks ml_collections (configs). orbax-checkpoint
-# is carried at this environment's version so that both sides write and read checkpoints with the
-# same code (device_window.sh falls back to the image's if it does not import there).
+# Made for a machine with Python 3.12 that has jax with CUDA, flax, optax, orbax-checkpoint,
+# absl-py, chex, tqdm, matplotlib, scikit-learn, pillow and PyYAML, and lacks ml_collections
+# (configs); edit PKGS below for another machine. orbax-checkpoint is copied
+# at this environment's version so that both sides write and read checkpoints with the same code
+# (device_window.sh falls back to the machine's own if a save/restore fails there).
 # tensorboardX is left out on purpose: no event files are written there (metrics.jsonl only).
 set -eu
 cd "$(dirname "$0")/../.."
@@ -18,4 +20,5 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl $PKGS
 ls -l .whl
-echo "wheels: $(du -cb .whl/*.whl | tail -1 | cut -f1) bytes ($PKGS)"
+echo "wheels: $(du -cb .whl/*.whl | tail -1 | cut -f1) bytes ($PKGS) in .whl/"
+echo "next: bash scripts/pack_device_data.sh (it says what to copy to the GPU machine)"

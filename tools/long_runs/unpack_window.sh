@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# After a GPU window: put its returned files in place (docs/gpu_window.md), then commit.
+# After a GPU job: put the files it brought back in place (docs/gpu_window.md), then commit.
 #
-#   bash tools/long_runs/unpack_window.sh /path/to/files_at
+#   bash scripts/unpack_window.sh DIR     # DIR: the job's $OUT, copied back here
 #
-# = python -m tools.long_runs.window unpack: replaces the returned run directories in results/table1/,
-# stores window.json and the log in docs/bench/windows/, regenerates the campaign tables and the
-# generated blocks of docs/results.md and docs/performance.md, keeps the compile cache in
-# .gpu_cache/ (git-ignored) for the next window.
+# = python -m tools.long_runs.window unpack DIR: replaces the returned run directories in
+# results/table1/, stores window.json and the log in docs/bench/windows/, regenerates the campaign
+# tables and the generated blocks of docs/results.md and docs/performance.md, keeps the compile
+# cache in .gpu_cache/ (git-ignored) for the next job.
 set -eu
 cd "$(dirname "$0")/../.."
 ${PYTHON:-python} -m tools.long_runs.window unpack "$@"
