@@ -26,10 +26,10 @@ MINI_ZIP = H.REAL_DATA / 'miniimagenet' / 'miniimagenet_84x84.zip' if H.REAL_DAT
 _HOW = 'set METADROP_DATA_DIR to a folder holding omniglot/ and miniimagenet/ (docs/data.md)'
 need_omniglot = pytest.mark.skipif(
     not (OMNI_DIR and (OMNI_DIR / 'images_background.zip').is_file()),
-    reason=f'real Omniglot not found at {OMNI_DIR}: {_HOW}')
+    reason=f"real Omniglot not found at {OMNI_DIR or '$METADROP_DATA_DIR (not set)'}: {_HOW}")
 need_mini = pytest.mark.skipif(
     not (MINI_ZIP and MINI_ZIP.is_file()),
-    reason=f'real miniImageNet not found at {MINI_ZIP}: {_HOW}')
+    reason=f"real miniImageNet not found at {MINI_ZIP or '$METADROP_DATA_DIR (not set)'}: {_HOW}")
 
 
 def expected_omniglot_image(png: bytes) -> np.ndarray:
