@@ -7,7 +7,9 @@
 Modes: train_eval (default: train to num_steps, resuming if the workdir has a checkpoint, then
 evaluate), train (stop after training), eval (meta-test the latest checkpoint with the workdir's
 config.json; a --config given with it may change only eval.*, data locations and loop fields),
-prepare (build the data cache only). Every config field can be overridden:
+prepare (build the data cache only). ``--mode=campaign`` is an alias of the Table-1 campaign's
+own command line, ``python -m tools.long_runs.campaign`` (``--mode=campaign --plan`` = its
+``plan``; docs/gpu_window.md). Every config field can be overridden:
 --config.<field>=<value>. Ctrl-C or SIGTERM during training: the step in flight finishes, is
 checkpointed, and the run stops (exit 0; rerun the command to resume).
 
@@ -33,26 +35,13 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, results.json '
                     '(default: workdirs/<config.name>_<config.method>).')
-flags.DEFINE_enum('mode', 'train_eval', ['train_eval', 'train', 'eval', 'prepare', 'campaign'],
-                  'What to run (campaign: a sitting of the Table-1 campaign, '
-                  'metadrop_jax/campaign.py).')
+flags.DEFINE_enum('mode', 'train_eval', ['train_eval', 'train', 'eval', 'prepare'],
+                  'What to run. (--mode=campaign is an alias of python -m '
+                  'tools.long_runs.campaign, the Table-1 campaign\'s home: --mode=campaign '
+                  '--plan prints its plan; other options go there unchanged.)')
 flags.DEFINE_enum('split', 'test', ['test', 'val'], 'eval mode: which split to meta-test on.')
 flags.DEFINE_bool('verbose', False, 'On an error, print the full traceback as well '
                   '(same as METADROP_VERBOSE=1).')
-flags.DEFINE_string('campaign_dir', 'results/table1', 'campaign mode: the campaign state.')
-flags.DEFINE_float('budget_minutes', 10.0, 'campaign mode: wall time of this sitting.')
-flags.DEFINE_float('deadline', 0.0, 'campaign mode: end the sitting by this unix time instead '
-                   '(GPU windows: process start-up counts against the window too).')
-flags.DEFINE_bool('plan', False, 'campaign mode: print what the next sitting would run; no work.')
-flags.DEFINE_bool('report_only', False, 'campaign mode: regenerate the tables only.')
-flags.DEFINE_list('campaign_settings', None, 'campaign mode, new campaign only: configs/<name>.py '
-                  'settings (default: the four of Table 1).')
-flags.DEFINE_list('campaign_overrides', None, 'campaign mode, new campaign only: field=value '
-                  'overrides of every run (tests: val_every=0).')
-flags.DEFINE_list('formulation', None, 'campaign mode: execution fields set on every run of this '
-                  'sitting (field=value, e.g. model.pool_impl=select; campaign.FORMULATION_FIELDS).')
-flags.DEFINE_string('precision_choice', None, "campaign mode: 'highest' | 'default', used when "
-                    "the campaign's matmul precision is still 'auto' (window.py decides it).")
 FLAGS = flags.FLAGS
 
 EXIT_USER_ERROR = 2
@@ -265,8 +254,6 @@ def _main(argv):
   from metadrop_jax import train
   from metadrop_jax import workdir as workdir_lib
 
-  if FLAGS.mode == 'campaign':
-    return _campaign()
   if config is None and FLAGS.workdir and FLAGS.mode == 'eval':
     config = workdir_lib.load_run_config(FLAGS.workdir)
   if config is None:
@@ -327,35 +314,28 @@ def _run(config, workdir, train):
           'run the same command again to continue.', file=sys.stderr)
 
 
-def _campaign():
-  from metadrop_jax import campaign
-  cdir = FLAGS.campaign_dir
-  if FLAGS.campaign_settings:
-    from metadrop_jax.cli import parse_overrides
-    overrides = parse_overrides(FLAGS.campaign_overrides or [])
-    try:
-      campaign.init_campaign(cdir, FLAGS.campaign_settings, overrides)
-    except ValueError as e:
-      raise UserError(str(e)) from e
-  elif not os.path.exists(campaign.campaign_path(cdir)):
-    campaign.init_campaign(cdir)
-  if FLAGS.plan:
-    print(campaign.format_plan(campaign.plan(cdir)))
-    return
-  if FLAGS.report_only:
-    print('\n'.join(campaign.write_reports(cdir)))
-    return
-  import time
-  budget_s = FLAGS.deadline - time.time() if FLAGS.deadline else FLAGS.budget_minutes * 60.0
-  from metadrop_jax.cli import parse_overrides
-  try:
-    formulation = campaign.check_formulation(parse_overrides(FLAGS.formulation or []))
-  except ValueError as e:
-    raise UserError(f'--formulation: {e}') from e
-  summary = campaign.sitting(cdir, budget_s, precision_choice=FLAGS.precision_choice,
-                             formulation=formulation)
-  print(json.dumps(summary, indent=2))
+def campaign_alias(argv) -> int | None:
+  """``launch.py --mode=campaign [options]`` forwards to ``python -m tools.long_runs.campaign``
+  (the campaign's home; ``--plan`` -> ``plan``, ``--report_only`` -> ``report``, else a
+  ``sitting``). Returns its exit code, or None when ``argv`` asks for another mode."""
+  argv = list(argv)
+  for i, a in enumerate(argv):
+    if a in ('--mode=campaign', '-mode=campaign'):
+      rest = argv[:i] + argv[i + 1:]
+      break
+    if a in ('--mode', '-mode') and argv[i + 1:i + 2] == ['campaign']:
+      rest = argv[:i] + argv[i + 2:]
+      break
+  else:
+    return None
+  from tools.long_runs import campaign
+  if not any(a in campaign.COMMANDS or a in campaign.COMMAND_FLAGS for a in rest):
+    rest = ['sitting'] + rest
+  return campaign.main(rest)
 
 
 if __name__ == '__main__':
+  rc = campaign_alias(sys.argv[1:])
+  if rc is not None:
+    sys.exit(rc)
   app.run(main, flags_parser=parse_flags)

@@ -130,13 +130,14 @@ def state_digest(state) -> str:
 def worker(a: dict) -> None:
   import jax
   import numpy as np
+  import configs
   import meta_step
   from metadrop_jax import keys as keys_lib
   from metadrop_jax import meta
 
   jax.config.update('jax_default_matmul_precision', a['precision'])
   overrides = {**CELLS[a['cell']][0], 'meta_gradient': a['gradient'], **a.get('set', {})}
-  config = meta_step._build_config(a['config'], a['method'], overrides)
+  config = configs.get(a['config'], **{'method': a['method'], **overrides})
   images = jax.device_put(meta_step._synthetic_images(config))
   init_key, train_key = keys_lib.run_keys(config)
   state, tx = meta.create_state(init_key, config)
@@ -210,12 +211,13 @@ def concurrent_worker(a: dict) -> None:
   """One of N copies of a cell training at once: compile, READY, GO, ``iters`` steps back to
   back; reports its own wall time."""
   import jax
+  import configs
   import meta_step
   from metadrop_jax import keys as keys_lib
   from metadrop_jax import meta
   jax.config.update('jax_default_matmul_precision', a['precision'])
   overrides = {**CELLS[a['cell']][0], 'meta_gradient': a['gradient'], **a.get('set', {})}
-  config = meta_step._build_config(a['config'], a['method'], overrides)
+  config = configs.get(a['config'], **{'method': a['method'], **overrides})
   images = jax.device_put(meta_step._synthetic_images(config))
   init_key, train_key = keys_lib.run_keys(config)
   state, tx = meta.create_state(init_key, config)

@@ -79,15 +79,6 @@ def tf_reference(row: dict):
   return ref['s_per_iter'].get((row.get('config'), row.get('method'))) if same_place else None
 
 
-def _build_config(name: str, method: str, overrides: dict):
-  sys.path.insert(0, ROOT)
-  import importlib
-  from metadrop_jax import config as config_lib
-  c = importlib.import_module(f'configs.{name}').get_config()
-  c.method = method
-  return config_lib.validate(config_lib.override(c, overrides))
-
-
 def config_lib_override(config, **fields):
   c = config.copy_and_resolve_references()
   for k, v in fields.items():
@@ -141,7 +132,8 @@ def measure_one(name: str, method: str, overrides: dict, iters: int, warmup: int
 
   if precision:
     jax.config.update('jax_default_matmul_precision', precision)
-  config = _build_config(name, method, overrides)
+  import configs
+  config = configs.get(name, **{'method': method, **overrides})
   spec = meta.spec_from_config(config)
   net = spec.net
   images = jax.device_put(_synthetic_images(config))

@@ -20,8 +20,8 @@ the timing compares equal computations. torch's precision follows ``--precision`
 disables TF32 in cuBLAS and cuDNN, 'default' enables both (JAX's default on Hopper).
 
 Timing: median over ``--iters`` steps after ``--warmup``, each step synchronised; eager mode
-(torch.compile of nested torch.func transforms is not attempted). Untested on a CPU here (torch
-is not installed in this project's environment): the first GPU window runs ``--check`` first.
+(torch.compile of nested torch.func transforms is not attempted). torch is not a dependency, so
+CI does not run this file; the GPU job (tools/long_runs) runs ``--check`` before any timing.
 
 Nothing in the package or the tests imports this file (torch is not a dependency).
 """
@@ -40,9 +40,8 @@ SPLIT_SHAPES = {'omniglot': (4800, 20, 28, 28, 1), 'miniimagenet': (64, 600, 84,
 
 def _config(name, method):
   sys.path.insert(0, ROOT)
-  from metadrop_jax import campaign
-  return campaign.run_config({'setting': name, 'method': method, 'meta_gradient': 'exact'},
-                             {'overrides': {}})
+  import configs
+  return configs.get(name, method=method, meta_gradient='exact')
 
 
 class Peer:
@@ -267,7 +266,8 @@ def check_against_jax(name, method, precision='highest') -> dict:
   import jax.numpy as jnp
   import numpy as np
   import torch
-  from metadrop_jax import gpu_check, meta
+  from metadrop_jax import meta
+  from tools.long_runs import gpu_check
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   set_precision(torch, precision)
   jax.config.update('jax_default_matmul_precision', precision)

@@ -6,7 +6,8 @@
 
 Authors' final run scripts: inner lr 0.1, 5 steps, meta-batch 4, 60k iterations; meta lr 3e-4
 for Meta-dropout (changed from 1e-3 in the authors' last commit) and 1e-3 for MAML.
-Data: ../shared/data/omniglot zips via --config.data.path=..., else TFDS download.
+Data: the Omniglot zips in --config.data.path, $METADROP_DATA_DIR/omniglot or ./data/omniglot,
+else a TFDS download.
 The meta learning rate is read per method from config.AUTHORS_META_LR (so
 --config.method=maml gives the authors' MAML value; other methods 1e-3); --config.meta_lr=x
 sets one value for every method.

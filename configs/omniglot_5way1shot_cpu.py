@@ -18,7 +18,7 @@ Reductions from configs/omniglot_20way1shot.py, and why:
     3e-4 was tuned for 60k steps and would only slow it down in a short run), inner lr 0.4
     (MAML's Omniglot 5-way value).
 Like the paper configs it uses the authors' meta-gradient by default (README, "Which
-meta-gradient"); docs/run_fidelity_study.sh runs both methods in both meta-gradients.
+meta-gradient"); scripts/run_fidelity_study.sh runs both methods in both meta-gradients.
 Unchanged: the data (all 1200 / 423 characters with rotations), the model structure, 5 inner
 steps, 1 MC sample in training, and the meta-test protocol (1000 episodes, 30 MC samples,
 mean ± 1.96·std/√1000 on the 423 test characters). Expect both methods far below the paper's

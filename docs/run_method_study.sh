@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Short real-data runs of every method (docs/results.md, "Method study"): each config.method on
 # configs/omniglot_5way1shot_cpu.py with the same reduced budget, one after the other, then the
-# results table of all of them (docs/run_study.sh does the work; rerun to resume).
+# results table of all of them (scripts/run_study.sh does the work; rerun to resume).
 #
 #   docs/run_method_study.sh [METHOD ...]     # default: every method in metadrop_jax.config.METHODS
 #
@@ -27,4 +27,4 @@ for m in "${METHODS[@]}"; do RUNS+=("$m=--config.method=$m"); done
 EXTRA="--config.num_steps=$STEPS --config.checkpoint_every=$STEPS
   --config.eval.num_episodes=$EPISODES --config.eval.mc_samples=$MC" \
 TITLE="configs/omniglot_5way1shot_cpu.py, $EPISODES test episodes, $MC MC samples at meta-test" \
-  exec docs/run_study.sh "$ROOT" configs/omniglot_5way1shot_cpu.py "${RUNS[@]}"
+  exec scripts/run_study.sh "$ROOT" configs/omniglot_5way1shot_cpu.py "${RUNS[@]}"

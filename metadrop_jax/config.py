@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
                                   # derivative; the same numbers) | 'auto' (nets.resolve_pool_impl)
   c.model.dot_algorithm = 'default'  # im2col GEMMs: 'default' (jax_default_matmul_precision) |
                                   # 'bf16_x3' | 'bf16_x6' | 'tf32_x3' (GPU: multi-pass tensor-core
-                                  # products; accuracy measured by gpu_check)
+                                  # products; accuracy: tools/long_runs/gpu_check)
   c.model.compute_dtype = 'float32'  # 'float32' | 'bfloat16' (params stay float32)
   # execution strategy only (same numbers up to float32 rounding; docs/performance.md):
   c.model.task_map = 'auto'       # tasks of a meta-batch: 'vmap' | 'map' (lax.map) | 'auto'

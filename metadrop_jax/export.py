@@ -20,7 +20,7 @@ authors' ``forward_h``. The arrays go to one ``.npz`` (see :func:`save_npz`), fr
 :mod:`metadrop_jax.visualize` draws the 2-D view (projection on ``w0 - w1`` and a 1-D t-SNE of
 the orthogonal remainder, the boundary where ``(w0 - w1)·f + (b0 - b1) = 0``).
 
-  python -m metadrop_jax.export --workdir=workdirs/omni1_metadrop --out=/tmp/db/metadrop.npz \\
+  python -m metadrop_jax.cli.export --workdir=workdirs/omni1_metadrop --out=/tmp/db/metadrop.npz \\
       --plot_dir=/tmp/db/metadrop_png
 """
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 import warnings
 from typing import Any
 
@@ -309,8 +308,3 @@ def save_npz(path: str, arrays: dict[str, Any]) -> str:
 def load_npz(path: str) -> dict[str, Any]:
   with np.load(path, allow_pickle=False) as z:
     return {k: z[k] for k in z.files}
-
-
-if __name__ == '__main__':   # python -m metadrop_jax.export: the CLI is metadrop_jax/cli/export.py
-  from metadrop_jax.cli import export as _cli
-  sys.exit(_cli.main())

@@ -1,6 +1,6 @@
 """Results table in the layout of the paper's Table 1, and learning curves.
 
-  python -m metadrop_jax.report --workdirs=workdirs/omni1_maml,workdirs/omni1_metadrop \\
+  python -m metadrop_jax.cli.report --workdirs=workdirs/omni1_maml,workdirs/omni1_metadrop \\
       --out=table.md --curves=curves.png
 
 Reads each workdir's ``results.json`` (written by ``evaluation.evaluate_checkpoint``). Columns are the
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from typing import Any, Sequence
 
@@ -463,8 +462,3 @@ def plot_accuracy_bars(runs: Sequence[dict], out: str, *, title: str | None = No
   fig.tight_layout()
   from metadrop_jax import visualize
   return visualize.save_figure(fig, out, dpi)
-
-
-if __name__ == '__main__':   # python -m metadrop_jax.report: the CLI is metadrop_jax/cli/report.py
-  from metadrop_jax.cli import report as _cli
-  sys.exit(_cli.main())

@@ -22,7 +22,7 @@ l2 0..5 step 1, linf 0..0.1 step 0.02 (pixels in [0, 1]).
 
 CLI::
 
-  python -m metadrop_jax.robustness --workdirs=wd/maml,wd/metadrop --norms=linf,l2 \\
+  python -m metadrop_jax.cli.robustness --workdirs=wd/maml,wd/metadrop --norms=linf,l2 \\
       --episodes=100 --out=robustness.png
 """
 
@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Sequence
 
@@ -254,8 +253,3 @@ def plot(workdirs: Sequence[str], norms: Sequence[str], out: str, *,
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=150)
   return fig
-
-
-if __name__ == '__main__':   # python -m metadrop_jax.robustness: the CLI is metadrop_jax/cli/robustness.py
-  from metadrop_jax.cli import robustness as _cli
-  sys.exit(_cli.main())

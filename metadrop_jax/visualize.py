@@ -19,17 +19,16 @@ deeper block ``u{l}``. An animated GIF (PIL, one frame per draw) and a still PNG
 All figures are drawn with matplotlib's object API (no pyplot state, Agg canvas) at a fixed
 size and dpi, so their pixel size is known: see each function.
 
-  python -m metadrop_jax.visualize boundaries --npz=/tmp/db/metadrop.npz --out_dir=/tmp/db/png
-  python -m metadrop_jax.visualize panel --npz=maml.npz,metadrop.npz --task=0 --step=-1 \\
+  python -m metadrop_jax.cli.visualize boundaries --npz=/tmp/db/metadrop.npz --out_dir=/tmp/db/png
+  python -m metadrop_jax.cli.visualize panel --npz=maml.npz,metadrop.npz --task=0 --step=-1 \\
       --out=docs/images/decision_boundary.png
-  python -m metadrop_jax.visualize features --workdir=workdirs/omni1_metadrop \\
+  python -m metadrop_jax.cli.visualize features --workdir=workdirs/omni1_metadrop \\
       --out_png=docs/images/stochastic_features.png --out_gif=docs/images/stochastic_features.gif
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -295,8 +294,3 @@ def plot_feature_grid(maps: dict, out: str, *, channels: Sequence[int] | None = 
   fig.suptitle(title or f'stochastic features u{maps.get("layer", 0)} (shared colour scale per '
                'channel)', fontsize=9, y=1 - 0.1 / (cell * nrow + 0.4))
   return save_figure(fig, out)
-
-
-if __name__ == '__main__':   # python -m metadrop_jax.visualize: the CLI is metadrop_jax/cli/visualize.py
-  from metadrop_jax.cli import visualize as _cli
-  sys.exit(_cli.main())

@@ -16,8 +16,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
-import subprocess
 import time
 import warnings
 from typing import Any
@@ -352,16 +352,44 @@ def load_metrics_window(workdir: str, step: int) -> list:
 # run log and provenance
 # ------------------------------------------------------------------------------------------------
 
+def git_commit(path: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+  """The short commit of the git checkout that holds ``path``, read from its ``.git`` (HEAD, the
+  ref it names, packed-refs; worktrees too) without running git; '' outside a checkout."""
+  d = os.path.abspath(path)
+  while not os.path.exists(os.path.join(d, '.git')):
+    if os.path.dirname(d) == d:
+      return ''
+    d = os.path.dirname(d)
+  git = os.path.join(d, '.git')
+  try:
+    if os.path.isfile(git):                 # a worktree: "gitdir: <its folder>"
+      with open(git) as f:
+        git = os.path.join(d, f.read().split('gitdir:', 1)[1].strip())
+    common = git
+    if os.path.isfile(os.path.join(git, 'commondir')):
+      with open(os.path.join(git, 'commondir')) as f:
+        common = os.path.join(git, f.read().strip())
+    with open(os.path.join(git, 'HEAD')) as f:
+      head = f.read().strip()
+    if head.startswith('ref:'):
+      ref, head = head.split(':', 1)[1].strip(), ''
+      for base in (git, common):
+        if os.path.isfile(os.path.join(base, ref)):
+          with open(os.path.join(base, ref)) as f:
+            head = f.read().strip()
+          break
+      else:
+        with open(os.path.join(common, 'packed-refs')) as f:
+          head = next((l.split()[0] for l in f if l.rstrip().endswith(' ' + ref)), '')
+  except (OSError, IndexError):
+    return ''
+  return head[:7] if re.fullmatch('[0-9a-f]{40}', head) else ''
+
+
 def provenance() -> dict:
   """Commit, jax version and device of this process (stored with every sitting and result)."""
-  # METADROP_COMMIT: set where the code runs from a copy without .git (a GPU window's device)
-  commit = os.environ.get('METADROP_COMMIT', '')
-  try:
-    commit = commit or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
-                                      capture_output=True, text=True,
-                                      cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
-  except Exception:  # pylint: disable=broad-except
-    commit = ''
+  # METADROP_COMMIT: set where the code runs from a copy without .git (a GPU job's machine)
+  commit = os.environ.get('METADROP_COMMIT', '') or git_commit()
   dev = jax.devices()[0]
   return {'commit': commit or 'unknown', 'jax': jax.__version__, 'backend': jax.default_backend(),
           'device': getattr(dev, 'device_kind', str(dev)), 'device_count': jax.device_count()}

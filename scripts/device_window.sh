@@ -1,42 +1,4 @@
 #!/usr/bin/env bash
-# One GPU window: the single command the device runs (docs/gpu_window.md).
-#
-#   bash scripts/device_window.sh BUDGET_S [window.py run options...]
-#
-# Installs the carried wheels (.whl/: what the GPU image lacks), lays out the carried data
-# (.gpu_data/) and the compile cache (.gpu_cache/), then runs `python -m metadrop_jax.window run`
-# (smoke test, benchmark + torch peer, campaign sitting, packing into $OUT) under `timeout`.
-# Everything, packing included, ends within BUDGET_S seconds of the start of this script.
-set -u
-T0=$(date +%s)
-BUDGET=${1:?usage: device_window.sh BUDGET_S [options]}
-shift
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export OUT=${OUT:-/tmp/window_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/metadrop_site .whl/*.whl && export PYTHONPATH=/tmp/metadrop_site${PYTHONPATH:+:$PYTHONPATH}
-  # the repo's orbax (same checkpoint format as the CPU side) unless it fails a save/restore here
-  JAX_PLATFORMS=cpu $PY scripts/orbax_roundtrip.py || {
-    echo "carried orbax fails here: using the image's"; rm -rf /tmp/metadrop_site/orbax*; }
-fi
-[ -f .gpu_data/COMMIT ] && export METADROP_COMMIT=$(cat .gpu_data/COMMIT)
-export METADROP_DATA_DIR=${METADROP_DATA_DIR:-/tmp/metadrop_data}
-# METADROP_WINDOW_DATA=0 (the CPU dry-run test): leave .gpu_data/ alone
-[ "${METADROP_WINDOW_DATA:-1}" = 1 ] && bash scripts/device_data.sh assemble
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/metadrop_jax_cache}
-mkdir -p "$JAX_COMPILATION_CACHE_DIR"
-[ -f .gpu_cache/jax_cache.tgz ] && tar xzf .gpu_cache/jax_cache.tgz -C "$JAX_COMPILATION_CACHE_DIR"
-if command -v nvidia-smi >/dev/null 2>&1; then
-  # run-to-run determinism on the GPU (no autotuning, no atomics): a resumed sitting computes
-  # what an uninterrupted one would; the benchmark measures its cost.
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"
-fi
-LEFT=$(( BUDGET - $(date +%s) + T0 ))
-echo "device_window: $(date -u +%FT%TZ) budget ${BUDGET} s, ${LEFT} s left after setup"
-timeout -k 5 $(( LEFT + 3 )) $PY -m metadrop_jax.window run --budget_s="$LEFT" --out="$OUT" "$@"
-echo "device_window: exit $? after $(( $(date +%s) - T0 )) s"
-ls -l "$OUT"
+# OUT=DIR bash scripts/device_window.sh BUDGET_S [options]   # on the GPU machine
+# The long-run tooling lives in tools/long_runs/ (docs/gpu_window.md): this runs its device_window.sh.
+exec bash "$(dirname "$0")/../tools/long_runs/device_window.sh" "$@"

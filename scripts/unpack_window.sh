@@ -1,13 +1,4 @@
 #!/usr/bin/env bash
-# After a GPU window: put its returned files in place (docs/gpu_window.md), then commit.
-#
-#   bash scripts/unpack_window.sh /path/to/files_at
-#
-# = python -m metadrop_jax.window unpack: replaces the returned run directories in results/table1/,
-# stores window.json and the log in docs/bench/windows/, regenerates the campaign tables and the
-# generated blocks of docs/results.md and docs/performance.md, keeps the compile cache in
-# .gpu_cache/ (git-ignored) for the next window.
-set -eu
-cd "$(dirname "$0")/.."
-${PYTHON:-python} -m metadrop_jax.window unpack "$@"
-echo "now: git add results/table1 docs/bench/windows docs/results.md docs/performance.md && git commit"
+# bash scripts/unpack_window.sh DIR
+# The long-run tooling lives in tools/long_runs/ (docs/gpu_window.md): this runs its unpack_window.sh.
+exec bash "$(dirname "$0")/../tools/long_runs/unpack_window.sh" "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import zlib
 import zipfile
@@ -11,7 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+# Real data sets, for the tests that need them: $METADROP_DATA_DIR (with omniglot/ and
+# miniimagenet/ inside), as the library looks for them; None when it is not set.
+REAL_DATA = Path(os.environ['METADROP_DATA_DIR']) if os.environ.get('METADROP_DATA_DIR') else None
 
 # Tiny Omniglot: 2 + 1 alphabets, 9 characters, 4 drawers each; 6 meta-train characters.
 OMNI_BACKGROUND = {'Alpha_A': 3, 'Beta_B': 2}

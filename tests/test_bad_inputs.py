@@ -1,4 +1,4 @@
-"""Bad inputs and faults, tried as a new user would (issue 13): each case asserts the exact outcome.
+"""Bad inputs and faults, tried as a new user would: each case asserts the exact outcome.
 
 Either the GOOD outcome (nothing lost, nothing silently wrong) or a user error: exit code 2 and
 one line on stderr, ``error: <problem>: <fix>``, naming the field or file, with no traceback
@@ -335,7 +335,7 @@ def _metrics_file(path: Path, n=80, bad=None, tail=''):
 
 
 def test_garbage_line_in_metrics_keeps_every_valid_row(tmp_path):
-  """Issue 13, case 6: one garbage line (line 10), then resume: the rows after it used to be
+  """One garbage line (line 10) in metrics.jsonl, then resume: the rows after it used to be
   deleted silently. Now every valid row stays, the warning names metrics.jsonl:10 and the line
   is kept in metrics.jsonl.skipped."""
   lines = _metrics_file(tmp_path / 'metrics.jsonl', bad={10: '{"step": 50, "train/lo#@!'})
@@ -380,7 +380,7 @@ def _prepare_fake(tmp_path, arrays=None):
 
 
 def test_modified_cache_array_of_the_same_shape_is_detected(tmp_path):
-  """Issue 13, case 8: a cached train.npy with classes altered (same shape, same dtype) was used
+  """A cached train.npy with classes altered (same shape, same dtype) was used
   silently. The manifest's per-split CRC-32 catches it; the message says how to rebuild."""
   d, m, arrays = _prepare_fake(tmp_path)
   assert len(m['splits']['train']['crc32']) == 8

@@ -1,5 +1,6 @@
-"""The Table-1 campaign (order, shares, state), report columns per meta-gradient, and the GPU
-window's dry run on the CPU (the real scripts/device_window.sh path, tiny config, 60 s)."""
+"""The Table-1 campaign (order, shares, state, its command line), report columns per
+meta-gradient, and the GPU job's dry run on the CPU (the real scripts/device_window.sh path, tiny
+config, 60 s)."""
 
 import json
 import os
@@ -11,14 +12,16 @@ import jax
 import numpy as np
 import pytest
 
-from metadrop_jax import campaign, evaluation, gpu_check, report, window
+from metadrop_jax import evaluation, report
 from metadrop_jax import workdir as workdir_lib
+from tools.long_runs import choices, gpu_check, pack, reports, window
+from tools.long_runs import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_campaign_order_authors_first_then_exact():
-  names = [r['name'] for r in campaign.default_runs()]
+  names = [r['name'] for r in runs.default_runs()]
   assert len(names) == 16
   assert names[:8] == [
       'omniglot_20way1shot_metadrop_authors', 'omniglot_20way1shot_maml_authors',
@@ -30,24 +33,24 @@ def test_campaign_order_authors_first_then_exact():
 
 def test_committed_campaign_state_matches_the_code():
   """results/table1/campaign.json is the default campaign; every run's config builds."""
-  camp = campaign.load_campaign(os.path.join(ROOT, campaign.DEFAULT_DIR))
-  assert camp['runs'] == campaign.default_runs()
+  camp = runs.load_campaign(os.path.join(ROOT, runs.DEFAULT_DIR))
+  assert camp['runs'] == runs.default_runs()
   for run in camp['runs']:
-    c = campaign.run_config(run, camp)
+    c = runs.run_config(run, camp)
     assert c.keep_checkpoints == 1 and c.num_steps == 60000
     assert (c.method, c.meta_gradient) == (run['method'], run['meta_gradient'])
   with pytest.raises(ValueError, match='campaign of'):
-    campaign.init_campaign(os.path.join(ROOT, campaign.DEFAULT_DIR), ['tiny'])
+    runs.init_campaign(os.path.join(ROOT, runs.DEFAULT_DIR), ['tiny'])
 
 
 def test_plan_and_status_of_an_empty_campaign(tmp_path):
-  campaign.init_campaign(str(tmp_path), ['tiny'])
-  rows = campaign.plan(str(tmp_path))
+  runs.init_campaign(str(tmp_path), ['tiny'])
+  rows = runs.plan(str(tmp_path))
   assert [r['action'] for r in rows] == ['train'] * 4 and all(r['data_here'] for r in rows)
-  assert 'next: tiny_metadrop_authors (train)' in campaign.format_plan(rows)
+  assert 'next: tiny_metadrop_authors (train)' in runs.format_plan(rows)
   md = tmp_path / 'results.md'
-  md.write_text(f'a\n{campaign.STATUS_BEGIN}\nold\n{campaign.STATUS_END}\nb\n')
-  campaign.write_reports(str(tmp_path), results_md=str(md))
+  md.write_text(f'a\n{reports.STATUS_BEGIN}\nold\n{reports.STATUS_END}\nb\n')
+  reports.write_reports(str(tmp_path), results_md=str(md))
   text = md.read_text()
   assert 'old' not in text and '`tiny_maml_exact`' in text and text.endswith('b\n')
 
@@ -102,8 +105,8 @@ SMALLER = 'inner_steps=1,model.num_layers=1'
 
 def test_window_dry_run_on_cpu(tmp_path):
   """scripts/device_window.sh end to end with a 60-s budget: smoke test, benchmark of the tiny
-  config, torch peer (skipped: no torch here), a campaign sitting, packing into <= 8 files of
-  <= 16 MiB; then unpacking into another tree restores the same checkpoints bit for bit, and a
+  config, torch peer (skipped: no torch here), a campaign sitting, packing within the host's
+  default transfer limits (<= 8 files of <= 16 MiB); then unpacking into another tree restores the same checkpoints bit for bit, and a
   finished run meta-tested there gives the window's number.
 
   Whatever a phase produced must be right; a phase that its deadline cut on a slow machine
@@ -129,8 +132,9 @@ def test_window_dry_run_on_cpu(tmp_path):
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert time.time() - t0 < 60 + 15          # the budget holds, setup and packing included
   files = sorted(os.listdir(out))
-  assert len(files) <= window.MAX_FILES and {'window.json', 'window.log'} <= set(files)
-  assert all(os.path.getsize(out / f) <= window.MAX_FILE_BYTES for f in files)
+  limits = pack.TransferLimits()
+  assert len(files) <= limits.max_files and {'window.json', 'window.log'} <= set(files)
+  assert all(os.path.getsize(out / f) <= limits.max_file_bytes for f in files)
   s = json.loads((out / 'window.json').read_text())
   assert s['phases']['info']['result']['backend'] == 'cpu'
   cut = []
@@ -153,7 +157,7 @@ def test_window_dry_run_on_cpu(tmp_path):
   # back "here": unpack into another tree, the state is the device's, bit for bit
   repo = tmp_path / 'repo'
   (repo / 'docs').mkdir(parents=True)
-  window.unpack(str(out), repo=str(repo), campaign_dir='camp')
+  pack.unpack(str(out), repo=str(repo), campaign_dir='camp')
   for x in trained:
     a, b = _params(str(cdir / x['name'])), _params(str(repo / 'camp' / x['name']))
     assert int(b.step) == x['to']
@@ -178,15 +182,15 @@ def test_precision_choice_needs_the_check_and_a_speedup():
   smoke = {'pass_default': True}
   row = lambda p, s: {'config': 'c', 'method': 'metadrop', 'precision': p, 's_per_iter': s,
                       'xla_flags': ''}
-  assert window.choose_precision(smoke, [row('highest', 10.0), row('default', 5.0)])[0] == 'default'
-  assert window.choose_precision(smoke, [row('highest', 10.0), row('default', 9.0)])[0] == 'highest'
-  assert window.choose_precision({'pass_default': False},
+  assert choices.choose_precision(smoke, [row('highest', 10.0), row('default', 5.0)])[0] == 'default'
+  assert choices.choose_precision(smoke, [row('highest', 10.0), row('default', 9.0)])[0] == 'highest'
+  assert choices.choose_precision({'pass_default': False},
                                  [row('highest', 10.0), row('default', 5.0)])[0] == 'highest'
-  assert window.choose_precision(smoke, [row('highest', 10.0)])[0] == 'highest'
+  assert choices.choose_precision(smoke, [row('highest', 10.0)])[0] == 'highest'
 
 
-def test_pack_splits_large_archives_and_unpack_replaces_runs(tmp_path, monkeypatch):
-  """Parts of <= PART_BYTES, reassembled; a returned run replaces the local one (its old
+def test_pack_splits_large_archives_and_unpack_replaces_runs(tmp_path):
+  """Parts of <= part_bytes (the host's transfer limit), reassembled; a returned run replaces the local one (its old
   checkpoint goes); runs not returned stay; runs unchanged since the window's start are not
   packed; temporaries and TensorBoard files never travel."""
   cdir = tmp_path / 'dev' / 'camp'
@@ -196,23 +200,23 @@ def test_pack_splits_large_archives_and_unpack_replaces_runs(tmp_path, monkeypat
     (cdir / run / 'tb').mkdir()
     (cdir / run / 'tb' / 'events').write_text('x')
     (cdir / run / 'metrics.jsonl.tmp.1').write_text('x')
-  campaign.init_campaign(str(cdir), ['tiny'])
+  runs.init_campaign(str(cdir), ['tiny'])
   old = time.time() - 100
   for p in (cdir / 'b').rglob('*'):
     os.utime(p, (old, old))
-  members = window.campaign_members(str(cdir), since=time.time() - 10)
+  members = pack.campaign_members(str(cdir), since=time.time() - 10)
   assert sorted(members) == [os.path.join('a', 'checkpoints', '7', 'data'), 'campaign.json']
-  monkeypatch.setattr(window, 'PART_BYTES', 1000)
   out = tmp_path / 'out'
   out.mkdir()
-  files = window.pack(str(out), str(tmp_path), str(cdir), since=time.time() - 10, summary={})
+  files = pack.pack(str(out), str(tmp_path), str(cdir), since=time.time() - 10, summary={},
+                   limits=pack.TransferLimits(part_bytes=1000))
   assert len(files) >= 3 and all(n.startswith('campaign.tgz.') for n in files)
   assert all(s <= 1000 for s in files.values())
   (out / 'window.json').write_text(json.dumps({'start': '2026-01-01T00:00:00Z', 'phases': {}}))
   repo = tmp_path / 'repo'
   (repo / 'camp' / 'a' / 'checkpoints' / '5').mkdir(parents=True)
   (repo / 'camp' / 'c').mkdir(parents=True)
-  window.unpack(str(out), repo=str(repo), campaign_dir='camp', log=lambda *_: None)
+  pack.unpack(str(out), repo=str(repo), campaign_dir='camp', log=lambda *_: None)
   assert sorted(os.listdir(repo / 'camp' / 'a' / 'checkpoints')) == ['7']
   assert (repo / 'camp' / 'a' / 'checkpoints' / '7' / 'data').read_bytes() == \
       (cdir / 'a' / 'checkpoints' / '7' / 'data').read_bytes()
@@ -236,22 +240,22 @@ def test_bench_plan_benchmarks_in_full_only_on_a_card_kinds_first_window():
   det = '--xla_gpu_deterministic_ops=true'
   cells = [('highest', 'omni', 'metadrop', None, 1), ('highest', 'omni', 'maml', None, 1),
            ('highest', 'mimg', 'metadrop', None, 1)]
-  key = lambda c: window._cell_key(c, det)
+  key = lambda c: choices.cell_key(c, det)
   nxt = ('highest', 'mimg', 'maml', None, 1, 'authors')
   # first window on this card kind: every cell
-  assert window.bench_plan('auto', cells, set(), det, lambda: nxt) == ('full', cells)
+  assert choices.bench_plan('auto', cells, set(), det, lambda: nxt) == ('full', cells)
   # a later one: only the campaign's next run, though cells are still missing
-  assert window.bench_plan('auto', cells, {key(cells[0])}, det, lambda: nxt) == ('quick', [nxt])
+  assert choices.bench_plan('auto', cells, {key(cells[0])}, det, lambda: nxt) == ('quick', [nxt])
   # no campaign run to train: the first cell
-  assert window.bench_plan('quick', cells, set(), det, lambda: None) == ('quick', cells[:1])
+  assert choices.bench_plan('quick', cells, set(), det, lambda: None) == ('quick', cells[:1])
   # asked for in full: what is missing, else everything again
-  assert window.bench_plan('full', cells, {key(cells[0])}, det, lambda: nxt) == ('full', cells[1:])
-  assert window.bench_plan('full', cells, {key(c) for c in cells}, det, lambda: nxt) == (
+  assert choices.bench_plan('full', cells, {key(cells[0])}, det, lambda: nxt) == ('full', cells[1:])
+  assert choices.bench_plan('full', cells, {key(c) for c in cells}, det, lambda: nxt) == (
       'full', cells)
-  assert window.bench_plan('skip', cells, set(), det, lambda: nxt) == ('skip', [])
+  assert choices.bench_plan('skip', cells, set(), det, lambda: nxt) == ('skip', [])
   # a row measured without deterministic ops does not count for a deterministic window
-  nondet = {window._cell_key(c, '') for c in cells}
-  assert window.bench_plan('auto', cells, nondet, det, lambda: nxt)[0] == 'full'
+  nondet = {choices.cell_key(c, '') for c in cells}
+  assert choices.bench_plan('auto', cells, nondet, det, lambda: nxt)[0] == 'full'
 
 
 def _form_row(cell, ms, det=True, **over):
@@ -270,30 +274,81 @@ def test_formulation_choice_needs_determinism_the_smoke_test_and_a_speedup():
           _form_row('bf16', 12.0, **{'model.conv_impl': 'im2col', 'model.dot_algorithm': 'bf16_x3'})]
   smoke = {'rows': [1], 'pass_highest_by_conv_impl': {'xla': True, 'im2col': True,
                                                       'im2col:bf16_x3': False}}
-  c = window.choose_formulation({'rows': rows}, smoke)
+  c = choices.choose_formulation({'rows': rows}, smoke)
   assert c['cell'] == 'select_im2col'
   assert c['overrides'] == {'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}
   smoke['pass_highest_by_conv_impl']['im2col'] = False
-  assert window.choose_formulation({'rows': rows}, smoke)['cell'] == 'select'
-  assert window.choose_formulation({'rows': rows[:1]}, smoke)['overrides'] == {}
-  assert window.choose_formulation(None, smoke)['overrides'] == {}
+  assert choices.choose_formulation({'rows': rows}, smoke)['cell'] == 'select'
+  assert choices.choose_formulation({'rows': rows[:1]}, smoke)['overrides'] == {}
+  assert choices.choose_formulation(None, smoke)['overrides'] == {}
   # the campaign trains only if its own formulation passed (a failed candidate does not stop it)
-  assert window.formulation_checked(smoke, {'model.conv_impl': 'xla'}) is True
-  assert window.formulation_checked(smoke, {}) is False            # default: im2col, failed here
-  assert window.formulation_checked({}, {}) is None
+  assert choices.formulation_checked(smoke, {'model.conv_impl': 'xla'}) is True
+  assert choices.formulation_checked(smoke, {}) is False            # default: im2col, failed here
+  assert choices.formulation_checked({}, {}) is None
 
 
 def test_formulation_is_recorded_per_device_kind(tmp_path):
   """A measured formulation is recorded in campaign.json for this kind of device; later
   sittings without a measurement use it; bad fields are refused before anything is written."""
   cdir = str(tmp_path / 'camp')
-  campaign.init_campaign(cdir, ['tiny'])
-  camp = campaign.load_campaign(cdir)
-  assert campaign.resolve_formulation(cdir, camp, {}) == {}
+  runs.init_campaign(cdir, ['tiny'])
+  camp = runs.load_campaign(cdir)
+  assert runs.resolve_formulation(cdir, camp, {}) == {}
   f = {'model.pool_impl': 'select'}
-  assert campaign.resolve_formulation(cdir, camp, f) == f
-  again = campaign.load_campaign(cdir)
-  assert campaign.recorded_formulation(again, campaign.device_kind()) == f
-  assert campaign.resolve_formulation(cdir, again, {}) == f
+  assert runs.resolve_formulation(cdir, camp, f) == f
+  again = runs.load_campaign(cdir)
+  assert runs.recorded_formulation(again, runs.device_kind()) == f
+  assert runs.resolve_formulation(cdir, again, {}) == f
   with pytest.raises(ValueError, match='change results'):
-    campaign.check_formulation({'inner_lr': 0.3})
+    runs.check_formulation({'inner_lr': 0.3})
+
+
+def test_campaign_command_line_and_the_launch_alias(tmp_path, capsys):
+  """python -m tools.long_runs.campaign is the campaign's home; launch.py --mode=campaign
+  forwards to it (--plan as plan); a formulation field that changes results is refused."""
+  from tools.long_runs import campaign as campaign_cli
+  cdir = str(tmp_path / 'camp')
+  assert campaign_cli.main(['plan', f'--campaign_dir={cdir}', '--campaign_settings=tiny']) == 0
+  plan = capsys.readouterr().out
+  assert plan.splitlines()[-1] == 'next: tiny_metadrop_authors (train); needs synthetic data'
+  assert campaign_cli.main(['--plan', f'--campaign_dir={cdir}']) == 0
+  assert capsys.readouterr().out == plan
+  assert campaign_cli.main(['report', f'--campaign_dir={cdir}']) == 0
+  assert (tmp_path / 'camp' / 'status.md').read_text().startswith('# Table-1 campaign')
+  with pytest.raises(SystemExit) as e:
+    campaign_cli.main(['sitting', f'--campaign_dir={cdir}', '--formulation=inner_lr=0.3'])
+  assert e.value.code == 2 and 'change results' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    campaign_cli.main([f'--campaign_dir={cdir}'])            # no command: usage, not a sitting
+  r = subprocess.run([sys.executable, 'launch.py', '--mode=campaign', '--plan',
+                      f'--campaign_dir={cdir}'], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0 and r.stdout == plan, r.stderr[-2000:]
+  r = subprocess.run([sys.executable, 'launch.py', '--helpfull'], cwd=ROOT, capture_output=True,
+                     text=True, timeout=300)
+  assert 'python -m tools.long_runs.campaign' in r.stdout and '--budget_minutes' not in r.stdout
+
+
+def test_the_hosts_transfer_limits_are_flags():
+  """--max_files / --max_file_mib / --part_mib default to 8 files, 16 MiB, 15 MiB parts."""
+  run = ['run', '--budget_s=60']
+  limits = window.transfer_limits(window._parser().parse_args(run))
+  assert limits == pack.TransferLimits() == pack.TransferLimits(8, 16 * 2**20, 15 * 2**20)
+  small = window.transfer_limits(window._parser().parse_args(
+      run + ['--max_files=4', '--max_file_mib=2', '--part_mib=1.5']))
+  assert (small.max_files, small.max_file_bytes, small.part_bytes) == (4, 2 * 2**20, 3 * 2**19)
+  with pytest.raises(SystemExit):
+    window.main(run + ['--part_mib=20'])         # a part larger than a file: refused at once
+
+
+def test_launch_alias_forwards_every_campaign_option(monkeypatch):
+  """Old command lines keep working: --plan and --report_only name their commands, anything
+  else is a sitting (results/table1/README.md's --budget_minutes=M); other modes are not touched."""
+  import launch
+  from tools.long_runs import campaign as campaign_cli
+  seen = []
+  monkeypatch.setattr(campaign_cli, 'main', lambda argv: seen.append(argv) or 0)
+  assert launch.campaign_alias(['--mode=campaign', '--budget_minutes=8']) == 0
+  assert launch.campaign_alias(['--mode', 'campaign', '--report_only', '--campaign_dir=d']) == 0
+  assert launch.campaign_alias(['--config=configs/tiny.py', '--mode=train']) is None
+  assert seen == [['sitting', '--budget_minutes=8'], ['--report_only', '--campaign_dir=d']]

@@ -24,6 +24,25 @@ def test_config_loads_and_validates(name):
   assert c.name == name
 
 
+def test_get_builds_a_config_by_name_with_overrides_in_order():
+  """configs.get is the one way to build a config by name (campaign runs, benchmarks, the GPU
+  check): the file's get_config(), dotted overrides applied in order, then validated."""
+  import configs
+  assert configs.names() == NAMES
+  c = configs.get('omniglot_20way1shot', method='maml', **{'model.conv_impl': 'xla',
+                                                             'meta_gradient': 'exact'})
+  ref = importlib.import_module('configs.omniglot_20way1shot').get_config()
+  ref.method, ref.model.conv_impl, ref.meta_gradient = 'maml', 'xla', 'exact'
+  assert c.to_dict() == ref.to_dict()
+  assert configs.get('tiny', **{'inner_steps': 1, 'model.num_layers': 1}).model.num_layers == 1
+  with pytest.raises(ValueError, match="no config named 'omniglot'"):
+    configs.get('omniglot')
+  with pytest.raises(KeyError, match='model.chanels'):
+    configs.get('tiny', **{'model.chanels': 3})
+  with pytest.raises(config_lib.ConfigError):
+    configs.get('tiny', inner_steps=-1)
+
+
 def test_paper_hyperparameters():
   get = lambda n: importlib.import_module(f'configs.{n}').get_config()
   o1, o5, m1, m5 = (get(n) for n in ('omniglot_20way1shot', 'omniglot_20way5shot',

@@ -1,8 +1,9 @@
 """Real-data loaders: Omniglot (local zips / folders, TFDS), miniImageNet (zip, folder, npy, ILSVRC),
 the prepared-array cache, the prepare CLI and every error path.
 
-Real-data tests read ../shared/data (beside the repository) and skip when it is absent; everything
-else runs on tiny archives in the standard layouts built in tmp_path.
+Real-data tests read $METADROP_DATA_DIR (omniglot/, miniimagenet/) and skip with the reason when
+it is unset or lacks the files; everything else runs on tiny archives in the standard layouts
+built in tmp_path.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from PIL import Image
 import data_helpers as H
 from metadrop_jax.data import DataError, cache, load_split, miniimagenet, omniglot, prepare
 
-OMNI_DIR = H.SHARED_DATA / 'omniglot'
-MINI_ZIP = H.SHARED_DATA / 'miniimagenet' / 'miniimagenet_84x84.zip'
+OMNI_DIR = H.REAL_DATA / 'omniglot' if H.REAL_DATA else None
+MINI_ZIP = H.REAL_DATA / 'miniimagenet' / 'miniimagenet_84x84.zip' if H.REAL_DATA else None
+_HOW = 'set METADROP_DATA_DIR to a folder holding omniglot/ and miniimagenet/ (docs/data.md)'
 need_omniglot = pytest.mark.skipif(
-    not (OMNI_DIR / 'images_background.zip').is_file(),
-    reason=f'real Omniglot not found at {OMNI_DIR} (shared/data beside the repository)')
+    not (OMNI_DIR and (OMNI_DIR / 'images_background.zip').is_file()),
+    reason=f"real Omniglot not found at {OMNI_DIR or '$METADROP_DATA_DIR (not set)'}: {_HOW}")
 need_mini = pytest.mark.skipif(
-    not MINI_ZIP.is_file(),
-    reason=f'real miniImageNet not found at {MINI_ZIP} (shared/data beside the repository)')
+    not (MINI_ZIP and MINI_ZIP.is_file()),
+    reason=f"real miniImageNet not found at {MINI_ZIP or '$METADROP_DATA_DIR (not set)'}: {_HOW}")
 
 
 def expected_omniglot_image(png: bytes) -> np.ndarray:

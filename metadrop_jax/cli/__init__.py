@@ -1,7 +1,8 @@
 """Command-line entry points (argparse); the library modules they drive hold no CLI code.
 
-Each runs as ``python -m metadrop_jax.<module>`` (a two-line hook in that module) or
-``python -m metadrop_jax.cli.<module>``.
+Each runs as ``python -m metadrop_jax.cli.<module>`` or, once the project is installed, as
+``metadrop-<module>`` (``[project.scripts]`` in pyproject.toml): report, export, visualize,
+robustness. The library modules import nothing from here.
 """
 
 

@@ -1,20 +1,22 @@
-"""``python -m metadrop_jax.export``: decision-boundary arrays of a trained workdir to an .npz
-(:func:`metadrop_jax.export.export_workdir`), optionally one PNG per sub-task and inner step.
+"""``python -m metadrop_jax.cli.export`` (installed: ``metadrop-export``): decision-boundary arrays
+of a trained workdir to an .npz (:func:`metadrop_jax.export.export_workdir`), optionally one PNG
+per sub-task and inner step.
 
-  python -m metadrop_jax.export --workdir=workdirs/omni1_metadrop --out=/tmp/db/metadrop.npz \\
+  python -m metadrop_jax.cli.export --workdir=workdirs/omni1_metadrop --out=/tmp/db/metadrop.npz \\
       --plot_dir=/tmp/db/metadrop_png
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from metadrop_jax import export
 from metadrop_jax import visualize
 
 def _parser():
   p = argparse.ArgumentParser(
-      prog='python -m metadrop_jax.export',
+      prog='python -m metadrop_jax.cli.export',
       description='Export the decision-boundary arrays of 2-way sub-tasks (classes c, c+offset '
                   'of the meta-test split) at every inner step to an .npz, and optionally plot '
                   'one PNG per sub-task and step.')
@@ -55,3 +57,7 @@ def main(argv=None) -> int:
                                           seed=args.seed)
     print(f'wrote {len(paths)} PNGs to {args.plot_dir}')
   return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,7 +1,8 @@
-"""``python -m metadrop_jax.report``: the Table-1 style results table of trained workdirs, the
-learning curves and the accuracy bar chart (:mod:`metadrop_jax.report`).
+"""``python -m metadrop_jax.cli.report`` (installed: ``metadrop-report``): the Table-1 style results
+table of trained workdirs, the learning curves and the accuracy bar chart
+(:mod:`metadrop_jax.report`).
 
-  python -m metadrop_jax.report --workdirs=workdirs/omni1_maml,workdirs/omni1_metadrop \\
+  python -m metadrop_jax.cli.report --workdirs=workdirs/omni1_maml,workdirs/omni1_metadrop \\
       --out=table.md --curves=curves.png
 """
 
@@ -14,7 +15,7 @@ from metadrop_jax import report
 
 def _parser():
   p = argparse.ArgumentParser(
-      prog='python -m metadrop_jax.report',
+      prog='python -m metadrop_jax.cli.report',
       description="Markdown table of results.json files in the layout of the paper's Table 1 "
                   '(with the paper and the authors\' re-run figures), and learning curves.')
   p.add_argument('--workdirs', required=True, help='comma-separated training workdirs')
@@ -46,3 +47,7 @@ def main(argv=None) -> int:
     report.plot_accuracy_bars(runs, args.bars, title=args.title or None)
     print(f'wrote {args.bars}', file=sys.stderr)
   return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

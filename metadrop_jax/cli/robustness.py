@@ -1,13 +1,15 @@
-"""``python -m metadrop_jax.robustness``: adversarial robustness of trained workdirs
-(:func:`metadrop_jax.robustness.evaluate_workdir`) and the accuracy-vs-radius figure.
+"""``python -m metadrop_jax.cli.robustness`` (installed: ``metadrop-robustness``): adversarial
+robustness of trained workdirs (:func:`metadrop_jax.robustness.evaluate_workdir`) and the
+accuracy-vs-radius figure.
 
-  python -m metadrop_jax.robustness --workdirs=wd/maml,wd/metadrop --norms=linf,l2 \\
+  python -m metadrop_jax.cli.robustness --workdirs=wd/maml,wd/metadrop --norms=linf,l2 \\
       --episodes=100 --out=robustness.png
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from metadrop_jax import attacks
 from metadrop_jax import robustness
@@ -18,7 +20,7 @@ def _floats(s: str):
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog='python -m metadrop_jax.robustness',
+      prog='python -m metadrop_jax.cli.robustness',
       description='Adversarial robustness of trained workdirs: for every workdir, adapt on each '
       "test episode's support set (MC samples, as the meta-test) and attack the adapted "
       "model's query inputs with PGD at each radius; writes <workdir>/robustness_<norm>.json "
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
       '(metadrop_jax/attacks.py); defaults 20 steps, step 2.5*eps/steps, 1 random start. '
       'Radius defaults are the grids of the authors\' Omniglot figure. Episodes and '
       'adaptation noise are those of launch.py --mode=eval (eval.seed), so radius 0 equals the '
-      'clean meta-test accuracy. Example: python -m metadrop_jax.robustness '
+      'clean meta-test accuracy. Example: python -m metadrop_jax.cli.robustness '
       '--workdirs=wd/maml,wd/metadrop --norms=linf,l2 --episodes=100 --out=fig.png',
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument('--workdirs', required=True,
@@ -90,3 +92,7 @@ def main(argv=None):
     labels = [s for s in args.labels.split(',')] if args.labels else None
     robustness.plot(workdirs, norms, args.out, labels=labels, split=args.split, title=args.title)
     print(f'figure: {args.out}')
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,16 +1,17 @@
-"""``python -m metadrop_jax.visualize``: decision-boundary PNGs from export .npz files, and the
-stochastic-feature pictures of a trained workdir.
+"""``python -m metadrop_jax.cli.visualize`` (installed: ``metadrop-visualize``): decision-boundary
+PNGs from export .npz files, and the stochastic-feature pictures of a trained workdir.
 
-  python -m metadrop_jax.visualize boundaries --npz=/tmp/db/metadrop.npz --out_dir=/tmp/db/png
-  python -m metadrop_jax.visualize panel --npz=maml.npz,metadrop.npz --task=0 --step=-1 \\
+  python -m metadrop_jax.cli.visualize boundaries --npz=/tmp/db/metadrop.npz --out_dir=/tmp/db/png
+  python -m metadrop_jax.cli.visualize panel --npz=maml.npz,metadrop.npz --task=0 --step=-1 \\
       --out=docs/images/decision_boundary.png
-  python -m metadrop_jax.visualize features --workdir=workdirs/omni1_metadrop \\
+  python -m metadrop_jax.cli.visualize features --workdir=workdirs/omni1_metadrop \\
       --out_png=docs/images/stochastic_features.png --out_gif=docs/images/stochastic_features.gif
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from metadrop_jax import export
 from metadrop_jax import methods
@@ -23,11 +24,11 @@ def _ints(s: str | None):
 
 
 def _parser():
-  p = argparse.ArgumentParser(prog='python -m metadrop_jax.visualize',
+  p = argparse.ArgumentParser(prog='python -m metadrop_jax.cli.visualize',
                               description='Decision-boundary plots and stochastic features.')
   sub = p.add_subparsers(dest='cmd', required=True)
   b = sub.add_parser('boundaries', help='one PNG per sub-task and inner step from an export .npz')
-  b.add_argument('--npz', required=True, help='output of python -m metadrop_jax.export')
+  b.add_argument('--npz', required=True, help='output of python -m metadrop_jax.cli.export')
   b.add_argument('--out_dir', required=True)
   b.add_argument('--tasks', default='all', help='comma-separated task indices, or all')
   b.add_argument('--steps', default='all', help='comma-separated inner steps (-1: last), or all')
@@ -88,3 +89,7 @@ def main(argv=None) -> int:
       visualize.write_feature_gif(maps, args.out_gif, channels=ch, tile=args.tile)
       print(f'wrote {args.out_gif}')
   return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

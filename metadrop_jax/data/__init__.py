@@ -38,12 +38,12 @@ def load_split(data_config, split: str):
   raise ValueError(f'data.name={name!r}: choose omniglot, miniimagenet or synthetic')
 
 
-# Where data.path='' looks, in order: $METADROP_DATA_DIR/<name>, ./data/<name>, ../shared/data/<name>.
+# Where data.path='' looks, in order: $METADROP_DATA_DIR/<name>, then ./data/<name>.
 def default_search_dirs(name: str) -> list[str]:
   dirs = []
   if os.environ.get('METADROP_DATA_DIR'):
     dirs.append(os.path.join(os.environ['METADROP_DATA_DIR'], name))
-  dirs += [os.path.join('data', name), os.path.join('..', 'shared', 'data', name)]
+  dirs.append(os.path.join('data', name))
   return dirs
 
 

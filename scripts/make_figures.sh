@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the README figures in docs/images/ from training workdirs.
 #
-#   docs/make_figures.sh METADROP_WORKDIR [MAML_WORKDIR [OTHER_WORKDIRS...]]
-#   docs/make_figures.sh --tiny      # exercise the pipeline: trains configs/tiny.py (Meta-dropout
+#   scripts/make_figures.sh METADROP_WORKDIR [MAML_WORKDIR [OTHER_WORKDIRS...]]
+#   scripts/make_figures.sh --tiny   # exercise the pipeline: trains configs/tiny.py (Meta-dropout
 #                                    # and MAML, ~1 min each on a CPU) in a temp dir first
 #
 # Writes (FIG_DIR, default docs/images):
@@ -13,7 +13,7 @@
 #   stochastic_features.png    first-block feature maps u0 of one training image, 5 noise draws
 #   stochastic_features.gif    the same as an animation (one frame per draw)
 # The decision-boundary arrays (.npz) go to EXPORT_DIR (default: a temp dir) so the plots can be
-# redone with `python -m metadrop_jax.visualize panel --npz=...`.
+# redone with `python -m metadrop_jax.cli.visualize panel --npz=...`.
 #
 # Environment: FIG_DIR, EXPORT_DIR, PYTHON (default python), TASK (default 0), SMOOTH (moving
 # average of the train curves, default 5), DATA_PATH (override config.data.path of the workdirs).
@@ -49,26 +49,26 @@ mkdir -p "$FIG_DIR" "$EXPORT_DIR"
 WORKDIRS=$(IFS=,; echo "$*")
 
 # 1. table + learning curves
-"$PYTHON" -m metadrop_jax.report --workdirs="$WORKDIRS" --out="$FIG_DIR/table1.md" \
+"$PYTHON" -m metadrop_jax.cli.report --workdirs="$WORKDIRS" --out="$FIG_DIR/table1.md" \
     --curves="$FIG_DIR/learning_curves.png" --smooth="$SMOOTH"
 
 # 2. decision boundaries (export arrays, then the panel)
 NPZ=()
 LABELS=()
 if [[ -n "$MAML" ]]; then
-  "$PYTHON" -m metadrop_jax.export --workdir="$MAML" --out="$EXPORT_DIR/maml.npz" \
+  "$PYTHON" -m metadrop_jax.cli.export --workdir="$MAML" --out="$EXPORT_DIR/maml.npz" \
       --num_tasks=$((TASK + 1)) "${DATA_FLAGS[@]}"
   NPZ+=("$EXPORT_DIR/maml.npz"); LABELS+=(MAML)
 fi
-"$PYTHON" -m metadrop_jax.export --workdir="$METADROP" --out="$EXPORT_DIR/metadrop.npz" \
+"$PYTHON" -m metadrop_jax.cli.export --workdir="$METADROP" --out="$EXPORT_DIR/metadrop.npz" \
     --num_tasks=$((TASK + 1)) "${DATA_FLAGS[@]}"
 NPZ+=("$EXPORT_DIR/metadrop.npz"); LABELS+=(Meta-dropout)
-"$PYTHON" -m metadrop_jax.visualize panel --npz="$(IFS=,; echo "${NPZ[*]}")" \
+"$PYTHON" -m metadrop_jax.cli.visualize panel --npz="$(IFS=,; echo "${NPZ[*]}")" \
     --labels="$(IFS=,; echo "${LABELS[*]}")" --task="$TASK" --steps=0,-1 \
     --out="$FIG_DIR/decision_boundary.png"
 
 # 3. stochastic features of one training image (Meta-dropout model)
-"$PYTHON" -m metadrop_jax.visualize features --workdir="$METADROP" --draws=5 \
+"$PYTHON" -m metadrop_jax.cli.visualize features --workdir="$METADROP" --draws=5 \
     --out_png="$FIG_DIR/stochastic_features.png" --out_gif="$FIG_DIR/stochastic_features.gif" \
     "${DATA_FLAGS[@]}"
 

@@ -2,7 +2,7 @@
 # A study: several short real-data runs of one config that differ in a few overrides, trained and
 # meta-tested one after the other, then one results table, accuracy bars and learning curves.
 #
-#   docs/run_study.sh ROOT CONFIG NAME="--config.x=a --config.y=b" [NAME="..." ...]
+#   scripts/run_study.sh ROOT CONFIG NAME="--config.x=a --config.y=b" [NAME="..." ...]
 #
 # Each NAME becomes the workdir ROOT/NAME, trained with CONFIG plus its overrides plus the shared
 # EXTRA overrides. A run whose ROOT/NAME/results.json exists is skipped and training resumes
@@ -10,7 +10,7 @@
 # Environment: PYTHON (default python), EXTRA (overrides for every run), MODE (launch.py mode,
 # default train_eval; 'train' skips the meta-test), TITLE (figure title). Logs: ROOT/NAME.log;
 # table ROOT/table.md, figures ROOT/accuracy.png and ROOT/curves.png.
-# Used by docs/run_method_study.sh and docs/run_fidelity_study.sh.
+# Used by docs/run_method_study.sh and scripts/run_fidelity_study.sh.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,5 +33,5 @@ for spec in "$@"; do
   [[ -f "$wd/results.json" ]] && DONE+=("$wd")
 done
 [[ ${#DONE[@]} -gt 0 ]] || { echo "no run has results yet (MODE=$MODE)"; exit 0; }
-"$PYTHON" -m metadrop_jax.report --workdirs="$(IFS=,; echo "${DONE[*]}")" --out="$ROOT/table.md" \
+"$PYTHON" -m metadrop_jax.cli.report --workdirs="$(IFS=,; echo "${DONE[*]}")" --out="$ROOT/table.md" \
     --bars="$ROOT/accuracy.png" --curves="$ROOT/curves.png" --smooth=5 --title="${TITLE:-$CONFIG}"

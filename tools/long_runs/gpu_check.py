@@ -1,6 +1,6 @@
 """GPU smoke test: the meta-gradient of one task on the accelerator vs a float64 CPU reference.
 
-  python -m metadrop_jax.gpu_check --setting=omniglot_20way1shot --out=smoke.json
+  python -m tools.long_runs.gpu_check --setting=omniglot_20way1shot --out=smoke.json
 
 One task of a paper config (its network, inner loop and episode shape, at its initial
 parameters; sparse binary images of the data set's shape), the real ``meta.task_loss`` and its
@@ -105,10 +105,10 @@ def _problem(setting: str, method: str, gradient: str, overrides=None):
   """
   import jax
   import numpy as np
-  from metadrop_jax import campaign, episodes, meta
+  import configs
+  from metadrop_jax import episodes, meta
   from metadrop_jax import data as data_lib
-  run = {'setting': setting, 'method': method, 'meta_gradient': gradient}
-  cfg = campaign.run_config(run, {'overrides': overrides or {}})
+  cfg = configs.get(setting, **{'method': method, 'meta_gradient': gradient, **(overrides or {})})
   h, w, ch = data_lib.image_shape(cfg.data)
   rng = np.random.default_rng(0)
   images = (255 * (rng.random((cfg.way + 2, cfg.shot + cfg.query, h, w, ch)) < 0.12)).astype(
@@ -261,5 +261,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   sys.exit(main())

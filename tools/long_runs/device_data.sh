@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Data on the device machine (docs/gpu_window.md).
+# Data on the GPU machine (docs/gpu_window.md).
 #
-#   bash scripts/device_data.sh stash      # upload call: copy the carried miniImageNet part(s)
-#                                          # out of the tree into /tmp/metadrop_parts (sha256 checked),
-#                                          # where later calls' tree updates cannot touch them
-#   bash scripts/device_data.sh assemble   # window call: Omniglot zips and, when every part is
-#                                          # there, the miniImageNet zip into $METADROP_DATA_DIR
+#   bash tools/long_runs/device_data.sh stash     # after copying one miniImageNet part there: move
+#                                                 # it out of the checkout into /tmp/metadrop_parts
+#                                                 # (sha256 checked), where the next copy of the
+#                                                 # checkout cannot touch it
+#   bash tools/long_runs/device_data.sh assemble  # at the job's start (device_window.sh): the
+#                                                 # Omniglot zips and, when every part is there,
+#                                                 # the miniImageNet zip into $METADROP_DATA_DIR
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PARTS=${METADROP_PARTS_DIR:-/tmp/metadrop_parts}
 DATA=${METADROP_DATA_DIR:-/tmp/metadrop_data}
 SUMS=.gpu_data/mimg/SHA256SUMS
@@ -44,7 +46,7 @@ case "${1:-}" in
         if [ "$(sha256sum "$z.tmp" | cut -d' ' -f1)" = "$want" ]; then mv "$z.tmp" "$z"; echo "miniimagenet: zip assembled";
         else rm -f "$z.tmp"; echo "miniimagenet: assembled zip has the wrong sha256"; fi
       else
-        echo "miniimagenet: $have of $need parts here (machine restarted between calls?): not used"
+        echo "miniimagenet: $have of $need parts here (machine restarted since they were copied?): not used"
       fi
     fi
     [ -f "$z" ] && echo "miniimagenet: $z" || true

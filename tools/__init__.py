@@ -1,0 +1,1 @@
+"""Tooling that runs beside the library (never imported by it): ``tools.long_runs``."""

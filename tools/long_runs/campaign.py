@@ -1,0 +1,107 @@
+"""The Table-1 campaign's command line: 8 paper runs x 2 meta-gradients, trained in sittings.
+
+  python -m tools.long_runs.campaign plan                      # what the next sitting would run
+  python -m tools.long_runs.campaign sitting --budget_minutes=8   # one sitting (GPU or CPU)
+  python -m tools.long_runs.campaign sitting --deadline=UNIX_TIME # one sitting, ends by then
+  python -m tools.long_runs.campaign report                    # regenerate the tables only
+
+``--plan`` and ``--report_only`` are accepted for ``plan`` and ``report``; ``python launch.py
+--mode=campaign ...`` forwards here (without a command: a sitting). The state is
+``--campaign_dir`` (default ``results/table1/``; :mod:`tools.long_runs.runs` says what is in it),
+created with the four Table-1 settings when missing (``--campaign_settings`` for another list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from tools.long_runs import runs as runs_lib
+
+COMMANDS = ('plan', 'sitting', 'report')
+# The options of launch.py's former campaign mode that name a command.
+COMMAND_FLAGS = {'--plan': 'plan', '--report_only': 'report'}
+
+
+def _comma_list(text: str) -> list[str]:
+  return [x for x in text.split(',') if x]
+
+
+def _parser() -> argparse.ArgumentParser:
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument('--campaign_dir', default=runs_lib.DEFAULT_DIR,
+                      help='the campaign state (default: %(default)s)')
+  common.add_argument('--campaign_settings', type=_comma_list, default=None,
+                      help='new campaign only: configs/<name>.py settings, comma-separated '
+                           '(default: the four of Table 1)')
+  common.add_argument('--campaign_overrides', type=_comma_list, default=[],
+                      help='new campaign only: field=value overrides of every run, '
+                           'comma-separated (tests: val_every=0)')
+  ap = argparse.ArgumentParser(prog='python -m tools.long_runs.campaign',
+                               description=__doc__.split('\n')[0],
+                               epilog='--plan and --report_only stand for plan and report.')
+  sub = ap.add_subparsers(dest='cmd', required=True, metavar='{plan,sitting,report}')
+  sub.add_parser('plan', parents=[common], help='print what the next sitting would run; no work')
+  s = sub.add_parser('sitting', parents=[common], help='train the next runs until a deadline')
+  when = s.add_mutually_exclusive_group()
+  when.add_argument('--budget_minutes', type=float, default=10.0,
+                    help='wall time of this sitting (default: %(default)s)')
+  when.add_argument('--deadline', type=float, default=0.0,
+                    help='end the sitting by this unix time instead (a job whose start-up '
+                         'counts against its time limit)')
+  s.add_argument('--formulation', type=_comma_list, default=[],
+                 help='execution fields set on every run of this sitting, field=value, '
+                      'comma-separated (e.g. model.pool_impl=select; runs.FORMULATION_FIELDS)')
+  s.add_argument('--precision_choice', choices=['highest', 'default'], default=None,
+                 help="used when the campaign's matmul precision is still 'auto' (a GPU job "
+                      'decides it from its smoke test and benchmark)')
+  sub.add_parser('report', parents=[common], help='regenerate the tables only')
+  return ap
+
+
+def _with_command(argv: list[str]) -> list[str]:
+  """``--plan`` / ``--report_only`` as the commands they stand for."""
+  if any(a in COMMANDS for a in argv):
+    return argv
+  named = [COMMAND_FLAGS[a] for a in argv if a in COMMAND_FLAGS]
+  return named[:1] + [a for a in argv if a not in COMMAND_FLAGS] if named else argv
+
+
+def main(argv=None) -> int:
+  from metadrop_jax.cli import parse_overrides
+  ap = _parser()
+  a = ap.parse_args(_with_command(list(sys.argv[1:] if argv is None else argv)))
+  cdir = a.campaign_dir
+  try:
+    if a.campaign_settings:
+      runs_lib.init_campaign(cdir, a.campaign_settings, parse_overrides(a.campaign_overrides))
+    elif not os.path.exists(runs_lib.campaign_path(cdir)):
+      runs_lib.init_campaign(cdir)
+  except ValueError as e:
+    ap.error(str(e))
+  if a.cmd == 'sitting':
+    try:
+      formulation = runs_lib.check_formulation(parse_overrides(a.formulation))
+    except ValueError as e:
+      ap.error(f'--formulation: {e}')
+  if a.cmd == 'plan':
+    print(runs_lib.format_plan(runs_lib.plan(cdir)))
+    return 0
+  if a.cmd == 'report':
+    from tools.long_runs import reports
+    print('\n'.join(reports.write_reports(cdir)))
+    return 0
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')   # TF only comes with the TFDS source
+  from tools.long_runs import sitting
+  budget_s = a.deadline - time.time() if a.deadline else a.budget_minutes * 60.0
+  summary = sitting.sitting(cdir, budget_s, precision_choice=a.precision_choice,
+                            formulation=formulation)
+  print(json.dumps(summary, indent=2))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,151 @@
+"""The decisions a GPU job takes from what it measured: which benchmark cells to run, and the
+matmul precision and formulation the campaign's sitting trains with.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from tools.long_runs import runs as runs_lib
+from tools.long_runs.procs import read_json
+from tools.long_runs.gpu_check import formulation_key
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PAPER_SETTINGS = ('omniglot_20way1shot', 'omniglot_20way5shot', 'mimgnet_5way1shot',
+                  'mimgnet_5way5shot')
+TF32_MIN_SPEEDUP = 1.25   # TF32 trains the campaign only if it is at least this much faster
+
+
+def next_run_cell(cdir: str):
+  """The benchmark cell of the campaign's next run (None if there is none)."""
+  try:
+    camp = runs_lib.load_campaign(cdir)
+    nxt = next((r for r in runs_lib.plan(cdir, camp) if r['action'] == 'train' and
+                r['data_here']), None)
+  except Exception:  # noqa: BLE001 - no campaign here: the default first cell
+    return None
+  if nxt is None or nxt['setting'] not in PAPER_SETTINGS:
+    return None
+  prec = camp.get('matmul_precision')
+  return (prec if prec in ('highest', 'default') else 'highest', nxt['setting'], nxt['method'],
+          None, 1, nxt['meta_gradient'])
+
+
+def cell_key(cell, window_flags=''):
+  prec, cfg, method, xflags, seeds = cell[:5]
+  det = 'xla_gpu_deterministic_ops=true' in (window_flags if xflags is None else xflags)
+  return (cfg, method, prec, det, seeds)
+
+
+def row_key(r):
+  return (r.get('config'), r.get('method'), r.get('precision'),
+          'xla_gpu_deterministic_ops=true' in r.get('xla_flags', ''), r.get('seeds', 1))
+
+
+def measured_cells(device_kind: str, repo: str = ROOT) -> set:
+  """Benchmark cells with a committed row measured on this kind of card (docs/bench/windows)."""
+  out = set()
+  for p in glob.glob(os.path.join(repo, 'docs', 'bench', 'windows', '*.json')):
+    s = read_json(p, {})
+    if s.get('device_kind') != device_kind:
+      continue
+    for r in (s.get('phases', {}).get('bench', {}).get('result') or {}).get('rows', []):
+      if 'error' not in r:
+        out.add(row_key(r))
+  return out
+
+
+def measured_torch_cells(device_kind: str, repo: str = ROOT) -> set:
+  out = set()
+  for p in glob.glob(os.path.join(repo, 'docs', 'bench', 'windows', '*.json')):
+    s = read_json(p, {})
+    if s.get('device_kind') == device_kind:
+      for r in (s.get('phases', {}).get('torch', {}).get('result') or {}).get('rows', []):
+        if r.get('kind') == 'time':
+          out.add((r['config'], r['method']))
+  return out
+
+
+def bench_plan(mode: str, cells: list, measured: set, window_flags: str, next_cell) -> tuple:
+  """(mode, the cells to benchmark) for ``--bench=mode``. 'auto' is 'full' on the first job
+  on a card kind (no committed row for it: ``measured`` is empty of ``cells``), else 'quick':
+  later windows train, and the quick cell (the campaign's next run, ``next_cell()``, at the
+  campaign's precision; its compile lands in the cache for the sitting) measures each setting as
+  the campaign reaches it. The first H200 window's full benchmark took 55 % of its budget for
+  five cells. 'full' measures the cells not yet measured (all of them again if none is left)."""
+  todo = [c for c in cells if cell_key(c, window_flags) not in measured]
+  if mode == 'auto':
+    mode = 'full' if len(todo) == len(cells) else 'quick'
+  if mode == 'full':
+    return mode, todo or cells
+  if mode == 'quick':
+    return mode, [next_cell() or cells[0]]
+  return mode, []
+
+
+def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
+  """The formulation a sitting trains with: the fastest deterministic cell of the formulations
+  benchmark (steps dispatched back to back) whose conv formulation passed the smoke test, if it
+  is faster than the baseline; else the configs' default. Returns {'overrides', 'extra_flags',
+  'cell', 'why'}."""
+  none = {'overrides': {}, 'extra_flags': '', 'cell': None}
+  rows = [r for r in (form or {}).get('rows', []) if 'error' not in r]
+  if not rows:
+    return {**none, 'why': 'no formulation measured'}
+  passed = (smoke or {}).get('pass_highest_by_conv_impl') or {}
+  ok = [r for r in rows if r.get('deterministic_ops') and passed.get(formulation_key(
+      r['overrides'].get('model.conv_impl', 'xla'),
+      r['overrides'].get('model.dot_algorithm', 'default')), False)]
+  if not ok:
+    return {**none, 'why': 'no deterministic cell whose conv formulation passed the smoke test'}
+  best = min(ok, key=lambda r: r['ms_per_iter_pipelined'])
+  base = next((r for r in rows if r['cell'] == 'baseline'), None)
+  if base is not None and best['ms_per_iter_pipelined'] >= base['ms_per_iter_pipelined']:
+    return {**none, 'why': 'no cell faster than the baseline'}
+  overrides = {k: v for k, v in best['overrides'].items() if k in runs_lib.FORMULATION_FIELDS}
+  why = f"{best['cell']}: {best['ms_per_iter_pipelined']:.2f} ms/iter"
+  if base is not None:
+    why += (f" vs baseline {base['ms_per_iter_pipelined']:.2f} "
+            f"({base['ms_per_iter_pipelined'] / best['ms_per_iter_pipelined']:.2f}x)")
+  return {'overrides': overrides, 'extra_flags': best.get('extra_flags', ''),
+          'cell': best['cell'], 'why': why}
+
+
+def formulation_checked(smoke: dict | None, overrides: dict):
+  """Whether the smoke test passed the conv formulation that ``overrides`` (on top of the
+  configs' defaults) trains with, at 'highest' precision: True, False, or None (not run)."""
+  from metadrop_jax import nets
+  if not smoke or not smoke.get('rows'):
+    return None
+  key = formulation_key(nets.resolve_conv_impl(overrides.get('model.conv_impl', 'auto')),
+                        overrides.get('model.dot_algorithm', 'default'))
+  by = smoke.get('pass_highest_by_conv_impl') or {}
+  return bool(by.get(key, False))
+
+
+def recorded(cdir: str, kind: str) -> dict:
+  """The formulation the campaign in ``cdir`` recorded for this kind of device ({} if none)."""
+  try:
+    return runs_lib.recorded_formulation(runs_lib.load_campaign(cdir), kind)
+  except (OSError, ValueError):
+    return {}
+
+
+def choose_precision(smoke: dict | None, bench_rows: list[dict]) -> tuple[str, str]:
+  """('highest' | 'default', why). TF32 ('default') only where the smoke test passed it and the
+  benchmark measured it at least TF32_MIN_SPEEDUP faster on the same cell; else 'highest'."""
+  if not smoke or not smoke.get('pass_default'):
+    return 'highest', 'TF32 meta-gradient check failed or missing'
+  ok = [r for r in bench_rows if 'error' not in r and r.get('s_per_iter')]
+  for h in ok:
+    if h.get('precision') != 'highest':
+      continue
+    for d in ok:
+      if (d.get('precision') == 'default' and d['config'] == h['config'] and
+          d['method'] == h['method'] and d.get('xla_flags') == h.get('xla_flags')):
+        speed = h['s_per_iter'] / d['s_per_iter']
+        if speed >= TF32_MIN_SPEEDUP:
+          return 'default', f"TF32 passed the check and was {speed:.2f}x faster ({h['config']})"
+        return 'highest', f"TF32 only {speed:.2f}x faster ({h['config']}): not worth it"
+  return 'highest', 'no TF32 timing to compare'

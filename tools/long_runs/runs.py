@@ -1,0 +1,246 @@
+"""The Table-1 campaign's runs and state: 8 paper runs x 2 meta-gradients as resumable state in
+the repository, and what the next sitting should do with them.
+
+State lives in ``results/table1/`` (committed after every GPU job):
+
+* ``campaign.json``: the run list (order = priority) and the campaign-wide decisions that must
+  not change once a run has started (matmul precision on the GPU; the formulation measured
+  fastest per kind of device);
+* ``<run>/``: one ordinary training workdir per run (``config.json``, ``checkpoints/<step>``
+  with ``keep_checkpoints=1``, ``metrics.jsonl``, ``runs.jsonl`` = one line per sitting with
+  steps, minutes, device, jax version and commit, and ``results.json`` once the run reached
+  ``num_steps`` and was meta-tested with the paper's protocol);
+* ``sittings.jsonl``: one line per sitting of the campaign (device, budget, what each run did);
+* ``table1.md`` / ``status.md``: generated (:mod:`tools.long_runs.reports`).
+
+Order: every run in the computation that reproduces the authors (``meta_gradient='authors'``)
+first, then the exact one; within each, Omniglot 20-way 1-shot (both methods), miniImageNet
+5-way 1-shot, Omniglot 20-way 5-shot, miniImageNet 5-way 5-shot.
+
+A resumed run equals an uninterrupted one (tests/test_train.py) on one platform. Across CPU and
+GPU (or two jax versions) the restored state is bit-identical and the episodes and noise of
+every step are the same (threefry keys), but float arithmetic differs, and these meta-gradients
+amplify rounding strongly (docs/gpu_window.md), so after a change of machine the trajectory is
+another sample of the same training process, not the bits an uninterrupted run would produce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from metadrop_jax import metrics as metrics_lib
+
+DEFAULT_DIR = os.path.join('results', 'table1')
+# Table 1's settings in campaign order, and the two methods of each.
+SETTINGS = ('omniglot_20way1shot', 'mimgnet_5way1shot', 'omniglot_20way5shot', 'mimgnet_5way5shot')
+METHODS = ('metadrop', 'maml')
+# The computation that reproduces the authors first (paper cells comparable), then the exact one.
+GRADIENTS = ('authors', 'exact')
+PRECISIONS = ('highest', 'default', 'auto')
+# Loop fields a campaign sets on every run (never change results; see train._LOOP_FIELDS).
+RUN_LOOP_FIELDS = {'keep_checkpoints': 1, 'progress_bar': False}
+
+
+def run_name(setting: str, method: str, gradient: str) -> str:
+  return f'{setting}_{method}_{gradient}'
+
+
+def default_runs(settings=SETTINGS, methods=METHODS, gradients=GRADIENTS) -> list[dict]:
+  return [{'name': run_name(s, m, g), 'setting': s, 'method': m, 'meta_gradient': g,
+           'group': f'{s}/{g}'}
+          for g in gradients for s in settings for m in methods]
+
+
+# ------------------------------------------------------------------------------------------------
+# state
+# ------------------------------------------------------------------------------------------------
+
+def campaign_path(cdir: str) -> str:
+  return os.path.join(cdir, 'campaign.json')
+
+
+def init_campaign(cdir: str, settings=None, overrides: dict | None = None,
+                  matmul_precision: str = 'auto') -> dict:
+  """Creates ``campaign.json`` if it is missing; returns the campaign (an existing one unchanged;
+  ``settings`` other than its own is an error)."""
+  path = campaign_path(cdir)
+  if os.path.exists(path):
+    camp = load_campaign(cdir)
+    have = list(dict.fromkeys(r['setting'] for r in camp['runs']))
+    if settings is not None and list(settings) != have:
+      raise ValueError(f'{path} is a campaign of {have}, not {list(settings)}: use another '
+                       '--campaign_dir')
+    return camp
+  settings = SETTINGS if settings is None else settings
+  if matmul_precision not in PRECISIONS:
+    raise ValueError(f'matmul_precision={matmul_precision!r}: choose one of {PRECISIONS}')
+  os.makedirs(cdir, exist_ok=True)
+  camp = {'version': 1, 'runs': default_runs(tuple(settings)), 'overrides': dict(overrides or {}),
+          'matmul_precision': matmul_precision,
+          'matmul_precision_note': (
+              "GPU only (CPU float32 dots are exact float32 either way). 'auto' is resolved and "
+              'locked by the first GPU sitting from that window\'s smoke test and benchmark '
+              '(tools.long_runs.choices.choose_precision) and never changes afterwards.')}
+  metrics_lib.write_json_atomic(path, camp)
+  return camp
+
+
+def load_campaign(cdir: str) -> dict:
+  path = campaign_path(cdir)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: not a campaign directory (python -m '
+                            'tools.long_runs.campaign creates it)')
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_campaign(cdir: str, camp: dict) -> None:
+  metrics_lib.write_json_atomic(campaign_path(cdir), camp)
+
+
+def run_config(run: dict, camp: dict):
+  """The training config of one campaign run (paper config + method + meta-gradient)."""
+  import configs
+  return configs.get(run['setting'], **{'method': run['method'],
+                                        'meta_gradient': run['meta_gradient'],
+                                        **RUN_LOOP_FIELDS, **camp.get('overrides', {})})
+
+
+def config_lib_override(cfg, fields: dict):
+  from metadrop_jax import config as config_lib
+  return config_lib.validate(config_lib.override(cfg, fields)) if fields else cfg
+
+
+def workdir_of(cdir: str, run: dict) -> str:
+  return os.path.join(cdir, run['name'])
+
+
+def progress(cdir: str, run: dict) -> dict[str, Any]:
+  """Steps done (from the checkpoint directory names), sittings, minutes, results."""
+  wd = workdir_of(cdir, run)
+  ck = os.path.join(wd, 'checkpoints')
+  steps = [int(d) for d in os.listdir(ck) if d.isdigit()] if os.path.isdir(ck) else []
+  sittings = metrics_lib.read_jsonl(os.path.join(wd, 'runs.jsonl'))
+  res = None
+  if os.path.exists(os.path.join(wd, 'results.json')):
+    with open(os.path.join(wd, 'results.json')) as f:
+      res = json.load(f)
+  num_steps = None
+  if os.path.exists(os.path.join(wd, 'config.json')):
+    with open(os.path.join(wd, 'config.json')) as f:
+      num_steps = json.load(f).get('num_steps')
+  step = max(steps) if steps else 0
+  return {'step': step, 'num_steps': num_steps, 'sittings': len(sittings),
+          'minutes': sum(float(s.get('minutes_this_run', 0.0)) for s in sittings),
+          'devices': sorted({str(s.get('device', '?')) for s in sittings}),
+          'trained': bool(num_steps) and step >= num_steps,
+          'evaluated': res is not None and res.get('step') == step, 'results': res}
+
+
+def data_available(config) -> bool:
+  """Whether this machine has the run's training data without downloading anything."""
+  from metadrop_jax import data as data_lib
+  if config.data.name == 'synthetic':
+    return True
+  c = data_lib.with_default_path(config.data)
+  return bool(c.path) and os.path.exists(os.path.expanduser(c.path))
+
+
+# ------------------------------------------------------------------------------------------------
+# planning
+# ------------------------------------------------------------------------------------------------
+
+def plan(cdir: str, camp: dict | None = None) -> list[dict]:
+  """Every run in campaign order with its progress, whether its data is here, and its next
+  action ('train', 'eval' or 'done')."""
+  camp = camp or load_campaign(cdir)
+  out = []
+  for run in camp['runs']:
+    p = progress(cdir, run)
+    cfg = run_config(run, camp)
+    p['num_steps'] = p['num_steps'] or cfg.num_steps
+    p['trained'] = p['step'] >= p['num_steps']
+    action = 'done' if p['trained'] and p['evaluated'] else ('eval' if p['trained'] else 'train')
+    out.append({**run, **{k: v for k, v in p.items() if k != 'results'}, 'action': action,
+                'data': cfg.data.name, 'data_here': data_available(cfg),
+                'accuracy': (p['results'] or {}).get('accuracy'),
+                'ci95': (p['results'] or {}).get('ci95')})
+  return out
+
+
+def resolve_precision(cdir: str, camp: dict, choice: str | None) -> str:
+  """The matmul precision of this sitting; locks 'auto' on the first accelerator sitting."""
+  import jax
+  p = camp.get('matmul_precision', 'auto')
+  if jax.default_backend() == 'cpu':   # float32 dots are exact float32 on the CPU: nothing to lock
+    return 'highest' if p == 'auto' else p
+  if p == 'auto':
+    p = choice if choice in ('highest', 'default') else 'highest'
+    camp['matmul_precision'] = p
+    camp['matmul_precision_locked_by'] = {'device': jax.devices()[0].device_kind,
+                                          'jax': jax.__version__,
+                                          'date': time.strftime('%Y-%m-%d'),
+                                          'from_window_choice': choice}
+    save_campaign(cdir, camp)
+  return p
+
+
+# Fields a sitting may set on every run it trains (execution strategies: equal results to float32
+# rounding, tests/test_fast_paths.py, and on the device to the smoke test's bound, gpu_check;
+# workdir.LOOP_FIELDS lets a run change them between sittings).
+FORMULATION_FIELDS = ('model.conv_impl', 'model.pool_impl', 'model.fuse_noise_conv',
+                      'model.task_map', 'model.inner_loop', 'model.dot_algorithm')
+
+
+def check_formulation(formulation: dict | None) -> dict:
+  """``formulation`` (field -> value) if every field is an execution strategy, else ValueError."""
+  bad = sorted(set(formulation or {}) - set(FORMULATION_FIELDS))
+  if bad:
+    raise ValueError(f'formulation fields {bad} change results; a sitting may only set '
+                     f'{FORMULATION_FIELDS}')
+  return dict(formulation or {})
+
+
+def device_kind() -> str:
+  """'cpu', or the accelerator's kind ('NVIDIA H200'): what formulations are recorded by."""
+  import jax
+  return 'cpu' if jax.default_backend() == 'cpu' else jax.devices()[0].device_kind
+
+
+def recorded_formulation(camp: dict, kind: str) -> dict:
+  return dict((camp.get('formulations') or {}).get(kind, {}).get('overrides', {}))
+
+
+def resolve_formulation(cdir: str, camp: dict, given: dict) -> dict:
+  """The formulation of this sitting: ``given`` (chosen by a measurement on this kind of device,
+  then recorded in campaign.json for it), else the one recorded for this kind, else the configs'
+  defaults ({})."""
+  import jax
+  kind = device_kind()
+  if not given:
+    return recorded_formulation(camp, kind)
+  if recorded_formulation(camp, kind) != given:
+    camp.setdefault('formulations', {})[kind] = {
+        'overrides': dict(given), 'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
+    save_campaign(cdir, camp)
+  return dict(given)
+
+
+def run_of(camp, name):
+  return next(r for r in camp['runs'] if r['name'] == name)
+
+
+def format_plan(rows: list[dict]) -> str:
+  lines = []
+  for r in rows:
+    lines.append(f"{r['name']:<42} {r['step']:>6}/{r['num_steps']:<6} {r['action']:<6} "
+                 f"data {'here' if r['data_here'] else 'MISSING'} ({r['data']})")
+  nxt = [r for r in rows if r['action'] != 'done']
+  if nxt:
+    lines.append(f"next: {nxt[0]['name']} ({nxt[0]['action']}); needs {nxt[0]['data']} data")
+  else:
+    lines.append('campaign complete')
+  return '\n'.join(lines)

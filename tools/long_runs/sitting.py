@@ -1,0 +1,153 @@
+"""One sitting of the Table-1 campaign: train its next runs until a deadline, on any machine.
+
+A sitting works through the campaign's order (:mod:`tools.long_runs.runs`): runs trained to
+the end but not yet meta-tested first; then group by group (a setting in one meta-gradient),
+the two runs of a group sharing the time left equally, the one with fewer steps first (when the
+time left is too short to split, that one alone gets it, so both methods advance in turn). A run
+that reaches ``num_steps`` is meta-tested at once if the time left allows (else first thing in
+the next sitting), and a run whose data is not on this machine is skipped.
+
+Every run is ``train.train`` with ``max_minutes_per_run``: checkpointed atomically, so a sitting
+cut at any point loses at most the steps since the run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from tools.long_runs import reports
+from tools.long_runs import runs as runs_lib
+
+# A run is not started with less than this (an accelerator's first step includes a compile of
+# up to a minute; the time limit is checked after each step).
+MIN_SHARE_S = {'accelerator': 60.0, 'cpu': 20.0}
+EVAL_MIN_S = {'accelerator': 60.0, 'cpu': 10.0}   # 1000 episodes x 30 MC samples, compile included
+# eval.batch_tasks stays the config's on every machine: the test episodes of evaluate() are drawn
+# per compiled call of batch_tasks episodes, so the same value is what lets a CPU meta-test of a
+# committed checkpoint see the very episodes (and noise) the GPU's did.
+
+
+def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
+            precision_choice: str | None = None, formulation: dict | None = None,
+            log=print) -> dict:
+  """Trains the campaign's next runs for ``budget_s`` seconds (wall clock, compile included),
+  checkpointing each; meta-tests runs that finish; regenerates the tables. Returns a summary.
+  ``formulation``: execution fields (:data:`runs.FORMULATION_FIELDS`) set on every run it
+  trains."""
+  import jax
+  from metadrop_jax import workdir as workdir_lib
+  t_start = time.time()
+  deadline = t_start + budget_s
+  camp = runs_lib.load_campaign(cdir)
+  formulation = runs_lib.resolve_formulation(cdir, camp, runs_lib.check_formulation(formulation))
+  precision = runs_lib.resolve_precision(cdir, camp, precision_choice)
+  jax.config.update('jax_default_matmul_precision', precision)
+  eval_min_s, min_share_s = _minimum_times(jax.default_backend() != 'cpu', budget_s, eval_min_s)
+  summary = {'start': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t_start)),
+             'budget_s': budget_s, 'backend': jax.default_backend(),
+             'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
+             'commit': workdir_lib.provenance()['commit'], 'matmul_precision': precision,
+             'xla_flags': os.environ.get('XLA_FLAGS', ''), 'formulation': formulation,
+             'runs': [], 'skipped': []}
+  rows = runs_lib.plan(cdir, camp)
+  summary['runs'] += meta_test_finished(cdir, camp, rows, deadline, eval_min_s, log)
+  groups, summary['skipped'] = trainable_groups(rows)
+  for members in groups.values():
+    done, stop = train_group(cdir, camp, members, formulation, deadline, min_share_s,
+                             eval_min_s, log)
+    summary['runs'] += done
+    if stop:
+      break
+  summary['seconds'] = round(time.time() - t_start, 1)
+  with open(os.path.join(cdir, 'sittings.jsonl'), 'a') as f:
+    f.write(json.dumps(summary) + '\n')
+  reports.write_reports(cdir)
+  return summary
+
+
+def _minimum_times(on_accelerator: bool, budget_s: float, eval_min_s: float | None):
+  """(eval_min_s, min_share_s). A finished run is meta-tested when at least eval_min_s are left
+  (else first thing in the next sitting). No time is held back for it: a run that reaches
+  num_steps stops before its share ends, and the rest of its share is what the evaluation
+  uses."""
+  if eval_min_s is None:
+    eval_min_s = (EVAL_MIN_S['accelerator'] if on_accelerator else
+                  min(EVAL_MIN_S['cpu'], 0.1 * budget_s))
+  min_share_s = (MIN_SHARE_S['accelerator'] if on_accelerator else
+                 min(MIN_SHARE_S['cpu'], 0.1 * budget_s))
+  return eval_min_s, min_share_s
+
+
+def meta_test(cdir: str, run: dict, cfg, entry: dict, log) -> None:
+  """Meta-tests ``run`` with the paper's protocol; its accuracy goes into ``entry``."""
+  from metadrop_jax import evaluation
+  t0 = time.time()
+  r = evaluation.evaluate_checkpoint(cfg, runs_lib.workdir_of(cdir, run))
+  entry.update(evaluated=True, accuracy=r['accuracy'], ci95=r['ci95'],
+               eval_s=round(time.time() - t0, 1))
+  log(f"[campaign] {run['name']}: meta-test {r['accuracy']:.2f} ± {r['ci95']:.2f} "
+      f"({entry['eval_s']} s)")
+
+
+def meta_test_finished(cdir, camp, rows, deadline, eval_min_s, log) -> list[dict]:
+  """Runs trained to the end but not yet meta-tested, while time is left: first."""
+  out = []
+  for row in rows:
+    if row['action'] == 'eval' and row['data_here'] and deadline - time.time() > eval_min_s:
+      run = runs_lib.run_of(camp, row['name'])
+      entry = {'name': run['name'], 'from': row['step'], 'to': row['step'], 'minutes': 0.0}
+      meta_test(cdir, run, runs_lib.run_config(run, camp), entry, log)
+      out.append(entry)
+  return out
+
+
+def trainable_groups(rows) -> tuple[dict[str, list[dict]], list[dict]]:
+  """({group: its runs to train, in campaign order}, [runs skipped: their data is not here])."""
+  todo = [r for r in rows if r['action'] == 'train']
+  skipped = [{'name': r['name'], 'why': f"no {r['data']} data here"}
+             for r in todo if not r['data_here']]
+  groups: dict[str, list[dict]] = {}
+  for r in todo:
+    if r['data_here']:
+      groups.setdefault(r['group'], []).append(r)
+  return groups, skipped
+
+
+def train_group(cdir, camp, members, formulation, deadline, min_share_s, eval_min_s,
+                log) -> tuple[list[dict], bool]:
+  """Trains the runs of one group in equal shares of the time left. Returns (their entries,
+  whether the sitting is out of time)."""
+  from metadrop_jax import data as data_lib
+  from metadrop_jax import train
+  left = lambda: deadline - time.time()
+  out = []
+  # the run that is behind goes first: when a sitting is too short to split, the two methods of
+  # a setting still advance in turn
+  members = sorted(members, key=lambda r: r['step'])
+  for i, row in enumerate(members):
+    run = runs_lib.run_of(camp, row['name'])
+    cfg = runs_lib.config_lib_override(runs_lib.run_config(run, camp), formulation)
+    t_data = time.time()
+    data_lib.load_split(cfg.data, 'train')   # prepares the cache outside the run's share
+    if time.time() - t_data > 1:
+      log(f"[campaign] {cfg.data.name} data ready in {time.time() - t_data:.0f} s")
+    share = left() / (len(members) - i)
+    if share < min_share_s:
+      if left() < min_share_s:
+        return out, True
+      share = min_share_s      # too short to split: this run gets the minimum, then stop
+    cfg.max_minutes_per_run = share / 60.0
+    log(f"[campaign] {run['name']}: step {row['step']}/{row['num_steps']}, share {share:.0f} s")
+    status = train.train(cfg, runs_lib.workdir_of(cdir, run))
+    status.pop('state')
+    entry = {'name': run['name'], 'from': row['step'], 'to': status['step'],
+             'minutes': round(status['minutes_this_run'], 3), 'stopped': status['stopped'],
+             'evaluated': False}
+    log(f"[campaign] {run['name']}: now at {status['step']}/{status['num_steps']} "
+        f"({status['minutes_this_run'] * 60:.0f} s, {status['stopped']})")
+    if status['done'] and left() > eval_min_s:
+      meta_test(cdir, run, cfg, entry, log)
+    out.append(entry)
+  return out, False

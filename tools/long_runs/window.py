@@ -1,0 +1,244 @@
+"""One GPU job inside a time budget, start to end, and unpacking what it brings back.
+
+For a time-limited GPU machine without internet (a SLURM job with ``--time``, a preemptible VM,
+a Colab runtime). On that machine, ``bash scripts/device_window.sh BUDGET_S`` installs the
+copied wheels, lays out the copied data and compile cache, then runs
+
+  python -m tools.long_runs.window run --budget_s=450 --out=$OUT
+
+which runs, in this order, each phase with its own deadline so that the last one always happens:
+
+a. ``info`` (devices, versions, nvidia-smi) and the smoke test (``tools.long_runs.gpu_check``:
+   the meta-gradient of one task vs the float64 CPU reference, at 'highest' and default (TF32)
+   matmul precision) in the background (:mod:`tools.long_runs.phases`);
+b. the benchmark (``benchmarks/meta_step.py``, or ``benchmarks/formulations.py`` with
+   ``--bench=formulations``) and the torch.func peer (``benchmarks/torch_peer.py``);
+c. a campaign sitting (``python -m tools.long_runs.campaign sitting``) for the rest of the
+   budget, with the precision and formulation chosen from a. and b.
+   (:mod:`tools.long_runs.choices`); it trains only if its own formulation passed the smoke test;
+d. packing into ``$OUT`` within the host's transfer limits (``--max_files``, ``--max_file_mib``,
+   ``--part_mib``; :mod:`tools.long_runs.pack`).
+
+Back here, ``bash scripts/unpack_window.sh DIR`` (= ``python -m tools.long_runs.window unpack
+DIR``) puts the results in place. docs/gpu_window.md is the user's guide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+from tools.long_runs import choices
+from tools.long_runs import pack as pack_lib
+from tools.long_runs import phases
+from tools.long_runs import procs
+from tools.long_runs import reports
+from tools.long_runs.phases import Job, run_phase
+from tools.long_runs.procs import read_json
+
+ROOT = procs.ROOT
+PACK_RESERVE_S = 15.0
+
+
+def run_window(a) -> dict:
+  """The job: phases a-d (module docstring). Returns its summary (also ``$OUT/window.json``)."""
+  job = Job.start(a)
+  run_phase(job, 'info', phases.info_phase)
+  job.log(f"devices {job.result('info').get('devices')}")
+  phases.start_smoke(job)
+  phases.plan_bench(job)
+  run_phase(job, 'bench', phases.bench_phase)
+  run_phase(job, 'smoke', phases.smoke_phase)
+  run_phase(job, 'torch', phases.torch_phase)
+  choose(job)
+  run_phase(job, 'campaign', campaign_phase)
+  return finish(job)
+
+
+def choose(job: Job) -> None:
+  """The precision and formulation of the sitting, from the smoke test and the benchmark."""
+  smoke = job.result('smoke')
+  precision, why = choices.choose_precision(smoke, job.bench_rows)
+  job.summary['precision_choice'] = {'precision': precision, 'why': why}
+  job.log(f'matmul precision for a campaign still on auto: {precision} ({why})')
+  form = choices.choose_formulation(read_json(job.path('formulations.json')), smoke)
+  job.summary['formulation_choice'] = form
+  job.log(f"formulation of this sitting: {form['overrides'] or 'the configs default'} "
+          f"({form['why']})")
+
+
+def campaign_phase(job: Job) -> dict:
+  """c. One sitting of the campaign in a child process, killed at its hard deadline (the
+  sitting aims to be done 30 s before it)."""
+  a, cdir = job.a, os.path.abspath(job.a.campaign_dir)
+  form = job.summary['formulation_choice']
+  checked = choices.formulation_checked(job.result('smoke'), form['overrides'] or
+                                        choices.recorded(cdir, job.device_kind))
+  if checked is False:
+    return {'skipped': "the float32 meta-gradient check failed for this sitting's formulation: "
+                       'no training on this device'}
+  hard = job.end - min(PACK_RESERVE_S, 0.1 * a.budget_s)
+  cmd = [job.py, '-m', 'tools.long_runs.campaign', 'sitting', f'--campaign_dir={cdir}',
+         f'--deadline={hard - min(30.0, 0.1 * a.budget_s):.1f}',
+         f"--precision_choice={job.summary['precision_choice']['precision']}"]
+  if form['overrides']:
+    cmd.append('--formulation=' + ','.join(f'{k}={v}' for k, v in form['overrides'].items()))
+  env = dict(job.env)
+  if form.get('extra_flags'):
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + form['extra_flags']).strip()
+  if a.campaign_settings:
+    cmd.append(f'--campaign_settings={a.campaign_settings}')
+    if a.campaign_overrides:
+      cmd.append(f'--campaign_overrides={a.campaign_overrides}')
+  rc, _ = job.log.run(cmd, hard - time.time(), env)
+  row = procs.read_jsonl_tail(os.path.join(cdir, 'sittings.jsonl'))
+  if not (row and row.get('start', '') >= job.summary['start']) and os.path.isdir(cdir):
+    row = recover_sitting(cdir, job.t0, job.summary['start'])
+    job.log(f"campaign killed before its summary: recovered from the runs' logs: {row['runs']}")
+  return {'rc': rc, 'sitting': row}
+
+
+def recover_sitting(cdir: str, since: float, start: str) -> dict:
+  """The sitting row of a campaign process that was killed before writing it, rebuilt from
+  what train() wrote for each run it finished (runs.jsonl, results.json changed since
+  ``since``); appended to sittings.jsonl. A run cut inside its share left only its last
+  checkpoint (its steps since then are lost) and no row."""
+  from metadrop_jax import metrics as metrics_lib
+  runs = []
+  for name in sorted(os.listdir(cdir)):
+    log_path = os.path.join(cdir, name, 'runs.jsonl')
+    if not os.path.exists(log_path) or os.path.getmtime(log_path) < since:
+      continue
+    last = metrics_lib.read_jsonl(log_path)[-1]
+    entry = {'name': name, 'from': last.get('start_step'), 'to': last.get('step'),
+             'minutes': round(float(last.get('minutes_this_run', 0.0)), 3),
+             'stopped': last.get('stopped'), 'evaluated': False}
+    res = os.path.join(cdir, name, 'results.json')
+    if os.path.exists(res) and os.path.getmtime(res) >= since:
+      r = read_json(res, {})
+      entry.update(evaluated=True, accuracy=r.get('accuracy'), ci95=r.get('ci95'))
+    runs.append(entry)
+  row = {'start': start, 'killed': 'the window stopped the campaign process at its deadline',
+         'runs': runs, 'skipped': []}
+  with open(os.path.join(cdir, 'sittings.jsonl'), 'a') as f:
+    f.write(json.dumps(row) + '\n')
+  return row
+
+
+def finish(job: Job) -> dict:
+  """d. Everything into ``$OUT``; ``window.json`` last, with the final summary."""
+  a, log, summary = job.a, job.log, job.summary
+  limits = transfer_limits(a)
+  summary['seconds_before_pack'] = round(time.time() - job.t0, 1)
+  extra = {}
+  if os.path.exists(job.path('formulations.json')):
+    extra['formulations.json'] = job.path('formulations.json')
+  if os.path.isdir(job.path('traces')):
+    extra['traces.tgz'] = job.path('traces')
+  cache_dir = os.environ.get('JAX_COMPILATION_CACHE_DIR', '') if a.pack_cache else ''
+  files = pack_lib.pack(a.out, job.work, os.path.abspath(a.campaign_dir), since=job.t0,
+                        summary=summary, log=log, cache_dir=cache_dir, extra=extra, limits=limits)
+  summary['files'] = files
+  log(f'packed {len(files)} files into {a.out}: ' +
+      ', '.join(f"{n} ({s / 2**20:.1f} MiB)" for n, s in files.items()))
+  log(reports.format_window(summary))
+  out_log = os.path.join(a.out, 'window.log')   # the log above is already in it
+  if os.path.getsize(log.path) <= limits.max_file_bytes:
+    shutil.copy(log.path, out_log)
+  else:
+    pack_lib.tail_copy(log.path, out_log, limits.max_file_bytes - 2**20)
+  with open(os.path.join(a.out, 'window.json'), 'w') as f:
+    json.dump(summary, f, indent=1, default=str)
+  return summary
+
+
+def transfer_limits(a) -> pack_lib.TransferLimits:
+  return pack_lib.TransferLimits(max_files=a.max_files,
+                                 max_file_bytes=int(a.max_file_mib * pack_lib.MiB),
+                                 part_bytes=int(a.part_mib * pack_lib.MiB))
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog='python -m tools.long_runs.window',
+                               description=__doc__.split('\n')[0])
+  sub = ap.add_subparsers(dest='cmd', required=True)
+  r = sub.add_parser('run', help='one job (on the GPU machine)')
+  r.add_argument('--budget_s', type=float, required=True)
+  r.add_argument('--out', default=os.environ.get('OUT', '/tmp/window_out'))
+  r.add_argument('--work', default='')
+  r.add_argument('--campaign_dir', default=os.path.join('results', 'table1'))
+  r.add_argument('--campaign_settings', default='', help='new campaign only (tests: tiny)')
+  r.add_argument('--campaign_overrides', default='', help='new campaign only: k=v,k=v')
+  r.add_argument('--smoke_setting', default='omniglot_20way1shot')
+  r.add_argument('--smoke_gradients', default='authors,exact')
+  r.add_argument('--smoke_set', default='', help='config overrides of the smoke test: k=v,k=v')
+  r.add_argument('--bench', default='auto', choices=['auto', 'full', 'quick', 'skip',
+                                                    'formulations'],
+                 help='auto: full while some cell has no committed row for this card kind, '
+                      "else quick (the campaign's next run only); formulations: every "
+                      'formulation of the first config side by side (benchmarks/formulations.py), '
+                      'and the sitting trains with the fastest')
+  r.add_argument('--formulations_cells', default='baseline,select,select_im2col,select_nondet,'
+                 'select_nondet_again,select_im2col_nondet,baseline_nondet,select_unfused,'
+                 'select_scan,select_map,select_no_cmd_buffer,select_im2col_scan')
+  r.add_argument('--formulations_parallel', type=int, default=6)
+  r.add_argument('--formulations_concurrent', default='',
+                 help='copies of the fastest cell trained at once, e.g. 2,4 (H200, 2026-12-04: '
+                      'no gain, the step keeps the card busy)')
+  r.add_argument('--smoke_precisions', default='highest,default')
+  r.add_argument('--smoke_conv_impls', default='im2col',
+                 help="conv formulations the smoke test checks (gpu_check --conv_impls); the "
+                      "sitting trains only if its own passed")
+  r.add_argument('--bench_configs', default=','.join(choices.PAPER_SETTINGS))
+  r.add_argument('--bench_gradient', default='authors')
+  r.add_argument('--bench_set', default='', help='config overrides of every benchmark cell '
+                 '(k=v,k=v; the dry-run test makes tiny tinier)')
+  r.add_argument('--bench_iters', type=int, default=20)
+  r.add_argument('--bench_warmup', type=int, default=3)
+  r.add_argument('--bench_seeds', type=int, default=4,
+                 help='full benchmark: the first cell with this many seeds vmapped in one step')
+  r.add_argument('--torch', default='auto', choices=['auto', 'skip'])
+  r.add_argument('--torch_share', type=float, default=0.15,
+                 help='fraction of the budget for the torch peer, after the benchmark')
+  r.add_argument('--pack_cache', type=int, default=1)
+  d = pack_lib.TransferLimits()
+  lim = r.add_argument_group("the host's transfer limits (what a job may bring back)")
+  lim.add_argument('--max_files', type=int, default=d.max_files,
+                   help='files in $OUT at most (window.json and window.log included)')
+  lim.add_argument('--max_file_mib', type=float, default=d.max_file_bytes / pack_lib.MiB,
+                   help='MiB per file at most')
+  lim.add_argument('--part_mib', type=float, default=d.part_bytes / pack_lib.MiB,
+                   help='the campaign archive is cut into parts of this many MiB')
+  u = sub.add_parser('unpack', help="put a job's returned files in place (here)")
+  u.add_argument('src')
+  u.add_argument('--repo', default=ROOT)
+  u.add_argument('--campaign_dir', default=os.path.join('results', 'table1'))
+  return ap
+
+
+def main(argv=None) -> int:
+  ap = _parser()
+  a = ap.parse_args(argv)
+  if a.cmd == 'run':
+    try:
+      transfer_limits(a)
+    except ValueError as e:
+      ap.error(str(e))
+    import signal
+    signal.signal(signal.SIGTERM, procs.on_term)
+    run_window(a)
+  else:
+    pack_lib.unpack(a.src, a.repo, a.campaign_dir)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
