@@ -176,10 +176,11 @@ def capture(config_name: str, method: str, overrides: dict, steps: int, warmup: 
   import jax
   sys.path.insert(0, ROOT)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import configs
   import meta_step
   from metadrop_jax import keys as keys_lib
   from metadrop_jax import meta
-  config = meta_step._build_config(config_name, method, overrides)
+  config = configs.get(config_name, **{'method': method, **overrides})
   images = jax.device_put(meta_step._synthetic_images(config))
   init_key, train_key = keys_lib.run_keys(config)
   state, tx = meta.create_state(init_key, config)
