@@ -236,17 +236,15 @@ def test_a_killed_sitting_is_recovered_from_the_runs_logs(tmp_path):
   assert json.loads((tmp_path / 'sittings.jsonl').read_text())['killed']
 
 
-def test_bench_plan_benchmarks_in_full_only_on_a_card_kinds_first_window():
+def test_meta_step_bench_plan():
+  """--bench=full / quick: benchmarks/meta_step.py's cells (--bench=auto plans formulations)."""
   det = '--xla_gpu_deterministic_ops=true'
   cells = [('highest', 'omni', 'metadrop', None, 1), ('highest', 'omni', 'maml', None, 1),
            ('highest', 'mimg', 'metadrop', None, 1)]
   key = lambda c: choices.cell_key(c, det)
   nxt = ('highest', 'mimg', 'maml', None, 1, 'authors')
-  # first window on this card kind: every cell
-  assert choices.bench_plan('auto', cells, set(), det, lambda: nxt) == ('full', cells)
-  # a later one: only the campaign's next run, though cells are still missing
-  assert choices.bench_plan('auto', cells, {key(cells[0])}, det, lambda: nxt) == ('quick', [nxt])
-  # no campaign run to train: the first cell
+  # quick: the campaign's next run; with no campaign run to train, the first cell
+  assert choices.bench_plan('quick', cells, {key(cells[0])}, det, lambda: nxt) == ('quick', [nxt])
   assert choices.bench_plan('quick', cells, set(), det, lambda: None) == ('quick', cells[:1])
   # asked for in full: what is missing, else everything again
   assert choices.bench_plan('full', cells, {key(cells[0])}, det, lambda: nxt) == ('full', cells[1:])
@@ -255,7 +253,7 @@ def test_bench_plan_benchmarks_in_full_only_on_a_card_kinds_first_window():
   assert choices.bench_plan('skip', cells, set(), det, lambda: nxt) == ('skip', [])
   # a row measured without deterministic ops does not count for a deterministic window
   nondet = {choices.cell_key(c, '') for c in cells}
-  assert choices.bench_plan('auto', cells, nondet, det, lambda: nxt)[0] == 'full'
+  assert choices.bench_plan('full', cells, nondet, det, lambda: nxt) == ('full', cells)
 
 
 def _form_row(cell, ms, det=True, **over):

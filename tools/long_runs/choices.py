@@ -68,20 +68,70 @@ def measured_torch_cells(device_kind: str, repo: str = ROOT) -> set:
 
 
 def bench_plan(mode: str, cells: list, measured: set, window_flags: str, next_cell) -> tuple:
-  """(mode, the cells to benchmark) for ``--bench=mode``. 'auto' is 'full' on the first job
-  on a card kind (no committed row for it: ``measured`` is empty of ``cells``), else 'quick':
-  later windows train, and the quick cell (the campaign's next run, ``next_cell()``, at the
-  campaign's precision; its compile lands in the cache for the sitting) measures each setting as
-  the campaign reaches it. The first H200 window's full benchmark took 55 % of its budget for
-  five cells. 'full' measures the cells not yet measured (all of them again if none is left)."""
+  """(mode, the cells of benchmarks/meta_step.py to run) for ``--bench=full|quick|skip``:
+  'full' measures the cells not yet measured on this card kind (all of them again if none is
+  left); 'quick' the campaign's next run (``next_cell()``, at the campaign's precision), or the
+  first cell."""
   todo = [c for c in cells if cell_key(c, window_flags) not in measured]
-  if mode == 'auto':
-    mode = 'full' if len(todo) == len(cells) else 'quick'
   if mode == 'full':
     return mode, todo or cells
   if mode == 'quick':
     return mode, [next_cell() or cells[0]]
   return mode, []
+
+
+def _records(repo: str, suffix: str = '') -> list[tuple[str, dict]]:
+  """(path, content) of the committed job records (docs/bench/windows/*<suffix>.json), oldest
+  first; without a suffix, the jobs' own summaries only."""
+  out = []
+  for p in sorted(glob.glob(os.path.join(repo, 'docs', 'bench', 'windows', f'*{suffix}.json'))):
+    if not suffix and (p.endswith('_formulations.json') or p.endswith('_profiles.json')):
+      continue
+    out.append((p, read_json(p, {})))
+  return out
+
+
+def smoke_on_record(device_kind: str, fingerprint: str, repo: str = ROOT) -> dict | None:
+  """The newest committed smoke result of this kind of card whose numerics fingerprint
+  (gpu_check.numerics_fingerprint: the library's numerics files and the jax version) is this
+  one, or None: while neither changed, the check need not run again."""
+  found = None
+  for p, s in _records(repo):
+    sm = (s.get('phases', {}).get('smoke', {}).get('result') or {})
+    if s.get('device_kind') == device_kind and sm.get('rows') and \
+        sm.get('fingerprint') == fingerprint:
+      found = {**sm, 'on_record': os.path.relpath(p, repo)}
+  return found
+
+
+def measured_formulations(device_kind: str, config: str, method: str, repo: str = ROOT) -> set:
+  """The formulation cells with a committed timing for this card kind, config and method."""
+  out = set()
+  for _, d in _records(repo, '_formulations'):
+    if (d.get('device', '').split(':', 1)[-1] == device_kind and d.get('config') == config and
+        d.get('method') == method):
+      out |= {r['cell'] for r in d.get('rows', []) if 'error' not in r}
+  return out
+
+
+def formulation_plan(mode: str, cells: list, measured: set, reference: str | None) -> tuple:
+  """(mode, cells) of the formulations benchmark. 'formulations': ``cells`` as given. 'auto':
+  the cells not yet measured on this card kind, after the ``reference`` cell (the formulation
+  the campaign trains with now, timed again so that the new ones compare within one job); when
+  every cell has a committed timing, 'skip': the job only trains."""
+  if mode == 'formulations':
+    return mode, list(cells)
+  todo = [c for c in cells if c not in measured]
+  if not todo:
+    return 'skip', []
+  return 'formulations', ([reference] if reference and reference not in todo else []) + todo
+
+
+def reference_cell(overrides: dict, cells: dict) -> str | None:
+  """The name of the deterministic cell of ``cells`` (formulations.CELLS) that sets exactly the
+  formulation ``overrides``, or None."""
+  return next((name for name, (ov, det, extra) in cells.items()
+               if det and not extra and ov == overrides), None)
 
 
 def choose_formulation(form: dict | None, smoke: dict | None) -> dict:

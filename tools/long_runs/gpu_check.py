@@ -51,6 +51,22 @@ SMOKE_OVERRIDES = {'inner_lr': 0.01}
 FLOOR_FACTOR = 10.0
 TOL_HIGHEST = 5e-3
 TOL_TF32 = 1e-2
+# The library files whose code the smoke test exercises: a passed check stays valid for a card
+# kind and jax version while these are unchanged (numerics_fingerprint).
+NUMERICS_FILES = ('nets.py', 'meta.py', 'methods.py', 'episodes.py', 'keys.py')
+
+
+def numerics_fingerprint(jax_version: str) -> str:
+  """A digest of the smoke test's subject: the numerics files of the library and the jax
+  version that runs them (imports no jax: the job's parent process calls it)."""
+  import hashlib
+  pkg = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__)))), 'metadrop_jax')
+  h = hashlib.sha256(jax_version.encode())
+  for name in NUMERICS_FILES:
+    with open(os.path.join(pkg, name), 'rb') as f:
+      h.update(name.encode() + b'\0' + f.read())
+  return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -157,6 +173,7 @@ def check(setting=SMOKE_SETTING, method='metadrop', gradients=('authors', 'exact
   dev = jax.devices()[0]
   cpu = jax.devices('cpu')[0]
   out = {'setting': setting, 'method': method, 'overrides': overrides or {},
+         'fingerprint': numerics_fingerprint(jax.__version__),
          'device': f'{dev.platform}:{dev.device_kind}', 'jax': jax.__version__,
          'tolerance': {'highest': f'max({TOL_HIGHEST:g}, {FLOOR_FACTOR:g} x CPU float32 error)',
                        'default': f'max({TOL_TF32:g}, {FLOOR_FACTOR:g} x CPU float32 error)'},

@@ -38,6 +38,7 @@ class Job:
   py: str = sys.executable
   smoke_proc: procs.Background | None = None
   smoke_end: float = 0.0
+  smoke_record: dict | None = None     # a committed smoke result that makes the check needless
   bench_mode: str = 'skip'
   bench_cells: list = dataclasses.field(default_factory=list)
   bench_end: float = 0.0
@@ -64,6 +65,12 @@ class Job:
   def light_env(self) -> dict:
     """For children that share the GPU: allocate on demand instead of 75 % of the card."""
     return {**self.env, 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
+
+  @property
+  def measuring_env(self) -> dict:
+    """For the smoke test and the benchmarks: their compiles go to a cache of their own, so
+    that the one brought back holds what the campaign's sittings compile."""
+    return {**self.light_env, 'JAX_COMPILATION_CACHE_DIR': self.path('measuring_cache')}
 
   def path(self, name: str) -> str:
     return os.path.join(self.work, name)
@@ -129,17 +136,31 @@ def info_phase(job: Job) -> dict:
 
 def start_smoke(job: Job) -> None:
   """The smoke test (mostly the float64 reference on the CPU) starts beside the benchmark (on the
-  GPU): their overlap is a few seconds of small GPU work, and saves a minute of the job."""
+  GPU): the benchmark compiles meanwhile and starts timing once it is done. With ``--smoke=auto``
+  it is not run when a committed result of this card kind and numerics fingerprint passed every
+  formulation this job may train with."""
   a = job.a
+  from tools.long_runs import gpu_check
+  fingerprint = gpu_check.numerics_fingerprint(
+      job.result('info').get('versions', {}).get('jax', ''))
+  rec = choices.smoke_on_record(job.device_kind, fingerprint) if a.smoke == 'auto' else None
+  needed = set(a.smoke_conv_impls.split(','))
+  if rec and all((rec.get('pass_highest_by_conv_impl') or {}).get(k) for k in needed):
+    job.smoke_record = rec
+    job.log(f"smoke test passed on record ({rec['on_record']}, fingerprint {fingerprint}): "
+            'not run again')
+    return
   cmd = [job.py, '-m', 'tools.long_runs.gpu_check', f'--setting={a.smoke_setting}',
          f'--gradients={a.smoke_gradients}', f"--out={job.path('smoke.json')}"]
   cmd += [f'--set={x}' for x in a.smoke_set.split(',') if x]
   cmd += [f'--precisions={a.smoke_precisions}', f'--conv_impls={a.smoke_conv_impls}']
-  job.smoke_proc = procs.Background(job.log, cmd, job.path('smoke.log'), job.light_env)
+  job.smoke_proc = procs.Background(job.log, cmd, job.path('smoke.log'), job.measuring_env)
   job.smoke_end = time.time() + SMOKE_FRACTION * a.budget_s
 
 
 def smoke_phase(job: Job) -> dict:
+  if job.smoke_record is not None:
+    return {'rc': 'on record', **job.smoke_record}
   rc = job.smoke_proc.wait(job.smoke_end)
   res = read_json(job.path('smoke.json'))
   if res:
@@ -158,6 +179,9 @@ def plan_bench(job: Job) -> None:
   by the sitting through the cache), TF32 (decides the campaign's precision), the cost of
   deterministic ops, seeds as a batch axis, the rest."""
   a = job.a
+  if a.bench in ('auto', 'formulations'):
+    plan_formulations(job)
+    return
   on_gpu = job.result('info').get('backend') not in (None, 'cpu')
   flags = os.environ.get('XLA_FLAGS', '')
   nondet = (' '.join(f for f in flags.split() if 'xla_gpu_deterministic_ops' not in f)
@@ -177,19 +201,40 @@ def plan_bench(job: Job) -> None:
   job.bench_end = time.time() + BENCH_FRACTION.get(job.bench_mode, 0.0) * a.budget_s
 
 
+def plan_formulations(job: Job) -> None:
+  """``--bench=formulations``: the given cells; ``auto``: the cells without a committed timing
+  on this card kind (after the one the campaign trains with), or none: the job trains."""
+  import importlib.util
+  a = job.a
+  spec = importlib.util.spec_from_file_location(
+      'formulations', os.path.join(ROOT, 'benchmarks', 'formulations.py'))
+  formulations = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(formulations)
+  first = a.bench_configs.split(',')[0]
+  reference = choices.reference_cell(
+      choices.recorded(os.path.abspath(a.campaign_dir), job.device_kind), formulations.CELLS)
+  job.bench_mode, job.bench_cells = choices.formulation_plan(
+      a.bench, a.formulations_cells.split(','),
+      choices.measured_formulations(job.device_kind, first, 'metadrop'), reference)
+  job.bench_end = time.time() + BENCH_FRACTION.get(job.bench_mode, 0.0) * a.budget_s
+  job.log(f"benchmark: {job.bench_mode} {','.join(job.bench_cells)}".rstrip())
+
+
 def bench_phase(job: Job) -> dict:
   a = job.a
   first = a.bench_configs.split(',')[0]
   if job.bench_mode == 'formulations':
     cmd = [job.py, 'benchmarks/formulations.py', f'--config={first}', '--method=metadrop',
            f'--gradient={a.bench_gradient}', '--precision=highest',
-           f'--cells={a.formulations_cells}', f'--parallel={a.formulations_parallel}',
+           f"--cells={','.join(job.bench_cells)}", f'--parallel={a.formulations_parallel}',
            f'--iters={a.bench_iters}', f'--warmup={a.bench_warmup}',
            f"--trace_dir={job.path('traces')}", '--trace_steps=3', f'--deadline={job.bench_end}',
            f'--concurrent={a.formulations_concurrent}',
            f"--out={job.path('formulations.json')}"]
+    if job.smoke_proc is not None:   # time on a card the smoke test no longer shares
+      cmd.append(f'--wait_pid={job.smoke_proc.p.pid}')
     cmd += [f'--set={x}' for x in a.bench_set.split(',') if x]
-    job.log.run(cmd, job.bench_end - time.time() + 5, job.env)
+    job.log.run(cmd, job.bench_end - time.time() + 5, job.measuring_env)
     return {'mode': job.bench_mode, 'formulations': read_json(job.path('formulations.json'))}
   if not job.bench_cells:
     return {'mode': job.bench_mode}

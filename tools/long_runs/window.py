@@ -49,8 +49,8 @@ def run_window(a) -> dict:
   job = Job.start(a)
   run_phase(job, 'info', phases.info_phase)
   job.log(f"devices {job.result('info').get('devices')}")
-  phases.start_smoke(job)
   phases.plan_bench(job)
+  phases.start_smoke(job)
   run_phase(job, 'bench', phases.bench_phase)
   run_phase(job, 'smoke', phases.smoke_phase)
   run_phase(job, 'torch', phases.torch_phase)
@@ -82,6 +82,7 @@ def campaign_phase(job: Job) -> dict:
     return {'skipped': "the float32 meta-gradient check failed for this sitting's formulation: "
                        'no training on this device'}
   hard = job.end - min(PACK_RESERVE_S, 0.1 * a.budget_s)
+  job.summary['campaign_started_s'] = round(time.time() - job.t0, 1)
   cmd = [job.py, '-m', 'tools.long_runs.campaign', 'sitting', f'--campaign_dir={cdir}',
          f'--deadline={hard - min(30.0, 0.1 * a.budget_s):.1f}',
          f"--precision_choice={job.summary['precision_choice']['precision']}"]
@@ -140,8 +141,14 @@ def finish(job: Job) -> dict:
   if os.path.isdir(job.path('traces')):
     extra['traces.tgz'] = job.path('traces')
   cache_dir = os.environ.get('JAX_COMPILATION_CACHE_DIR', '') if a.pack_cache else ''
+  if cache_dir and os.path.isdir(cache_dir):
+    n = pack_cache(cache_dir, job.path('jax_cache.tgz'), limits.max_file_bytes - pack_lib.MiB)
+    log(f'compile cache: the {n} newest entries packed' if n else 'compile cache: nothing packed')
+    if n:
+      extra['jax_cache.tgz'] = job.path('jax_cache.tgz')
+  summary['accounting'] = accounting(job)
   files = pack_lib.pack(a.out, job.work, os.path.abspath(a.campaign_dir), since=job.t0,
-                        summary=summary, log=log, cache_dir=cache_dir, extra=extra, limits=limits)
+                        summary=summary, log=log, cache_dir='', extra=extra, limits=limits)
   summary['files'] = files
   log(f'packed {len(files)} files into {a.out}: ' +
       ', '.join(f"{n} ({s / 2**20:.1f} MiB)" for n, s in files.items()))
@@ -154,6 +161,50 @@ def finish(job: Job) -> dict:
   with open(os.path.join(a.out, 'window.json'), 'w') as f:
     json.dump(summary, f, indent=1, default=str)
   return summary
+
+
+def pack_cache(cache_dir: str, dest: str, limit: int) -> int:
+  """The compile cache's newest entries, as many as fit in ``limit`` bytes compressed, into the
+  archive ``dest``; returns how many. The campaign's sittings are the only ones compiling into
+  this cache (the measuring phases have their own), so next time the sittings start compiled;
+  an entry left out is compiled again and, being new then, comes back."""
+  names = sorted(os.listdir(cache_dir), key=lambda n: -os.path.getmtime(os.path.join(cache_dir, n)))
+  n = len(names)
+  while n > 0:
+    data = _tgz_bytes(cache_dir, names[:n])
+    if len(data) <= limit:
+      with open(dest, 'wb') as f:
+        f.write(data)
+      return n
+    n = min(n - 1, int(n * limit / len(data)))
+  return 0
+
+
+def _tgz_bytes(folder: str, names: list) -> bytes:
+  import io
+  import tarfile
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode='w:gz', compresslevel=1) as tar:
+    for name in names:
+      tar.add(os.path.join(folder, name), arcname=name)
+  return buf.getvalue()
+
+
+def accounting(job: Job) -> dict:
+  """What the job bought: its wall time, the time before training started, the minutes the
+  campaign's runs trained and the steps they made."""
+  sitting = (job.result('campaign').get('sitting') or {})
+  runs = sitting.get('runs', [])
+  steps = sum(max(0, (r.get('to') or 0) - (r.get('from') or 0)) for r in runs)
+  minutes = sum(float(r.get('minutes') or 0.0) for r in runs)
+  wall = time.time() - job.t0
+  out = {'job_s': round(wall, 1), 'training_min': round(minutes, 2), 'steps_trained': steps,
+         'steps_per_job_minute': round(steps / (wall / 60.0), 1) if wall > 0 else None,
+         'training_started_s': job.summary.get('campaign_started_s')}
+  job.log(f"job {out['job_s']:.0f} s: training {minutes:.2f} min (started at "
+          f"{out['training_started_s']} s), {steps} steps ({out['steps_per_job_minute']} per "
+          'minute of the job)')
+  return out
 
 
 def transfer_limits(a) -> pack_lib.TransferLimits:
@@ -177,15 +228,19 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument('--campaign_dir', default=os.path.join('results', 'table1'))
   r.add_argument('--campaign_settings', default='', help='new campaign only (tests: tiny)')
   r.add_argument('--campaign_overrides', default='', help='new campaign only: k=v,k=v')
+  r.add_argument('--smoke', default='auto', choices=['auto', 'run'],
+                 help='auto: not run when a committed result of this card kind and numerics '
+                      'fingerprint passed the formulations in --smoke_conv_impls')
   r.add_argument('--smoke_setting', default='omniglot_20way1shot')
   r.add_argument('--smoke_gradients', default='authors,exact')
   r.add_argument('--smoke_set', default='', help='config overrides of the smoke test: k=v,k=v')
   r.add_argument('--bench', default='auto', choices=['auto', 'full', 'quick', 'skip',
                                                     'formulations'],
-                 help='auto: full while some cell has no committed row for this card kind, '
-                      "else quick (the campaign's next run only); formulations: every "
-                      'formulation of the first config side by side (benchmarks/formulations.py), '
-                      'and the sitting trains with the fastest')
+                 help='auto: the formulations (benchmarks/formulations.py, --formulations_cells) '
+                      'that have no committed timing on this card kind, beside the one the '
+                      'campaign trains with, and the sitting trains with the fastest; none left: '
+                      'the job only trains. formulations: the cells as given. full / quick: '
+                      "benchmarks/meta_step.py's cells (all / the campaign's next run)")
   r.add_argument('--formulations_cells', default='baseline,select,select_im2col,select_nondet,'
                  'select_nondet_again,select_im2col_nondet,baseline_nondet,select_unfused,'
                  'select_scan,select_map,select_no_cmd_buffer,select_im2col_scan')
@@ -236,8 +291,50 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, procs.on_term)
     run_window(a)
   else:
-    pack_lib.unpack(a.src, a.repo, a.campaign_dir)
+    done = pack_lib.unpack(a.src, a.repo, a.campaign_dir)
+    for path in store_measurements(a.src, done['bench'][:-len('.json')]):
+      print(f'wrote {path}')
   return 0
+
+
+def store_measurements(src: str, base: str) -> list[str]:
+  """Beside a job's record ``<base>.json``: its formulations timings
+  (``<base>_formulations.json``, what later jobs read to skip measured cells) and the profile
+  tables of its traces (``<base>_profiles.json``, parsed here from ``traces.tgz``; the traces
+  themselves are not kept)."""
+  import importlib.util
+  import tarfile
+  import tempfile
+  out = []
+  form = read_json(os.path.join(src, 'formulations.json'))
+  if form is not None:
+    shutil.copy(os.path.join(src, 'formulations.json'), base + '_formulations.json')
+    out.append(base + '_formulations.json')
+  traces = os.path.join(src, 'traces.tgz')
+  if form is None or not os.path.exists(traces):
+    return out
+  spec = importlib.util.spec_from_file_location(
+      'profile_step', os.path.join(ROOT, 'benchmarks', 'profile_step.py'))
+  profile_step = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(profile_step)
+  wall = {r['cell']: r['ms_per_iter_pipelined'] / 1e3 for r in form.get('rows', [])
+          if 'error' not in r}
+  profiles = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    with tarfile.open(traces, 'r:gz') as tar:
+      tar.extractall(tmp, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
+    for cell in sorted(os.listdir(os.path.join(tmp, 'traces'))):
+      try:
+        profiles[cell] = profile_step.parse(os.path.join(tmp, 'traces', cell), 3, wall.get(cell))
+        profiles[cell]['trace'] = f'traces.tgz: traces/{cell}'
+      except (OSError, ValueError) as e:
+        profiles[cell] = {'error': repr(e)}
+  with open(base + '_profiles.json', 'w') as f:
+    json.dump({'config': form.get('config'), 'method': form.get('method'),
+               'device': form.get('device'), 'jax': form.get('jax'), 'profiles': profiles}, f,
+              indent=1)
+  out.append(base + '_profiles.json')
+  return out
 
 
 if __name__ == '__main__':
