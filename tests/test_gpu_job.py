@@ -89,3 +89,28 @@ def test_the_compile_cache_keeps_the_newest_entries_that_fit(tmp_path):
   assert os.path.getsize(dest) <= 350_000
   assert window.pack_cache(str(cache), str(tmp_path / 'd.tgz'), 50_000) == 0
   assert not os.path.exists(tmp_path / 'd.tgz')
+
+
+def test_every_setting_and_method_the_campaign_reaches_gets_a_timing():
+  """auto: the first config's untimed cells, then the cell in use for each (setting, method) of
+  the next sitting that has no timing on this card kind; formulations: the cells as given."""
+  timed = {('omni', 'metadrop'): {'baseline', 'select_im2col'},
+           ('omni', 'maml'): {'select_im2col'}}
+  measured = lambda c, m: timed.get((c, m), set())
+  cells = ['baseline', 'select_im2col', 'new_cell']
+  pending = [('omni', 'metadrop'), ('omni', 'maml'), ('mimg', 'metadrop')]
+  assert choices.formulation_runs('auto', 'omni', cells, 'select_im2col', measured, pending) == [
+      ('omni', 'metadrop', ['select_im2col', 'new_cell']), ('mimg', 'metadrop', ['select_im2col'])]
+  timed[('omni', 'metadrop')].add('new_cell')
+  timed[('mimg', 'metadrop')] = {'select_im2col'}
+  assert choices.formulation_runs('auto', 'omni', cells, 'select_im2col', measured, pending) == []
+  assert choices.formulation_runs('formulations', 'omni', cells[:1], None, measured, pending) == [
+      ('omni', 'metadrop', ['baseline'])]
+
+
+def test_measured_formulations_reads_every_run_of_a_record(tmp_path):
+  _record(tmp_path, 'a_K_formulations.json', {
+      'device': 'gpu:K', 'config': 'omni', 'method': 'metadrop', 'rows': [{'cell': 'x'}],
+      'also': [{'device': 'gpu:K', 'config': 'omni', 'method': 'maml', 'rows': [{'cell': 'y'}]}]})
+  assert choices.measured_formulations('K', 'omni', 'maml', repo=str(tmp_path)) == {'y'}
+  assert choices.measured_formulations('K', 'omni', 'metadrop', repo=str(tmp_path)) == {'x'}

@@ -107,11 +107,44 @@ def smoke_on_record(device_kind: str, fingerprint: str, repo: str = ROOT) -> dic
 def measured_formulations(device_kind: str, config: str, method: str, repo: str = ROOT) -> set:
   """The formulation cells with a committed timing for this card kind, config and method."""
   out = set()
-  for _, d in _records(repo, '_formulations'):
-    if (d.get('device', '').split(':', 1)[-1] == device_kind and d.get('config') == config and
-        d.get('method') == method):
-      out |= {r['cell'] for r in d.get('rows', []) if 'error' not in r}
+  for _, rec in _records(repo, '_formulations'):
+    for d in [rec] + list(rec.get('also', [])):
+      if (d.get('device', '').split(':', 1)[-1] == device_kind and d.get('config') == config and
+          d.get('method') == method):
+        out |= {r['cell'] for r in d.get('rows', []) if 'error' not in r}
   return out
+
+
+def pending_pairs(cdir: str) -> list[tuple[str, str]]:
+  """(setting, method) of the runs the campaign's next sitting trains (its first unfinished
+  group with data here), paper settings only."""
+  try:
+    rows = [r for r in runs_lib.plan(cdir) if r['action'] == 'train' and r['data_here']]
+  except Exception:  # noqa: BLE001 - no campaign here
+    return []
+  group = rows[0]['group'] if rows else None
+  return [(r['setting'], r['method']) for r in rows
+          if r['group'] == group and r['setting'] in PAPER_SETTINGS]
+
+
+def formulation_runs(mode: str, first: str, cells: list, reference: str | None,
+                     measured, pending) -> list[tuple[str, str, list]]:
+  """The formulations benchmark's runs, ``[(config, method, cells)]``. 'formulations': ``cells``
+  of (``first``, Meta-dropout). 'auto': those of them without a committed timing on this card
+  kind (after the ``reference``), then the reference cell for every (setting, method) of
+  ``pending`` that has none: every setting and method the campaign trains gets its row when it
+  is reached. ``measured(config, method)`` is the set of timed cells."""
+  if mode == 'formulations':
+    return [(first, 'metadrop', list(cells))]
+  runs = []
+  _, todo = formulation_plan(mode, cells, measured(first, 'metadrop'), reference)
+  if todo:
+    runs.append((first, 'metadrop', todo))
+  for setting, method in pending:
+    if reference and (setting, method) != (first, 'metadrop') and \
+        reference not in measured(setting, method):
+      runs.append((setting, method, [reference]))
+  return runs
 
 
 def formulation_plan(mode: str, cells: list, measured: set, reference: str | None) -> tuple:

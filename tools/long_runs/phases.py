@@ -9,6 +9,7 @@ runs in a child process with its own deadline.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -40,7 +41,7 @@ class Job:
   smoke_end: float = 0.0
   smoke_record: dict | None = None     # a committed smoke result that makes the check needless
   bench_mode: str = 'skip'
-  bench_cells: list = dataclasses.field(default_factory=list)
+  bench_cells: list = dataclasses.field(default_factory=list)   # meta_step, or formulation runs
   bench_end: float = 0.0
   bench_rows: list = dataclasses.field(default_factory=list)
 
@@ -210,32 +211,50 @@ def plan_formulations(job: Job) -> None:
       'formulations', os.path.join(ROOT, 'benchmarks', 'formulations.py'))
   formulations = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(formulations)
-  first = a.bench_configs.split(',')[0]
-  reference = choices.reference_cell(
-      choices.recorded(os.path.abspath(a.campaign_dir), job.device_kind), formulations.CELLS)
-  job.bench_mode, job.bench_cells = choices.formulation_plan(
-      a.bench, a.formulations_cells.split(','),
-      choices.measured_formulations(job.device_kind, first, 'metadrop'), reference)
+  first, cdir = a.bench_configs.split(',')[0], os.path.abspath(a.campaign_dir)
+  reference = choices.reference_cell(choices.recorded(cdir, job.device_kind), formulations.CELLS)
+  job.bench_cells = choices.formulation_runs(
+      a.bench, first, a.formulations_cells.split(','), reference,
+      lambda c, m: choices.measured_formulations(job.device_kind, c, m),
+      choices.pending_pairs(cdir))
+  job.bench_mode = 'formulations' if job.bench_cells else 'skip'
   job.bench_end = time.time() + BENCH_FRACTION.get(job.bench_mode, 0.0) * a.budget_s
-  job.log(f"benchmark: {job.bench_mode} {','.join(job.bench_cells)}".rstrip())
+  job.log('benchmark: ' + ('; '.join(f"{c} {m}: {','.join(cells)}" for c, m, cells in
+                                     job.bench_cells) or 'none (every cell has a timing)'))
 
 
-def bench_phase(job: Job) -> dict:
+def formulations_phase(job: Job) -> dict:
+  """benchmarks/formulations.py once per planned (config, method); the first run's summary
+  is formulations.json, the others go into its 'also' list. Only the first is traced."""
   a = job.a
-  first = a.bench_configs.split(',')[0]
-  if job.bench_mode == 'formulations':
-    cmd = [job.py, 'benchmarks/formulations.py', f'--config={first}', '--method=metadrop',
-           f'--gradient={a.bench_gradient}', '--precision=highest',
-           f"--cells={','.join(job.bench_cells)}", f'--parallel={a.formulations_parallel}',
-           f'--iters={a.bench_iters}', f'--warmup={a.bench_warmup}',
-           f"--trace_dir={job.path('traces')}", '--trace_steps=3', f'--deadline={job.bench_end}',
-           f'--concurrent={a.formulations_concurrent}',
-           f"--out={job.path('formulations.json')}"]
+  results = []
+  for i, (cfg, method, cells) in enumerate(job.bench_cells):
+    out = job.path(f'formulations_{i}.json')
+    cmd = [job.py, 'benchmarks/formulations.py', f'--config={cfg}', f'--method={method}',
+           f'--gradient={a.bench_gradient}', '--precision=highest', f"--cells={','.join(cells)}",
+           f'--parallel={a.formulations_parallel}', f'--iters={a.bench_iters}',
+           f'--warmup={a.bench_warmup}', f'--deadline={job.bench_end}',
+           f'--concurrent={a.formulations_concurrent if i == 0 else ""}', f'--out={out}']
+    if i == 0:
+      cmd += [f"--trace_dir={job.path('traces')}", '--trace_steps=3']
     if job.smoke_proc is not None:   # time on a card the smoke test no longer shares
       cmd.append(f'--wait_pid={job.smoke_proc.p.pid}')
     cmd += [f'--set={x}' for x in a.bench_set.split(',') if x]
     job.log.run(cmd, job.bench_end - time.time() + 5, job.measuring_env)
-    return {'mode': job.bench_mode, 'formulations': read_json(job.path('formulations.json'))}
+    if read_json(out):
+      results.append(read_json(out))
+  if not results:
+    return {'mode': job.bench_mode, 'formulations': None}
+  merged = {**results[0], 'also': results[1:]}
+  with open(job.path('formulations.json'), 'w') as f:
+    json.dump(merged, f, indent=1)
+  return {'mode': job.bench_mode, 'formulations': merged}
+
+
+def bench_phase(job: Job) -> dict:
+  a = job.a
+  if job.bench_mode == 'formulations':
+    return formulations_phase(job)
   if not job.bench_cells:
     return {'mode': job.bench_mode}
   base = [job.py, 'benchmarks/meta_step.py', '--no-naive', f'--iters={a.bench_iters}',
@@ -260,7 +279,7 @@ def bench_phase(job: Job) -> dict:
 
 def torch_phase(job: Job) -> dict:
   a = job.a
-  if job.bench_mode == 'skip' or a.torch == 'skip':
+  if job.bench_mode in ('skip', 'quick') or a.torch == 'skip':
     return {'skipped': 'not asked'}
   try:
     import importlib.util
@@ -273,11 +292,10 @@ def torch_phase(job: Job) -> dict:
   cells = [(c, m) for c in configs for m in ('metadrop', 'maml')]
   done = choices.measured_torch_cells(job.device_kind)
   missing = [c for c in cells if c not in done]
-  if job.bench_mode != 'full' and done:
-    return {'skipped': 'the torch peer has rows on this card kind (--bench=full measures more)'}
-  cells = missing or cells
-  if job.bench_mode != 'full':
-    cells = cells[:1]
+  if job.bench_mode == 'formulations':   # the peer beside the new timings: a ratio in one job
+    cells = [(cfg, m) for cfg, m, _ in job.bench_cells[:1]]
+  else:
+    cells = missing or cells
   torch_end = max(job.bench_end, time.time()) + a.torch_share * a.budget_s
   cmd = [job.py, 'benchmarks/torch_peer.py', f"--cells={','.join(f'{c}:{m}' for c, m in cells)}",
          '--precision=highest', f'--iters={a.bench_iters}', f'--deadline={torch_end - 10}',
