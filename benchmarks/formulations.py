@@ -127,21 +127,27 @@ def state_digest(state) -> str:
 # one cell (child process): compile, say READY, wait for GO, time, say RESULT
 # ------------------------------------------------------------------------------------------------
 
-def worker(a: dict) -> None:
+def build_cell(a: dict):
+  """(config, state, images, train_key, the jitted step) of cell ``a['cell']``, built as training
+  builds it, on device-resident synthetic images of the real shapes."""
   import jax
-  import numpy as np
   import configs
   import meta_step
   from metadrop_jax import keys as keys_lib
   from metadrop_jax import meta
-
   jax.config.update('jax_default_matmul_precision', a['precision'])
   overrides = {**CELLS[a['cell']][0], 'meta_gradient': a['gradient'], **a.get('set', {})}
   config = configs.get(a['config'], **{'method': a['method'], **overrides})
   images = jax.device_put(meta_step._synthetic_images(config))
   init_key, train_key = keys_lib.run_keys(config)
   state, tx = meta.create_state(init_key, config)
-  step = meta.make_train_step(config, tx)
+  return config, state, images, train_key, meta.make_train_step(config, tx)
+
+
+def worker(a: dict) -> None:
+  import jax
+  import numpy as np
+  config, state, images, train_key, step = build_cell(a)
   t0 = time.perf_counter()
   compiled = step.lower(state, images, train_key).compile()
   compile_s = time.perf_counter() - t0
@@ -211,17 +217,8 @@ def concurrent_worker(a: dict) -> None:
   """One of N copies of a cell training at once: compile, READY, GO, ``iters`` steps back to
   back; reports its own wall time."""
   import jax
-  import configs
-  import meta_step
-  from metadrop_jax import keys as keys_lib
-  from metadrop_jax import meta
-  jax.config.update('jax_default_matmul_precision', a['precision'])
-  overrides = {**CELLS[a['cell']][0], 'meta_gradient': a['gradient'], **a.get('set', {})}
-  config = configs.get(a['config'], **{'method': a['method'], **overrides})
-  images = jax.device_put(meta_step._synthetic_images(config))
-  init_key, train_key = keys_lib.run_keys(config)
-  state, tx = meta.create_state(init_key, config)
-  compiled = meta.make_train_step(config, tx).lower(state, images, train_key).compile()
+  _, state, images, train_key, step = build_cell(a)
+  compiled = step.lower(state, images, train_key).compile()
   for _ in range(a['warmup']):
     state, _ = compiled(state, images, train_key)
   jax.block_until_ready(state)

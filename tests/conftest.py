@@ -24,3 +24,13 @@ def tiny(method='metadrop', **over):
 @pytest.fixture
 def tiny_config():
   return tiny()
+
+
+def kernel_available(name='python3') -> bool:
+  """Whether a Jupyter kernel of this name is installed (the notebook tests execute in one)."""
+  try:
+    from jupyter_client.kernelspec import KernelSpecManager
+    KernelSpecManager().get_kernel_spec(name)
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False

@@ -18,6 +18,8 @@ import sys
 
 import pytest
 
+from tests.conftest import kernel_available as _kernel_available
+
 nbformat = pytest.importorskip('nbformat', reason='nbformat not installed (pip install nbformat)')
 nbclient = pytest.importorskip('nbclient', reason='nbclient not installed (pip install nbclient)')
 
@@ -27,15 +29,6 @@ TRAIN_CALL = 'train.train(config, WORKDIR)'
 SETTINGS = ('omniglot_20way1shot', 'omniglot_20way5shot', 'mimgnet_5way1shot', 'mimgnet_5way5shot')
 # Addresses the notebook may name: the paper and the authors' code, never one for this project.
 ALLOWED_URLS = ('https://openreview.net/', 'https://arxiv.org/', 'https://github.com/haebeom-lee/')
-
-
-def _kernel_available(name='python3'):
-  try:
-    from jupyter_client.kernelspec import KernelSpecManager
-    KernelSpecManager().get_kernel_spec(name)
-    return True
-  except Exception:  # pylint: disable=broad-except
-    return False
 
 
 def _read():

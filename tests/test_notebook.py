@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from tests.conftest import kernel_available as _kernel_available
+
 nbformat = pytest.importorskip('nbformat', reason='nbformat not installed (pip install nbformat)')
 nbclient = pytest.importorskip('nbclient', reason='nbclient not installed (pip install nbclient)')
 
@@ -19,13 +21,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / 'notebooks' / 'quickstart.ipynb'
 
 
-def _kernel_available(name='python3'):
-  try:
-    from jupyter_client.kernelspec import KernelSpecManager
-    KernelSpecManager().get_kernel_spec(name)
-    return True
-  except Exception:  # pylint: disable=broad-except
-    return False
 
 
 def _setup_cell():
