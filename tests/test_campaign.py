@@ -194,13 +194,13 @@ def test_pack_splits_large_archives_and_unpack_replaces_runs(tmp_path):
   checkpoint goes); runs not returned stay; runs unchanged since the window's start are not
   packed; temporaries and TensorBoard files never travel."""
   cdir = tmp_path / 'dev' / 'camp'
+  runs.init_campaign(str(cdir), ['tiny'])
   for run in ('a', 'b'):
     (cdir / run / 'checkpoints' / '7').mkdir(parents=True)
     (cdir / run / 'checkpoints' / '7' / 'data').write_bytes(os.urandom(3000))
     (cdir / run / 'tb').mkdir()
     (cdir / run / 'tb' / 'events').write_text('x')
     (cdir / run / 'metrics.jsonl.tmp.1').write_text('x')
-  runs.init_campaign(str(cdir), ['tiny'])
   old = time.time() - 100
   for p in (cdir / 'b').rglob('*'):
     os.utime(p, (old, old))
@@ -308,6 +308,7 @@ def test_campaign_command_line_and_the_launch_alias(tmp_path, capsys):
   forwards to it (--plan as plan); a formulation field that changes results is refused."""
   from tools.long_runs import campaign as campaign_cli
   cdir = str(tmp_path / 'camp')
+  runs.init_campaign(cdir, ['tiny'])
   assert campaign_cli.main(['plan', f'--campaign_dir={cdir}', '--campaign_settings=tiny']) == 0
   plan = capsys.readouterr().out
   assert plan.splitlines()[-1] == 'next: tiny_metadrop_authors (train); needs synthetic data'

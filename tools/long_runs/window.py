@@ -105,27 +105,30 @@ def campaign_phase(job: Job) -> dict:
 def recover_sitting(cdir: str, since: float, start: str) -> dict:
   """The sitting row of a campaign process that was killed before writing it, rebuilt from
   what train() wrote for each run it finished (runs.jsonl, results.json changed since
-  ``since``); appended to sittings.jsonl. A run cut inside its share left only its last
-  checkpoint (its steps since then are lost) and no row."""
+  ``since``); appended to sittings.jsonl (on a line of its own) when it names a run. A run cut
+  inside its share left only its last checkpoint (its steps since then are lost) and no row."""
   from metadrop_jax import metrics as metrics_lib
   runs = []
   for name in sorted(os.listdir(cdir)):
     log_path = os.path.join(cdir, name, 'runs.jsonl')
     if not os.path.exists(log_path) or os.path.getmtime(log_path) < since:
       continue
-    last = metrics_lib.read_jsonl(log_path)[-1]
+    rows = metrics_lib.read_jsonl(log_path)
+    if not rows:
+      continue
+    last = rows[-1]
     entry = {'name': name, 'from': last.get('start_step'), 'to': last.get('step'),
              'minutes': round(float(last.get('minutes_this_run', 0.0)), 3),
              'stopped': last.get('stopped'), 'evaluated': False}
     res = os.path.join(cdir, name, 'results.json')
     if os.path.exists(res) and os.path.getmtime(res) >= since:
-      r = read_json(res, {})
+      r = read_json(res, {}) or {}
       entry.update(evaluated=True, accuracy=r.get('accuracy'), ci95=r.get('ci95'))
     runs.append(entry)
   row = {'start': start, 'killed': 'the window stopped the campaign process at its deadline',
          'runs': runs, 'skipped': []}
-  with open(os.path.join(cdir, 'sittings.jsonl'), 'a') as f:
-    f.write(json.dumps(row) + '\n')
+  if runs:
+    metrics_lib.append_jsonl(os.path.join(cdir, 'sittings.jsonl'), row)
   return row
 
 
