@@ -1,9 +1,11 @@
-"""The campaign's state never regresses: the campaign's command line on damaged or missing files
-and bad options, signals and broken runs in a sitting, and JSONL logs cut by a crash. Each test
-failed before its fix.
+"""The campaign's state never regresses: unpacking a GPU job's files (stale copies, damaged or
+incomplete transfers, unsafe archives), packing more than a job may bring back, the campaign's
+command line on damaged or missing files and bad options, signals and broken runs in a sitting,
+and JSONL logs cut by a crash. Each test failed before its fix.
 
-Run folders are stand-ins (random checkpoint bytes with their recorded SHA-256, as train() writes
-them); sittings train through a stand-in train() so that no test here compiles anything.
+Run folders and archives are stand-ins (random checkpoint bytes with their recorded SHA-256, as
+train() writes them): unpacking judges files, not models; sittings train through a stand-in
+train() so that no test here compiles anything.
 """
 
 import hashlib
@@ -11,6 +13,7 @@ import json
 import math
 import os
 import signal
+import tarfile
 import time
 
 import pytest
@@ -19,9 +22,11 @@ from metadrop_jax import metrics
 from metadrop_jax import train as train_lib
 from metadrop_jax import workdir as workdir_lib
 from tools.long_runs import campaign as campaign_cli
-from tools.long_runs import runs, sitting, state, window
+from tools.long_runs import pack, runs, sitting, state, unpack, window
 
 A, B, C = 'tiny_metadrop_authors', 'tiny_maml_authors', 'tiny_metadrop_exact'
+H200 = 'NVIDIA H200'
+LOCK = {'device': H200, 'jax': '0.11.2', 'date': '2026-11-27', 'from_window_choice': 'highest'}
 quiet = lambda *_: None
 
 
@@ -47,9 +52,53 @@ def row(start, **more):
   return {'start': start, 'runs': [], 'skipped': [], **more}
 
 
+def fake_job(tmp_path, name, steps, *, lock=None, formulations=None, rows=(), limits=None,
+             corrupt=None):
+  """The $OUT of a job whose campaign holds ``steps`` (run -> step): packed as the job packs it,
+  window.json last (with the list of files). ``corrupt``: a run whose checkpoint is damaged after
+  its SHA-256 was recorded."""
+  cdir = tmp_path / name / 'camp'
+  runs.init_campaign(str(cdir), ['tiny'])
+  camp = runs.load_campaign(str(cdir))
+  if lock:
+    camp.update(matmul_precision='highest', matmul_precision_locked_by=lock)
+  if formulations:
+    camp['formulations'] = formulations
+  runs.save_campaign(str(cdir), camp)
+  for r in rows:
+    metrics.append_jsonl(str(cdir / 'sittings.jsonl'), r)
+  for run, step in steps.items():
+    fake_run(cdir / run, step)
+  if corrupt:
+    f = next((cdir / corrupt / 'checkpoints').glob('*/data'))
+    f.write_bytes(f.read_bytes()[:-10] + b'0123456789')
+  out = tmp_path / name / 'out'
+  out.mkdir()
+  summary = {'start': f'2026-12-0{len(name) % 9 + 1}T10:00:00Z', 'phases': {}}
+  files = pack.pack(str(out), str(tmp_path), str(cdir), since=0, summary=summary, log=quiet,
+                    limits=limits or pack.TransferLimits())
+  (out / 'window.json').write_text(json.dumps({**summary, 'files': files}))
+  return out
+
+
 def tree(path):
   """Every file under ``path`` with its bytes (to assert that nothing changed)."""
   return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob('*')) if p.is_file()}
+
+
+def steps_of(cdir, run):
+  return sorted(int(n) for n in os.listdir(cdir / run / 'checkpoints'))
+
+
+@pytest.fixture
+def repo(tmp_path):
+  r = tmp_path / 'repo'
+  (r / 'docs').mkdir(parents=True)
+  return r
+
+
+def do_unpack(out, repo, **kw):
+  return unpack.unpack(str(out), repo=str(repo), campaign_dir='camp', log=quiet, **kw)
 
 
 def cli_error(capsys, fn, *args):
@@ -61,6 +110,193 @@ def cli_error(capsys, fn, *args):
   lines = [l for l in err.splitlines() if l.startswith('error: ')]
   assert len(lines) == 1, err
   return e.value.code, lines[0]
+
+
+# ==== unpacking ===================================================================================
+
+def test_an_older_jobs_files_never_regress_runs_rows_or_the_lock(tmp_path, repo):
+  """The newer job first, then the older one: each run keeps the newer state, sittings.jsonl
+  keeps every row, campaign.json keeps its precision lock; --force=RUN takes the older run."""
+  r0, r_new, r_old = row('2026-11-01T00:00:00Z'), row('2026-11-20T00:00:00Z'), \
+      row('2026-11-10T00:00:00Z')
+  new = fake_job(tmp_path, 'new', {A: 591, B: 971}, lock=LOCK, rows=[r0, r_new])
+  old = fake_job(tmp_path, 'old', {A: 305, B: 471}, rows=[r0, r_old])
+  do_unpack(new, repo)
+  done = do_unpack(old, repo)
+  cdir = repo / 'camp'
+  assert (steps_of(cdir, A), steps_of(cdir, B)) == ([591], [971])
+  assert done['replaced'] == [] and done['kept'] == [B, A]
+  assert metrics.read_jsonl(str(cdir / 'sittings.jsonl')) == [r0, r_old, r_new]
+  camp = runs.load_campaign(str(cdir))
+  assert camp['matmul_precision_locked_by'] == LOCK and camp['matmul_precision'] == 'highest'
+  do_unpack(old, repo, force=[A])
+  assert (steps_of(cdir, A), steps_of(cdir, B)) == ([305], [971])
+
+
+def test_a_changed_precision_or_formulation_is_refused_unless_forced(tmp_path, repo):
+  f1 = {H200: {'overrides': {'model.pool_impl': 'select'}, 'date': '2026-12-01'}}
+  f2 = {H200: {'overrides': {'model.conv_impl': 'xla'}, 'date': '2026-12-02'}}
+  do_unpack(fake_job(tmp_path, 'first', {A: 10}, lock=LOCK, formulations=f1,
+                     rows=[row('2026-12-01T00:00:00Z')]), repo)
+  before = tree(repo / 'camp')
+  other_lock = {**LOCK, 'from_window_choice': 'default'}
+  relocked = fake_job(tmp_path, 'relocked', {A: 20}, lock=other_lock)
+  with pytest.raises(state.CampaignError, match='matmul precision differs'):
+    do_unpack(relocked, repo)
+  stale = fake_job(tmp_path, 'stale', {A: 30}, lock=LOCK, formulations=f2)
+  with pytest.raises(state.CampaignError, match='formulation'):
+    do_unpack(stale, repo)
+  assert tree(repo / 'camp') == before            # checked before any run folder was touched
+  do_unpack(stale, repo, force=['formulations'])
+  assert runs.recorded_formulation(runs.load_campaign(str(repo / 'camp')), H200) == \
+      f2[H200]['overrides']
+  do_unpack(relocked, repo, force=['matmul_precision'])
+  assert runs.load_campaign(str(repo / 'camp'))['matmul_precision_locked_by'] == other_lock
+
+
+def test_a_job_that_continues_this_copy_records_its_new_formulation(tmp_path, repo):
+  """A later measurement on the same kind of device (the returned sittings.jsonl holds every row
+  here) replaces the recorded formulation; a kind recorded only here is kept."""
+  r0 = row('2026-12-01T00:00:00Z')
+  cpu = {'cpu': {'overrides': {'model.conv_impl': 'xla'}}}
+  f1 = {H200: {'overrides': {'model.pool_impl': 'select'}}, **cpu}
+  f2 = {H200: {'overrides': {'model.conv_impl': 'im2col'}}}
+  do_unpack(fake_job(tmp_path, 'first', {A: 10}, formulations=f1, rows=[r0]), repo)
+  do_unpack(fake_job(tmp_path, 'second', {A: 20}, formulations=f2,
+                     rows=[r0, row('2026-12-02T00:00:00Z')]), repo)
+  camp = runs.load_campaign(str(repo / 'camp'))
+  assert camp['formulations'] == {**f2, **cpu}
+
+
+@pytest.mark.parametrize('damage', ['altered', 'no_hash'])
+def test_a_damaged_returned_checkpoint_changes_nothing(tmp_path, repo, damage):
+  """Verified before anything is replaced: the intact run here stays; --skip=RUN unpacks the
+  rest."""
+  do_unpack(fake_job(tmp_path, 'here', {A: 100, B: 100}), repo)
+  before = tree(repo / 'camp')
+  out = fake_job(tmp_path, 'bad', {A: 200, B: 200},
+                 corrupt=A if damage == 'altered' else None)
+  if damage == 'no_hash':     # a job whose hashes file did not come back with its run
+    out = tmp_path / 'bad' / 'out'
+    cdir = tmp_path / 'bad' / 'camp'
+    os.remove(cdir / A / 'checkpoint_hashes.json')
+    for f in out.glob('campaign.tgz*'):
+      f.unlink()
+    summary = {'start': '2026-12-09T10:00:00Z', 'phases': {}}
+    files = pack.pack(str(out), str(tmp_path), str(cdir), since=0, summary=summary, log=quiet)
+    (out / 'window.json').write_text(json.dumps({**summary, 'files': files}))
+  with pytest.raises(state.CampaignError, match=f'{A}: .*checkpoint 200.*--skip={A}'):
+    do_unpack(out, repo)
+  assert tree(repo / 'camp') == before
+  do_unpack(out, repo, skip=[A])
+  assert (steps_of(repo / 'camp', A), steps_of(repo / 'camp', B)) == ([100], [200])
+
+
+@pytest.mark.parametrize('cut', ['missing_part', 'truncated_part', 'gap_unlisted',
+                                 'truncated_unlisted', 'fewer_members'])
+def test_an_incomplete_or_truncated_archive_changes_nothing(tmp_path, repo, cut):
+  do_unpack(fake_job(tmp_path, 'here', {A: 100}), repo)
+  before = tree(repo / 'camp')
+  out = fake_job(tmp_path, 'split', {A: 200, B: 200}, limits=pack.TransferLimits(part_bytes=1500))
+  parts = sorted(out.glob('campaign.tgz.*'), key=lambda p: int(p.suffix[1:]))
+  assert len(parts) >= 3
+  summary = json.loads((out / 'window.json').read_text())
+  if cut == 'missing_part':
+    parts[1].unlink()
+  elif cut == 'truncated_part':
+    parts[-1].write_bytes(parts[-1].read_bytes()[:-5])
+  elif cut == 'gap_unlisted':            # a window.json without the list of files
+    del summary['files']
+    parts[1].unlink()
+  elif cut == 'truncated_unlisted':
+    del summary['files']
+    parts[-1].unlink()
+  else:
+    summary['campaign_members'] += 1
+  (out / 'window.json').write_text(json.dumps(summary))
+  with pytest.raises(state.CampaignError, match='incomplete|truncated|packed'):
+    do_unpack(out, repo)
+  assert tree(repo / 'camp') == before
+
+
+@pytest.mark.parametrize('window_json', ['missing', 'empty', 'cut', 'no_start', 'bad_phases'])
+def test_a_missing_or_incomplete_window_json_changes_nothing(tmp_path, repo, capsys,
+                                                             window_json):
+  """Checked before anything is replaced (a window.json without ``start`` used to fail after the
+  runs were replaced), and said in one line by the command."""
+  do_unpack(fake_job(tmp_path, 'here', {A: 100}), repo)
+  before = tree(repo)
+  out = fake_job(tmp_path, 'newer', {A: 200})
+  w = out / 'window.json'
+  text = w.read_text()
+  if window_json == 'missing':
+    w.unlink()
+  elif window_json == 'empty':
+    w.write_text('')
+  elif window_json == 'cut':
+    w.write_text(text[:len(text) // 2])
+  else:
+    s = json.loads(text)
+    s.pop('start') if window_json == 'no_start' else s.update(phases=[])
+    w.write_text(json.dumps(s))
+  capsys.readouterr()
+  rc = window.main(['unpack', str(out), f'--repo={repo}', '--campaign_dir=camp'])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith('error: ') and len(err.splitlines()) == 1, err
+  assert 'window.json' in err and tree(repo) == before
+
+
+@pytest.mark.parametrize('member', ['../outside', 'link'])
+def test_unsafe_archive_members_are_a_one_line_error(tmp_path, repo, capsys, member):
+  out = tmp_path / 'out'
+  out.mkdir()
+  with tarfile.open(out / 'campaign.tgz', 'w:gz') as tar:
+    if member == 'link':
+      info = tarfile.TarInfo('run/evil')
+      info.type, info.linkname = tarfile.SYMTYPE, '/etc/passwd'
+      tar.addfile(info)
+    else:
+      (tmp_path / 'x').write_text('x')
+      tar.add(tmp_path / 'x', arcname=member)
+  (out / 'window.json').write_text(json.dumps({'start': '2026-12-01T00:00:00Z', 'phases': {}}))
+  rc = window.main(['unpack', str(out), f'--repo={repo}', '--campaign_dir=camp'])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith('error: ') and len(err.splitlines()) == 1, err
+  assert 'unsafe member' in err and not (tmp_path / 'outside').exists()
+  assert not (repo / 'camp').exists() or not list((repo / 'camp').iterdir())
+
+
+def test_an_unpack_killed_while_swapping_is_put_right_by_the_next(tmp_path, repo):
+  do_unpack(fake_job(tmp_path, 'here', {A: 100}), repo)
+  cdir = repo / 'camp'
+  stage = tmp_path / 'repo' / '.camp.unpack'
+  (stage / 'old').mkdir(parents=True)
+  os.rename(cdir / A, stage / 'old' / A)      # killed between moving it aside and the new one in
+  do_unpack(fake_job(tmp_path, 'again', {B: 5}), repo)
+  assert steps_of(cdir, A) == [100] and steps_of(cdir, B) == [5] and not stage.exists()
+
+
+def test_a_campaign_too_large_for_the_job_is_packed_in_whole_runs(tmp_path, repo):
+  """Runs are packed whole, in the campaign's order, while they fit; the others are named (log
+  and window.json), never cut; unpacking restores every packed run."""
+  cdir = tmp_path / 'dev' / 'camp'
+  runs.init_campaign(str(cdir), ['tiny'])
+  for run in (C, B, A):
+    fake_run(cdir / run, 50, nbytes=5000)
+  out = tmp_path / 'out'
+  out.mkdir()
+  said, summary = [], {'start': '2026-12-01T00:00:00Z', 'phases': {}}
+  limits = pack.TransferLimits(max_files=4, max_file_bytes=8000, part_bytes=7000)
+  files = pack.pack(str(out), str(tmp_path), str(cdir), since=0, summary=summary, log=said.append,
+                    limits=limits)
+  assert len(files) <= limits.max_files - 2 and max(files.values()) <= limits.part_bytes
+  assert summary['campaign_runs_packed'] == [B, A] and summary['campaign_runs_left'] == [C]
+  assert any('left out' in s and C in s for s in said)
+  (out / 'window.json').write_text(json.dumps({**summary, 'files': files}))
+  done = do_unpack(out, repo)
+  assert done['replaced'] == [B, A]
+  for run in (A, B):
+    assert tree(repo / 'camp' / run) == tree(cdir / run)
 
 
 # ==== the campaign's command line =================================================================

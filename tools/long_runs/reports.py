@@ -171,5 +171,8 @@ def format_window(s: dict) -> str:
     lines.append(f"campaign skipped: {camp['skipped']}")
   for r in sit.get('skipped', []):
     lines.append(f"campaign skipped {r['name']}: {r['why']}")
+  if s.get('campaign_runs_left'):
+    lines.append(f"campaign runs LEFT OUT (too large to bring back; the next job trains them "
+                 f"again): {s['campaign_runs_left']}")
   lines.append(f"files: {s.get('files')}")
   return '\n'.join(lines)

@@ -220,10 +220,16 @@ def _parser() -> argparse.ArgumentParser:
                    help='MiB per file at most')
   lim.add_argument('--part_mib', type=float, default=d.part_bytes / pack_lib.MiB,
                    help='the campaign archive is cut into parts of this many MiB')
-  u = sub.add_parser('unpack', help="put a job's returned files in place (here)")
+  u = sub.add_parser('unpack', help="put a job's returned files in place (here); nothing is "
+                     'changed unless every check passes (tools.long_runs.unpack)')
   u.add_argument('src')
   u.add_argument('--repo', default=ROOT)
   u.add_argument('--campaign_dir', default=os.path.join('results', 'table1'))
+  u.add_argument('--force', default='', help='comma-separated: runs whose returned state '
+                 "replaces this folder's even if older; matmul_precision / formulations: the "
+                 "returned campaign.json's decision replaces this one's")
+  u.add_argument('--skip', default='', help="comma-separated runs whose returned state is left "
+                 "out (this folder's kept), e.g. one damaged in transfer")
   return ap
 
 
@@ -239,8 +245,17 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, procs.on_term)
     run_window(a)
   else:
-    pack_lib.unpack(a.src, a.repo, a.campaign_dir)
+    from tools.long_runs import unpack as unpack_lib
+    try:
+      unpack_lib.unpack(a.src, a.repo, a.campaign_dir, force=_names(a.force), skip=_names(a.skip))
+    except unpack_lib.CampaignError as e:
+      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+      return 2
   return 0
+
+
+def _names(text: str) -> list[str]:
+  return [x for x in text.split(',') if x]
 
 
 if __name__ == '__main__':
