@@ -71,9 +71,26 @@ _MG_ORDER = [None, 'authors', 'exact', 'first_order']
 # loading
 # ------------------------------------------------------------------------------------------------
 
+class ResultsError(ValueError):
+  """A results.json that cannot be read; the message names it and the fix."""
+
+
+def _read_results(path: str, wd: str) -> dict:
+  try:
+    with open(path) as f:
+      r = json.load(f)
+  except (OSError, ValueError) as e:
+    r = e
+  if not isinstance(r, dict):
+    why = r if isinstance(r, Exception) else 'not a JSON object'
+    raise ResultsError(f'{path} is unreadable ({why}): meta-test the run again (launch.py '
+                       f'--mode=eval --workdir={wd}) or restore the file from a copy')
+  return r
+
+
 def load_results(workdirs: Sequence[str]) -> list[dict[str, Any]]:
   """Each workdir's ``results.json`` with ``workdir`` added; workdirs without one are skipped
-  with a warning."""
+  with a warning; an unreadable one (cut, emptied) is a :class:`ResultsError`."""
   runs = []
   for wd in workdirs:
     path = os.path.join(wd, 'results.json')
@@ -81,8 +98,7 @@ def load_results(workdirs: Sequence[str]) -> list[dict[str, Any]]:
       warnings.warn(f'{path} not found (evaluate first: launch.py --mode=eval --workdir={wd}); '
                     'skipped')
       continue
-    with open(path) as f:
-      r = json.load(f)
+    r = _read_results(path, wd)
     if 'accuracy' not in r:
       warnings.warn(f'{path} has no "accuracy" field; skipped')
       continue

@@ -241,6 +241,13 @@ def _read_hashes(workdir: str) -> dict:
   return hashes
 
 
+def _mismatch(step_dir: str, recorded: dict) -> str | None:
+  now = _checkpoint_digest(step_dir)
+  bad = sorted(f for f in set(recorded) | set(now) if recorded.get(f) != now.get(f))
+  return (f'{len(bad)} of its files are missing or differ from what was written '
+          f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})') if bad else None
+
+
 def _damage(mgr, workdir: str | None, step: int) -> str | None:
   """Why checkpoint ``step`` cannot be trusted (files missing, truncated or altered since they
   were written), or None. Checkpoints without recorded hashes are not judged here."""
@@ -249,11 +256,20 @@ def _damage(mgr, workdir: str | None, step: int) -> str | None:
   recorded = _read_hashes(workdir).get(str(step))
   if recorded is None:
     return None
-  step_dir = os.path.join(mgr.directory, str(step))
-  now = _checkpoint_digest(step_dir)
-  bad = sorted(f for f in set(recorded) | set(now) if recorded.get(f) != now.get(f))
-  return (f'{len(bad)} of its files are missing or differ from what was written '
-          f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})') if bad else None
+  return _mismatch(os.path.join(mgr.directory, str(step)), recorded)
+
+
+def checkpoint_problem(workdir: str, step: int) -> str | None:
+  """Why ``workdir/checkpoints/<step>`` cannot be trusted as a copy of what training wrote: no
+  SHA-256 recorded for it, an unreadable checkpoint_hashes.json, or files missing, truncated or
+  altered; None when it matches. (For copies brought from elsewhere, which must be verified.)"""
+  try:
+    recorded = _read_hashes(workdir).get(str(step))
+  except WorkdirError as e:
+    return str(e)
+  if not isinstance(recorded, dict):
+    return f'no SHA-256 of its files is recorded in {os.path.join(workdir, _HASHES)}'
+  return _mismatch(os.path.join(workdir, 'checkpoints', str(step)), recorded)
 
 
 def restore_latest(mgr: ocp.CheckpointManager, template: meta.TrainState,

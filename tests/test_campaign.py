@@ -14,7 +14,7 @@ import pytest
 
 from metadrop_jax import evaluation, report
 from metadrop_jax import workdir as workdir_lib
-from tools.long_runs import choices, gpu_check, pack, reports, window
+from tools.long_runs import choices, gpu_check, pack, reports, unpack, window
 from tools.long_runs import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +157,7 @@ def test_window_dry_run_on_cpu(tmp_path):
   # back "here": unpack into another tree, the state is the device's, bit for bit
   repo = tmp_path / 'repo'
   (repo / 'docs').mkdir(parents=True)
-  pack.unpack(str(out), repo=str(repo), campaign_dir='camp')
+  unpack.unpack(str(out), repo=str(repo), campaign_dir='camp')
   for x in trained:
     a, b = _params(str(cdir / x['name'])), _params(str(repo / 'camp' / x['name']))
     assert int(b.step) == x['to']
@@ -189,34 +189,49 @@ def test_precision_choice_needs_the_check_and_a_speedup():
   assert choices.choose_precision(smoke, [row('highest', 10.0)])[0] == 'highest'
 
 
+def _checkpoint(wd, step, nbytes=3000):
+  """A stand-in run folder at ``step``: config.json, a checkpoint of random bytes and its
+  recorded SHA-256 (what train() writes)."""
+  import hashlib
+  ck = wd / 'checkpoints' / str(step)
+  ck.mkdir(parents=True)
+  data = os.urandom(nbytes)
+  (ck / 'data').write_bytes(data)
+  (wd / 'config.json').write_text(json.dumps({'num_steps': 1000}))
+  (wd / 'checkpoint_hashes.json').write_text(json.dumps(
+      {str(step): {'data': hashlib.sha256(data).hexdigest()}}))
+
+
 def test_pack_splits_large_archives_and_unpack_replaces_runs(tmp_path):
-  """Parts of <= part_bytes (the host's transfer limit), reassembled; a returned run replaces the local one (its old
-  checkpoint goes); runs not returned stay; runs unchanged since the window's start are not
-  packed; temporaries and TensorBoard files never travel."""
+  """Parts of <= part_bytes (the host's transfer limit), reassembled; a returned run that is
+  ahead replaces the local one (its old checkpoint goes); runs not returned stay; runs unchanged
+  since the window's start are not packed; temporaries and TensorBoard files never travel."""
   cdir = tmp_path / 'dev' / 'camp'
+  runs.init_campaign(str(cdir), ['tiny'])
   for run in ('a', 'b'):
-    (cdir / run / 'checkpoints' / '7').mkdir(parents=True)
-    (cdir / run / 'checkpoints' / '7' / 'data').write_bytes(os.urandom(3000))
+    _checkpoint(cdir / run, 7)
     (cdir / run / 'tb').mkdir()
     (cdir / run / 'tb' / 'events').write_text('x')
     (cdir / run / 'metrics.jsonl.tmp.1').write_text('x')
-  runs.init_campaign(str(cdir), ['tiny'])
   old = time.time() - 100
   for p in (cdir / 'b').rglob('*'):
     os.utime(p, (old, old))
   members = pack.campaign_members(str(cdir), since=time.time() - 10)
-  assert sorted(members) == [os.path.join('a', 'checkpoints', '7', 'data'), 'campaign.json']
+  assert sorted(members) == [os.path.join('a', f) for f in (
+      'checkpoint_hashes.json', os.path.join('checkpoints', '7', 'data'), 'config.json')] + [
+          'campaign.json']
   out = tmp_path / 'out'
   out.mkdir()
-  files = pack.pack(str(out), str(tmp_path), str(cdir), since=time.time() - 10, summary={},
-                   limits=pack.TransferLimits(part_bytes=1000))
+  summary = {'start': '2026-01-01T00:00:00Z', 'phases': {}}
+  files = pack.pack(str(out), str(tmp_path), str(cdir), since=time.time() - 10, summary=summary,
+                    limits=pack.TransferLimits(part_bytes=1000))
   assert len(files) >= 3 and all(n.startswith('campaign.tgz.') for n in files)
   assert all(s <= 1000 for s in files.values())
-  (out / 'window.json').write_text(json.dumps({'start': '2026-01-01T00:00:00Z', 'phases': {}}))
+  (out / 'window.json').write_text(json.dumps({**summary, 'files': files}))
   repo = tmp_path / 'repo'
   (repo / 'camp' / 'a' / 'checkpoints' / '5').mkdir(parents=True)
   (repo / 'camp' / 'c').mkdir(parents=True)
-  pack.unpack(str(out), repo=str(repo), campaign_dir='camp', log=lambda *_: None)
+  unpack.unpack(str(out), repo=str(repo), campaign_dir='camp', log=lambda *_: None)
   assert sorted(os.listdir(repo / 'camp' / 'a' / 'checkpoints')) == ['7']
   assert (repo / 'camp' / 'a' / 'checkpoints' / '7' / 'data').read_bytes() == \
       (cdir / 'a' / 'checkpoints' / '7' / 'data').read_bytes()
@@ -306,6 +321,7 @@ def test_campaign_command_line_and_the_launch_alias(tmp_path, capsys):
   forwards to it (--plan as plan); a formulation field that changes results is refused."""
   from tools.long_runs import campaign as campaign_cli
   cdir = str(tmp_path / 'camp')
+  runs.init_campaign(cdir, ['tiny'])
   assert campaign_cli.main(['plan', f'--campaign_dir={cdir}', '--campaign_settings=tiny']) == 0
   plan = capsys.readouterr().out
   assert plan.splitlines()[-1] == 'next: tiny_metadrop_authors (train); needs synthetic data'

@@ -6,9 +6,8 @@ import json
 import os
 import tarfile
 
-import pytest
 
-from tools.long_runs import choices, gpu_check, window
+from tools.long_runs import choices, gpu_check, records
 
 CELLS = {'baseline': ({'model.conv_impl': 'xla', 'model.pool_impl': 'reduce_window'}, True, ''),
          'select_im2col': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}, True, ''),
@@ -83,11 +82,11 @@ def test_the_compile_cache_keeps_the_newest_entries_that_fit(tmp_path):
     p.write_bytes(os.urandom(100_000))             # incompressible
     os.utime(p, (1000 + i, 1000 + i))
   dest = str(tmp_path / 'c.tgz')
-  assert window.pack_cache(str(cache), dest, 350_000) == 3
+  assert records.pack_cache(str(cache), dest, 350_000) == 3
   with tarfile.open(dest) as tar:
     assert sorted(tar.getnames()) == ['entry3', 'entry4', 'entry5']
   assert os.path.getsize(dest) <= 350_000
-  assert window.pack_cache(str(cache), str(tmp_path / 'd.tgz'), 50_000) == 0
+  assert records.pack_cache(str(cache), str(tmp_path / 'd.tgz'), 50_000) == 0
   assert not os.path.exists(tmp_path / 'd.tgz')
 
 

@@ -242,3 +242,43 @@ def test_gain_has_a_paired_ci_only_over_the_same_episodes(tmp_path):
   assert gain[-1] == f"**{want['mean']:+.2f}**"
   with pytest.raises(ValueError, match='paired'):
     metrics.paired_difference(a, b[:10])
+
+
+def _cli_error(capsys, *args):
+  """The one ``error:`` line of a report command that must fail (exit code 2, no traceback)."""
+  with pytest.raises(SystemExit) as e:
+    report_cli.main(list(args))
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if l.startswith('error: ')]
+  assert e.value.code == 2 and 'Traceback' not in err and len(lines) == 1, err
+  return lines[0]
+
+
+def test_a_missing_workdir_never_empties_an_existing_table(tmp_path, capsys, runs):
+  """--workdirs=<typo>: an error, the table untouched; an empty table (workdirs without results)
+  replaces an existing file only with --force."""
+  out = tmp_path / 'table1.md'
+  assert report_cli.main([f'--workdirs={runs[0]}', f'--out={out}']) == 0
+  table = out.read_text()
+  line = _cli_error(capsys, f'--workdirs={tmp_path / "omni1_mb"}', f'--out={out}')
+  assert 'omni1_mb' in line and 'no such folder' in line and out.read_text() == table
+  (tmp_path / 'fresh').mkdir()
+  with pytest.warns(UserWarning):
+    line = _cli_error(capsys, f'--workdirs={tmp_path / "fresh"}', f'--out={out}')
+  assert '--force' in line and out.read_text() == table
+  with pytest.warns(UserWarning):
+    assert report_cli.main([f'--workdirs={tmp_path / "fresh"}', f'--out={out}', '--force']) == 0
+  assert out.read_text() != table
+
+
+def test_an_unwritable_out_or_a_cut_results_json_is_one_line(tmp_path, capsys, runs):
+  (tmp_path / 'a_file').write_text('x')
+  line = _cli_error(capsys, f'--workdirs={runs[0]}', f'--out={tmp_path / "a_file" / "t.md"}')
+  assert 'a_file' in line and 'writable' in line
+  path = os.path.join(runs[1], 'results.json')
+  with open(path) as f:
+    text = f.read()
+  with open(path, 'w') as f:
+    f.write(text[:40])
+  line = _cli_error(capsys, f'--workdirs={runs[0]},{runs[1]}')
+  assert path in line and '--mode=eval' in line

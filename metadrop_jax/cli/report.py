@@ -4,14 +4,20 @@ table of trained workdirs, the learning curves and the accuracy bar chart
 
   python -m metadrop_jax.cli.report --workdirs=workdirs/omni1_maml,workdirs/omni1_metadrop \\
       --out=table.md --curves=curves.png
+
+A workdir that is not there, an unreadable results.json or an output that cannot be written is
+one line, ``error: <problem>: <fix>``, with exit code 2; a table without results never replaces
+an existing ``--out`` file unless ``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from metadrop_jax import report
+
 
 def _parser():
   p = argparse.ArgumentParser(
@@ -20,6 +26,8 @@ def _parser():
                   '(with the paper and the authors\' re-run figures), and learning curves.')
   p.add_argument('--workdirs', required=True, help='comma-separated training workdirs')
   p.add_argument('--out', default='', help='write the table here too (atomically)')
+  p.add_argument('--force', action='store_true',
+                 help='let an empty table (no results found) replace an existing --out file')
   p.add_argument('--curves', default='', help='learning-curve PNG from metrics.jsonl')
   p.add_argument('--labels', default='', help='comma-separated curve labels (default: method '
                  '(name))')
@@ -29,23 +37,51 @@ def _parser():
   return p
 
 
+def fail(message: str):
+  """One line, ``error: <problem>: <fix>``, and exit code 2."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  raise SystemExit(2)
+
+
+def _write(kind: str, path: str, write) -> None:
+  try:
+    write()
+  except OSError as e:
+    if e.filename is None and not e.errno:     # ours (no metrics rows): the message says it
+      fail(f'{kind}: {e}')
+    why = ('a part of the path is a file, not a folder' if isinstance(
+        e, (FileExistsError, NotADirectoryError)) else e.strerror or e)
+    fail(f'{kind}={path}: cannot write it ({why}): choose a writable place')
+  except ValueError as e:                       # no results to plot
+    fail(f'{kind}: {e}')
+  print(f'wrote {path}', file=sys.stderr)
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   workdirs = [w for w in args.workdirs.split(',') if w]
-  runs = report.load_results(workdirs)
+  missing = [w for w in workdirs if not os.path.isdir(w)]
+  if not workdirs or missing:
+    fail(f'--workdirs: {", ".join(missing) or "none given"}: no such folder: pass training '
+         'workdirs, comma-separated')
+  try:
+    runs = report.load_results(workdirs)
+  except report.ResultsError as e:
+    fail(e)
   table = report.build_table(runs)
   print(table)
   if args.out:
-    report.write_atomic(args.out, table)
-    print(f'wrote {args.out}', file=sys.stderr)
+    if not runs and os.path.exists(args.out) and not args.force:
+      fail(f'--out={args.out}: none of the workdirs has a results.json, and an empty table does '
+           'not replace an existing file: meta-test them first, or pass --force')
+    _write('--out', args.out, lambda: report.write_atomic(args.out, table))
   if args.curves:
-    report.plot_learning_curves(workdirs, args.curves,
-                                labels=args.labels.split(',') if args.labels else None,
-                                smooth=args.smooth)
-    print(f'wrote {args.curves}', file=sys.stderr)
+    _write('--curves', args.curves, lambda: report.plot_learning_curves(
+        workdirs, args.curves, labels=args.labels.split(',') if args.labels else None,
+        smooth=args.smooth))
   if args.bars:
-    report.plot_accuracy_bars(runs, args.bars, title=args.title or None)
-    print(f'wrote {args.bars}', file=sys.stderr)
+    _write('--bars', args.bars,
+           lambda: report.plot_accuracy_bars(runs, args.bars, title=args.title or None))
   return 0
 
 

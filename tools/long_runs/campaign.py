@@ -8,13 +8,17 @@
 ``--plan`` and ``--report_only`` are accepted for ``plan`` and ``report``; ``python launch.py
 --mode=campaign ...`` forwards here (without a command: a sitting). The state is
 ``--campaign_dir`` (default ``results/table1/``; :mod:`tools.long_runs.runs` says what is in it),
-created with the four Table-1 settings when missing (``--campaign_settings`` for another list).
+created by the first sitting with the four Table-1 settings (``--campaign_settings`` for another
+list). ``plan`` and ``report`` never create or change it. Errors a user must fix (a damaged
+campaign.json, a folder of runs without one, an option that does not fit the campaign) print one
+line, ``error: <problem>: <fix>``, and exit with code 2; nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -36,10 +40,12 @@ def _parser() -> argparse.ArgumentParser:
                       help='the campaign state (default: %(default)s)')
   common.add_argument('--campaign_settings', type=_comma_list, default=None,
                       help='new campaign only: configs/<name>.py settings, comma-separated '
-                           '(default: the four of Table 1)')
+                           "(default: the four of Table 1); an existing campaign's own may be "
+                           'repeated, others are refused')
   common.add_argument('--campaign_overrides', type=_comma_list, default=[],
                       help='new campaign only: field=value overrides of every run, '
-                           'comma-separated (tests: val_every=0)')
+                           "comma-separated (tests: val_every=0); an existing campaign's own may "
+                           'be repeated, others are refused')
   ap = argparse.ArgumentParser(prog='python -m tools.long_runs.campaign',
                                description=__doc__.split('\n')[0],
                                epilog='--plan and --report_only stand for plan and report.')
@@ -70,33 +76,62 @@ def _with_command(argv: list[str]) -> list[str]:
   return named[:1] + [a for a in argv if a not in COMMAND_FLAGS] if named else argv
 
 
+def fail(message: str):
+  """The one-line error of a command line (exit code 2)."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  raise SystemExit(2)
+
+
 def main(argv=None) -> int:
-  from metadrop_jax.cli import parse_overrides
   ap = _parser()
   a = ap.parse_args(_with_command(list(sys.argv[1:] if argv is None else argv)))
-  cdir = a.campaign_dir
   try:
-    if a.campaign_settings:
-      runs_lib.init_campaign(cdir, a.campaign_settings, parse_overrides(a.campaign_overrides))
-    elif not os.path.exists(runs_lib.campaign_path(cdir)):
-      runs_lib.init_campaign(cdir)
+    return _main(a)
+  except runs_lib.CampaignError as e:
+    fail(e)
+
+
+def _options(a) -> tuple[dict, dict, float]:
+  """(--campaign_overrides, --formulation, the sitting's budget in seconds), checked before
+  anything is read or written."""
+  from metadrop_jax.cli import parse_overrides
+  overrides = parse_overrides(a.campaign_overrides)
+  if a.cmd != 'sitting':
+    return overrides, {}, 0.0
+  try:
+    formulation = runs_lib.check_formulation(parse_overrides(a.formulation))
   except ValueError as e:
-    ap.error(str(e))
-  if a.cmd == 'sitting':
-    try:
-      formulation = runs_lib.check_formulation(parse_overrides(a.formulation))
-    except ValueError as e:
-      ap.error(f'--formulation: {e}')
+    raise runs_lib.CampaignError(f'--formulation: {e}') from None
+  if a.deadline:
+    budget_s = a.deadline - time.time()
+    if not budget_s > 0:
+      raise runs_lib.CampaignError(f'--deadline={a.deadline:.0f} is {-budget_s:.0f} s in the '
+                                   'past: give a unix time in the future')
+  else:
+    budget_s = a.budget_minutes * 60.0
+    if not (math.isfinite(budget_s) and budget_s > 0):
+      raise runs_lib.CampaignError(f'--budget_minutes={a.budget_minutes}: give a positive number '
+                                   'of minutes')
+  return overrides, formulation, budget_s
+
+
+def _main(a) -> int:
+  cdir = a.campaign_dir
+  overrides, formulation, budget_s = _options(a)
+  # plan and report never write the campaign's state: a missing campaign is created by a sitting
+  camp = runs_lib.open_campaign(cdir, a.campaign_settings, overrides, create=a.cmd == 'sitting')
   if a.cmd == 'plan':
-    print(runs_lib.format_plan(runs_lib.plan(cdir)))
+    print(runs_lib.format_plan(runs_lib.plan(cdir, camp)))
+    if not os.path.exists(runs_lib.campaign_path(cdir)):
+      print(f'({runs_lib.campaign_path(cdir)} does not exist yet: the first sitting creates it)')
     return 0
   if a.cmd == 'report':
     from tools.long_runs import reports
+    runs_lib.load_campaign(cdir)        # no campaign.json: nothing to report
     print('\n'.join(reports.write_reports(cdir)))
     return 0
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')   # TF only comes with the TFDS source
   from tools.long_runs import sitting
-  budget_s = a.deadline - time.time() if a.deadline else a.budget_minutes * 60.0
   summary = sitting.sitting(cdir, budget_s, precision_choice=a.precision_choice,
                             formulation=formulation)
   print(json.dumps(summary, indent=2))

@@ -1,23 +1,22 @@
-"""Packing a GPU job's results into the few files the host lets it bring back, and unpacking
-them here.
+"""Packing a GPU job's results into the few files the host lets it bring back (unpacking them
+here: :mod:`tools.long_runs.unpack`).
 
 Hosts limit what a job returns (how many files, how large each): :class:`TransferLimits`,
 flags of ``python -m tools.long_runs.window run``. The campaign's changed state travels as
-``campaign.tgz`` (split into ``campaign.tgz.N`` parts when larger than one part), the compile
-cache as ``jax_cache.tgz`` when it fits, beside ``window.json`` and ``window.log``.
+``campaign.tgz`` (split into ``campaign.tgz.N`` parts when larger than one part; when the whole
+does not fit, whole runs are left out, never part of the archive), the compile cache as
+``jax_cache.tgz`` when it fits, beside ``window.json`` (which lists every file and its size) and
+``window.log``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
-import json
 import os
 import shutil
 import tarfile
 
-from tools.long_runs import reports
 from tools.long_runs.procs import read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,12 +83,65 @@ def campaign_members(cdir: str, since: float) -> list[str]:
   return out
 
 
+def _archive(cdir: str, members: list[str]) -> bytes:
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode='w:gz', compresslevel=6) as tar:
+    for rel in members:
+      tar.add(os.path.join(cdir, rel), arcname=rel, recursive=False)
+  return buf.getvalue()
+
+
+def _run_order(cdir: str, runs: list[str]) -> list[str]:
+  """``runs`` in the campaign's order (its priority), then any others."""
+  camp = read_json(os.path.join(cdir, 'campaign.json'), {}) or {}
+  order = [r.get('name') for r in camp.get('runs', []) if isinstance(r, dict)]
+  return sorted(runs, key=lambda r: (order.index(r) if r in order else len(order), r))
+
+
+def campaign_archive(cdir: str, since: float, capacity: int, log=print):
+  """(archive bytes, members, runs left out): the campaign's changed state within ``capacity``
+  bytes. When everything does not fit, whole runs are packed in the campaign's order while they
+  fit and the others are left out (named in the log: the next job trains them again from the
+  repository's state); an archive is never cut."""
+  members = campaign_members(cdir, since)
+  data = _archive(cdir, members)
+  if len(data) <= capacity:
+    return data, members, []
+  whole = len(data)
+  by_run: dict[str, list[str]] = {}
+  for m in members:
+    if os.sep in m:
+      by_run.setdefault(m.split(os.sep)[0], []).append(m)
+  chosen = [m for m in members if os.sep not in m]
+  used = len(_archive(cdir, chosen))
+  left = []
+  for run in _run_order(cdir, list(by_run)):
+    size = len(_archive(cdir, by_run[run]))   # gzip keeps no dictionary across runs: sizes add up
+    if used + size <= capacity:
+      chosen, used = chosen + by_run[run], used + size
+    else:
+      left.append(run)
+  data = _archive(cdir, chosen)
+  while len(data) > capacity and any(os.sep in m for m in chosen):
+    last = [m for m in chosen if os.sep in m][-1].split(os.sep)[0]
+    left.append(last)
+    chosen = [m for m in chosen if m.split(os.sep)[0] != last or os.sep not in m]
+    data = _archive(cdir, chosen)
+  log(f'WARNING: the campaign archive would be {whole} bytes, more than the {capacity} bytes this '
+      f'job may bring back: runs {left} are left out (their progress in this job is lost; the '
+      "next job trains them again from the repository's state), "
+      f'{sorted(by_run.keys() - set(left))} are packed whole' +
+      ('' if len(data) <= capacity else f'; even without runs it is {len(data)} bytes: the host '
+       'may drop its last parts'))
+  return data, chosen, left
+
+
 def pack(out_dir, work, cdir, *, since, summary, log=print, cache_dir='', extra=None,
          limits: TransferLimits = TransferLimits()) -> dict[str, int]:
   """Writes ``extra`` (name -> a file, copied, or a folder, packed as .tgz), the campaign archive
-  (split if needed) and the compile cache into ``out_dir``. window.json and window.log are
-  written by the caller. ``limits``: what the host lets a job bring back. Returns {file name:
-  bytes}."""
+  (split if needed; whole runs only, :func:`campaign_archive`) and the compile cache into
+  ``out_dir``. window.json and window.log are written by the caller. ``limits``: what the host
+  lets a job bring back. Returns {file name: bytes}."""
   files: dict[str, int] = {}
   budget_files = limits.max_files - 2     # window.json, window.log
   for name, src in (extra or {}).items():
@@ -99,28 +151,21 @@ def pack(out_dir, work, cdir, *, since, summary, log=print, cache_dir='', extra=
         tar.add(src, arcname=os.path.basename(src))
     else:
       shutil.copy(src, dst)
-    if os.path.getsize(dst) > limits.max_file_bytes - 2**20:
-      log(f'{name} is {os.path.getsize(dst)} bytes: too large to bring back')
+    if os.path.getsize(dst) > limits.max_file_bytes - 2**20 or budget_files <= 1:
+      log(f'{name} is {os.path.getsize(dst)} bytes: not brought back (too large, or the last '
+          'file left is the campaign\'s)')
       os.remove(dst)
       continue
     files[name] = os.path.getsize(dst)
     budget_files -= 1
   if os.path.isdir(cdir):
-    buf = io.BytesIO()
-    members = campaign_members(cdir, since)
-    with tarfile.open(fileobj=buf, mode='w:gz', compresslevel=6) as tar:
-      for rel in members:
-        tar.add(os.path.join(cdir, rel), arcname=rel, recursive=False)
-    data = buf.getvalue()
+    data, members, left = campaign_archive(cdir, since, budget_files * limits.part_bytes, log)
     summary['campaign_members'] = len(members)
     summary['campaign_runs_packed'] = sorted({m.split(os.sep)[0] for m in members
                                               if os.sep in m})
+    summary['campaign_runs_left'] = left
     step = limits.part_bytes
     parts = [data[i:i + step] for i in range(0, len(data), step)] or [b'']
-    if len(parts) > budget_files:
-      log(f'campaign archive is {len(data)} bytes: more than {budget_files} parts; packing the '
-          'first runs only is not implemented, so the tail is lost')
-      parts = parts[:budget_files]
     names = ['campaign.tgz'] if len(parts) == 1 else [f'campaign.tgz.{i}' for i in range(len(parts))]
     for n, d in zip(names, parts):
       with open(os.path.join(out_dir, n), 'wb') as f:
@@ -139,55 +184,3 @@ def pack(out_dir, work, cdir, *, since, summary, log=print, cache_dir='', extra=
     else:
       log(f'compile cache is {len(buf.getvalue())} bytes compressed: not brought back')
   return files
-
-
-def unpack(src: str, repo: str = ROOT, campaign_dir: str | None = None, log=print) -> dict:
-  """Puts a job's returned files in place: the campaign state (each returned run directory
-  replaces the local one), ``window.json`` and the log under ``docs/bench/windows/``, the
-  regenerated tables and blocks, the compile cache in ``.gpu_cache/`` (git-ignored) for the next
-  job. Returns a summary."""
-  cdir = os.path.join(repo, campaign_dir or os.path.join('results', 'table1'))
-  summary = read_json(os.path.join(src, 'window.json'))
-  if summary is None:
-    raise FileNotFoundError(f'{src}/window.json missing: not a window\'s returned files')
-  parts = sorted(glob.glob(os.path.join(src, 'campaign.tgz.*')),
-                 key=lambda p: int(p.rsplit('.', 1)[1]))
-  if os.path.exists(os.path.join(src, 'campaign.tgz')):
-    parts = [os.path.join(src, 'campaign.tgz')]
-  data = b''.join(open(p, 'rb').read() for p in parts)
-  replaced = []
-  if data:
-    with tarfile.open(fileobj=io.BytesIO(data), mode='r:gz') as tar:
-      members = tar.getmembers()
-      for m in members:
-        if m.name.startswith('/') or '..' in m.name.split('/') or not (m.isfile() or m.isdir()):
-          raise ValueError(f'unsafe member in the campaign archive: {m.name}')
-      runs = sorted({m.name.split('/')[0] for m in members if '/' in m.name})
-      os.makedirs(cdir, exist_ok=True)
-      for r in runs:
-        shutil.rmtree(os.path.join(cdir, r), ignore_errors=True)
-        replaced.append(r)
-      safe = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
-      for m in members:
-        tar.extract(m, cdir, **safe)
-  stamp = summary['start'].replace(':', '').replace('-', '')
-  kind = (summary['phases'].get('info', {}).get('result', {}).get('device_kind', 'unknown')
-          .replace(' ', '_'))
-  bench_dir = os.path.join(repo, 'docs', 'bench', 'windows')
-  os.makedirs(bench_dir, exist_ok=True)
-  base = os.path.join(bench_dir, f'{stamp}_{kind}')
-  summary['device_kind'] = summary['phases'].get('info', {}).get('result', {}).get('device_kind')
-  with open(base + '.json', 'w') as f:
-    json.dump(summary, f, indent=1, default=str)
-  if os.path.exists(os.path.join(src, 'window.log')):
-    tail_copy(os.path.join(src, 'window.log'), base + '.log', limit=512 * 1024)
-  if os.path.exists(os.path.join(src, 'jax_cache.tgz')):
-    os.makedirs(os.path.join(repo, '.gpu_cache'), exist_ok=True)
-    shutil.copy(os.path.join(src, 'jax_cache.tgz'), os.path.join(repo, '.gpu_cache'))
-  written = []
-  if os.path.exists(os.path.join(cdir, 'campaign.json')):
-    written = reports.write_reports(cdir, results_md=os.path.join(repo, 'docs', 'results.md'))
-  written.append(reports.write_performance_block(repo))
-  log(reports.format_window(summary))
-  log(f'replaced runs: {replaced}\nwrote {base}.json/.log and {written}')
-  return {'replaced': replaced, 'bench': base + '.json', 'written': written}

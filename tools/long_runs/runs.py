@@ -26,12 +26,13 @@ another sample of the same training process, not the bits an uninterrupted run w
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
 from metadrop_jax import metrics as metrics_lib
+from tools.long_runs import state
+from tools.long_runs.state import PRECISIONS, CampaignError
 
 DEFAULT_DIR = os.path.join('results', 'table1')
 # Table 1's settings in campaign order, and the two methods of each.
@@ -39,7 +40,6 @@ SETTINGS = ('omniglot_20way1shot', 'mimgnet_5way1shot', 'omniglot_20way5shot', '
 METHODS = ('metadrop', 'maml')
 # The computation that reproduces the authors first (paper cells comparable), then the exact one.
 GRADIENTS = ('authors', 'exact')
-PRECISIONS = ('highest', 'default', 'auto')
 # Loop fields a campaign sets on every run (never change results; see train._LOOP_FIELDS).
 RUN_LOOP_FIELDS = {'keep_checkpoints': 1, 'progress_bar': False}
 
@@ -62,39 +62,75 @@ def campaign_path(cdir: str) -> str:
   return os.path.join(cdir, 'campaign.json')
 
 
-def init_campaign(cdir: str, settings=None, overrides: dict | None = None,
-                  matmul_precision: str = 'auto') -> dict:
-  """Creates ``campaign.json`` if it is missing; returns the campaign (an existing one unchanged;
-  ``settings`` other than its own is an error)."""
-  path = campaign_path(cdir)
-  if os.path.exists(path):
-    camp = load_campaign(cdir)
-    have = list(dict.fromkeys(r['setting'] for r in camp['runs']))
-    if settings is not None and list(settings) != have:
-      raise ValueError(f'{path} is a campaign of {have}, not {list(settings)}: use another '
-                       '--campaign_dir')
-    return camp
-  settings = SETTINGS if settings is None else settings
+def new_campaign(settings=None, overrides: dict | None = None,
+                 matmul_precision: str = 'auto') -> dict:
+  """A campaign (not written): ``settings`` (default: Table 1's), ``overrides`` of every run
+  (each run's config is built with them first: a misspelled field or a bad value is refused)."""
   if matmul_precision not in PRECISIONS:
-    raise ValueError(f'matmul_precision={matmul_precision!r}: choose one of {PRECISIONS}')
-  os.makedirs(cdir, exist_ok=True)
-  camp = {'version': 1, 'runs': default_runs(tuple(settings)), 'overrides': dict(overrides or {}),
-          'matmul_precision': matmul_precision,
+    raise CampaignError(f'matmul_precision={matmul_precision!r}: choose one of {PRECISIONS}')
+  camp = {'version': 1, 'runs': default_runs(tuple(settings or SETTINGS)),
+          'overrides': dict(overrides or {}), 'matmul_precision': matmul_precision,
           'matmul_precision_note': (
               "GPU only (CPU float32 dots are exact float32 either way). 'auto' is resolved and "
               'locked by the first GPU sitting from that window\'s smoke test and benchmark '
               '(tools.long_runs.choices.choose_precision) and never changes afterwards.')}
-  metrics_lib.write_json_atomic(path, camp)
+  _check_run_configs(camp, '--campaign_settings / --campaign_overrides', 'fix the option')
+  return camp
+
+
+def init_campaign(cdir: str, settings=None, overrides: dict | None = None,
+                  matmul_precision: str = 'auto') -> dict:
+  """:func:`open_campaign`, writing campaign.json if it is missing."""
+  return open_campaign(cdir, settings, overrides, create=True, matmul_precision=matmul_precision)
+
+
+def open_campaign(cdir: str, settings=None, overrides: dict | None = None, *, create: bool,
+                  matmul_precision: str = 'auto') -> dict:
+  """The campaign of ``cdir``. An existing one is returned unchanged; ``settings`` or
+  ``overrides`` other than its own are refused (they would change its runs). A missing one is
+  built (and written only if ``create``); a folder that holds runs but no campaign.json is an
+  error, never a new campaign."""
+  path = campaign_path(cdir)
+  if os.path.exists(path):
+    camp = load_campaign(cdir)
+    have = list(dict.fromkeys(r['setting'] for r in camp['runs']))
+    if settings and list(settings) != have:
+      raise CampaignError(f'{path} is a campaign of {have}, not {list(settings)}: use another '
+                          '--campaign_dir')
+    if overrides and dict(overrides) != camp.get('overrides', {}):
+      raise CampaignError(f"{path} has the overrides {camp.get('overrides', {})}, not "
+                          f'{dict(overrides)}: an existing campaign keeps its own (they set its '
+                          "runs' results); drop --campaign_overrides or use another --campaign_dir")
+    return camp
+  held = state.run_folders(cdir)
+  if held:
+    raise CampaignError(f'{cdir} holds campaign runs ({", ".join(held[:3])}'
+                        f'{", ..." if len(held) > 3 else ""}) but no campaign.json: '
+                        + state.restore_hint(path))
+  camp = new_campaign(settings, overrides, matmul_precision)
+  if create:
+    os.makedirs(cdir, exist_ok=True)
+    metrics_lib.write_json_atomic(path, camp)
   return camp
 
 
 def load_campaign(cdir: str) -> dict:
+  """``cdir/campaign.json``, checked: a missing, cut, emptied or wrong-shaped file, or a run
+  whose config does not build (an unknown setting or field), is a CampaignError naming the file
+  and the fix."""
   path = campaign_path(cdir)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: not a campaign directory (python -m '
-                            'tools.long_runs.campaign creates it)')
-  with open(path) as f:
-    return json.load(f)
+  camp = state.read_campaign_file(path)
+  _check_run_configs(camp, path, 'fix the file or ' + state.restore_hint(path))
+  return camp
+
+
+def _check_run_configs(camp: dict, where: str, fix: str) -> None:
+  for run in camp['runs']:
+    try:
+      run_config(run, camp)
+    except (KeyError, ValueError) as e:
+      why = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+      raise CampaignError(f"{where}: run {run['name']}: {' '.join(why.split())}: {fix}") from None
 
 
 def save_campaign(cdir: str, camp: dict) -> None:
@@ -119,24 +155,22 @@ def workdir_of(cdir: str, run: dict) -> str:
 
 
 def progress(cdir: str, run: dict) -> dict[str, Any]:
-  """Steps done (from the checkpoint directory names), sittings, minutes, results."""
-  wd = workdir_of(cdir, run)
-  ck = os.path.join(wd, 'checkpoints')
-  steps = [int(d) for d in os.listdir(ck) if d.isdigit()] if os.path.isdir(ck) else []
-  sittings = metrics_lib.read_jsonl(os.path.join(wd, 'runs.jsonl'))
-  res = None
-  if os.path.exists(os.path.join(wd, 'results.json')):
-    with open(os.path.join(wd, 'results.json')) as f:
-      res = json.load(f)
-  num_steps = None
-  if os.path.exists(os.path.join(wd, 'config.json')):
-    with open(os.path.join(wd, 'config.json')) as f:
-      num_steps = json.load(f).get('num_steps')
-  step = max(steps) if steps else 0
+  """Steps done (from the checkpoint directory names), sittings, minutes, results; ``problem``:
+  why the run cannot train now (a cut config.json), else None. A cut results.json reads as none
+  (with a warning): the run is meta-tested again."""
+  import warnings
+  r = state.read_run(workdir_of(cdir, run))
+  if r['unread']:
+    warnings.warn(f"{r['unread']}: read as not meta-tested (the next sitting meta-tests "
+                  f"{run['name']} again)", RuntimeWarning)
+  sittings, res, step = r['logged'], r['results'], r['step']
+  num_steps = (r['config'] or {}).get('num_steps')
+  problem = r['blocking'] and (f"{r['blocking']}: restore it from git or a copy of the run "
+                               'folder (runs.jsonl names the commit that wrote it)')
   return {'step': step, 'num_steps': num_steps, 'sittings': len(sittings),
           'minutes': sum(float(s.get('minutes_this_run', 0.0)) for s in sittings),
           'devices': sorted({str(s.get('device', '?')) for s in sittings}),
-          'trained': bool(num_steps) and step >= num_steps,
+          'trained': bool(num_steps) and step >= num_steps, 'problem': problem or None,
           'evaluated': res is not None and res.get('step') == step, 'results': res}
 
 
@@ -155,7 +189,8 @@ def data_available(config) -> bool:
 
 def plan(cdir: str, camp: dict | None = None) -> list[dict]:
   """Every run in campaign order with its progress, whether its data is here, and its next
-  action ('train', 'eval' or 'done')."""
+  action ('train', 'eval', 'done', or 'skip': its files need a fix first, ``problem`` says
+  which)."""
   camp = camp or load_campaign(cdir)
   out = []
   for run in camp['runs']:
@@ -163,7 +198,8 @@ def plan(cdir: str, camp: dict | None = None) -> list[dict]:
     cfg = run_config(run, camp)
     p['num_steps'] = p['num_steps'] or cfg.num_steps
     p['trained'] = p['step'] >= p['num_steps']
-    action = 'done' if p['trained'] and p['evaluated'] else ('eval' if p['trained'] else 'train')
+    action = ('skip' if p['problem'] else 'done' if p['trained'] and p['evaluated'] else
+              'eval' if p['trained'] else 'train')
     out.append({**run, **{k: v for k, v in p.items() if k != 'results'}, 'action': action,
                 'data': cfg.data.name, 'data_here': data_available(cfg),
                 'accuracy': (p['results'] or {}).get('accuracy'),
@@ -237,8 +273,9 @@ def format_plan(rows: list[dict]) -> str:
   lines = []
   for r in rows:
     lines.append(f"{r['name']:<42} {r['step']:>6}/{r['num_steps']:<6} {r['action']:<6} "
-                 f"data {'here' if r['data_here'] else 'MISSING'} ({r['data']})")
-  nxt = [r for r in rows if r['action'] != 'done']
+                 f"data {'here' if r['data_here'] else 'MISSING'} ({r['data']})"
+                 + (f"  ({r['problem']})" if r['problem'] else ''))
+  nxt = [r for r in rows if r['action'] not in ('done', 'skip')]
   if nxt:
     lines.append(f"next: {nxt[0]['name']} ({nxt[0]['action']}); needs {nxt[0]['data']} data")
   else:

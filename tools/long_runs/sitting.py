@@ -8,13 +8,18 @@ that reaches ``num_steps`` is meta-tested at once if the time left allows (else 
 the next sitting), and a run whose data is not on this machine is skipped.
 
 Every run is ``train.train`` with ``max_minutes_per_run``: checkpointed atomically, so a sitting
-cut at any point loses at most the steps since the run's last checkpoint.
+cut at any point loses at most the steps since the run's last checkpoint. Ctrl-C or SIGTERM stops
+the whole sitting: the run in training saves its step and stops, no other run starts, and the
+sitting's row says so. A run whose files need a fix (a cut config.json, a checkpoint that cannot
+be restored) is skipped with a warning; the others train.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
+import signal
+import threading
 import time
 
 from tools.long_runs import reports
@@ -37,7 +42,11 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   ``formulation``: execution fields (:data:`runs.FORMULATION_FIELDS`) set on every run it
   trains."""
   import jax
+  from metadrop_jax import metrics as metrics_lib
   from metadrop_jax import workdir as workdir_lib
+  if not (math.isfinite(budget_s) and budget_s > 0):
+    raise runs_lib.CampaignError(f'a sitting of {budget_s:.0f} s: give a positive '
+                                 '--budget_minutes or a --deadline in the future')
   t_start = time.time()
   deadline = t_start + budget_s
   camp = runs_lib.load_campaign(cdir)
@@ -52,19 +61,53 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
              'xla_flags': os.environ.get('XLA_FLAGS', ''), 'formulation': formulation,
              'runs': [], 'skipped': []}
   rows = runs_lib.plan(cdir, camp)
-  summary['runs'] += meta_test_finished(cdir, camp, rows, deadline, eval_min_s, log)
   groups, summary['skipped'] = trainable_groups(rows)
-  for members in groups.values():
-    done, stop = train_group(cdir, camp, members, formulation, deadline, min_share_s,
-                             eval_min_s, log)
-    summary['runs'] += done
-    if stop:
-      break
+  for r in rows:
+    if r['action'] == 'skip':
+      log(f"[campaign] WARNING: skipped {r['name']}: {r['problem']}")
+  with StopOnSignal() as stop:
+    ctx = {'cdir': cdir, 'camp': camp, 'deadline': deadline, 'eval_min_s': eval_min_s,
+           'min_share_s': min_share_s, 'formulation': formulation, 'log': log, 'stop': stop,
+           'skipped': summary['skipped']}
+    summary['runs'] += meta_test_finished(ctx, rows)
+    for members in groups.values():
+      done, out_of_time = train_group(ctx, members)
+      summary['runs'] += done
+      if out_of_time or stop.requested:
+        break
+  if stop.requested:
+    summary['stopped'] = f'interrupted ({stop.requested})'
+    log(f'[campaign] {stop.requested}: the sitting stops here (every run checkpointed)')
   summary['seconds'] = round(time.time() - t_start, 1)
-  with open(os.path.join(cdir, 'sittings.jsonl'), 'a') as f:
-    f.write(json.dumps(summary) + '\n')
+  metrics_lib.append_jsonl(os.path.join(cdir, 'sittings.jsonl'), summary)
   reports.write_reports(cdir)
   return summary
+
+
+class StopOnSignal:
+  """While active (main thread only), SIGINT and SIGTERM ask the sitting to stop: no run starts
+  after one (train() handles the signal itself while a run trains: it saves the step in flight
+  and returns 'interrupted'). A second signal outside a run interrupts at once."""
+
+  def __init__(self):
+    self.requested = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested is not None:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False
 
 
 def _minimum_times(on_accelerator: bool, budget_s: float, eval_min_s: float | None):
@@ -80,7 +123,7 @@ def _minimum_times(on_accelerator: bool, budget_s: float, eval_min_s: float | No
   return eval_min_s, min_share_s
 
 
-def meta_test(cdir: str, run: dict, cfg, entry: dict, log) -> None:
+def meta_test(cdir: str, run: dict, cfg, entry: dict, log) -> dict:
   """Meta-tests ``run`` with the paper's protocol; its accuracy goes into ``entry``."""
   from metadrop_jax import evaluation
   t0 = time.time()
@@ -89,25 +132,48 @@ def meta_test(cdir: str, run: dict, cfg, entry: dict, log) -> None:
                eval_s=round(time.time() - t0, 1))
   log(f"[campaign] {run['name']}: meta-test {r['accuracy']:.2f} ± {r['ci95']:.2f} "
       f"({entry['eval_s']} s)")
+  return entry
 
 
-def meta_test_finished(cdir, camp, rows, deadline, eval_min_s, log) -> list[dict]:
+def _guarded(ctx, name: str, what: str, fn):
+  """``fn()``; or, when it fails with an error that a fix of this run's files or data must
+  resolve, None, the run recorded as skipped with the reason (the other runs go on)."""
+  from metadrop_jax import config as config_lib
+  from metadrop_jax import workdir as workdir_lib
+  from metadrop_jax.data import DataError
+  try:
+    return fn()
+  except (config_lib.ConfigError, workdir_lib.WorkdirError, DataError, FloatingPointError,
+          FileNotFoundError) as e:
+    why = f'{what} failed: ' + ' '.join(str(e).split())
+    ctx['skipped'].append({'name': name, 'why': why})
+    ctx['log'](f'[campaign] WARNING: skipped {name}: {why}')
+    return None
+
+
+def meta_test_finished(ctx, rows) -> list[dict]:
   """Runs trained to the end but not yet meta-tested, while time is left: first."""
   out = []
   for row in rows:
-    if row['action'] == 'eval' and row['data_here'] and deadline - time.time() > eval_min_s:
-      run = runs_lib.run_of(camp, row['name'])
-      entry = {'name': run['name'], 'from': row['step'], 'to': row['step'], 'minutes': 0.0}
-      meta_test(cdir, run, runs_lib.run_config(run, camp), entry, log)
+    if (ctx['stop'].requested or row['action'] != 'eval' or not row['data_here'] or
+        ctx['deadline'] - time.time() <= ctx['eval_min_s']):
+      continue
+    run = runs_lib.run_of(ctx['camp'], row['name'])
+    entry = {'name': run['name'], 'from': row['step'], 'to': row['step'], 'minutes': 0.0}
+    cfg = runs_lib.run_config(run, ctx['camp'])
+    if _guarded(ctx, run['name'], 'meta-test',
+                lambda: meta_test(ctx['cdir'], run, cfg, entry, ctx['log'])) is not None:
       out.append(entry)
   return out
 
 
 def trainable_groups(rows) -> tuple[dict[str, list[dict]], list[dict]]:
-  """({group: its runs to train, in campaign order}, [runs skipped: their data is not here])."""
+  """({group: its runs to train, in campaign order}, [runs skipped: their data is not here, or
+  their files need a fix])."""
+  skipped = [{'name': r['name'], 'why': r['problem']} for r in rows if r['action'] == 'skip']
   todo = [r for r in rows if r['action'] == 'train']
-  skipped = [{'name': r['name'], 'why': f"no {r['data']} data here"}
-             for r in todo if not r['data_here']]
+  skipped += [{'name': r['name'], 'why': f"no {r['data']} data here"}
+              for r in todo if not r['data_here']]
   groups: dict[str, list[dict]] = {}
   for r in todo:
     if r['data_here']:
@@ -115,39 +181,48 @@ def trainable_groups(rows) -> tuple[dict[str, list[dict]], list[dict]]:
   return groups, skipped
 
 
-def train_group(cdir, camp, members, formulation, deadline, min_share_s, eval_min_s,
-                log) -> tuple[list[dict], bool]:
+def train_group(ctx, members) -> tuple[list[dict], bool]:
   """Trains the runs of one group in equal shares of the time left. Returns (their entries,
-  whether the sitting is out of time)."""
+  whether the sitting is out of time). A stop signal ends it (``ctx['stop'].requested``)."""
   from metadrop_jax import data as data_lib
   from metadrop_jax import train
-  left = lambda: deadline - time.time()
+  stop, log = ctx['stop'], ctx['log']
+  left = lambda: ctx['deadline'] - time.time()
   out = []
   # the run that is behind goes first: when a sitting is too short to split, the two methods of
   # a setting still advance in turn
   members = sorted(members, key=lambda r: r['step'])
   for i, row in enumerate(members):
-    run = runs_lib.run_of(camp, row['name'])
-    cfg = runs_lib.config_lib_override(runs_lib.run_config(run, camp), formulation)
+    if stop.requested:
+      break
+    run = runs_lib.run_of(ctx['camp'], row['name'])
+    cfg = runs_lib.config_lib_override(runs_lib.run_config(run, ctx['camp']), ctx['formulation'])
     t_data = time.time()
-    data_lib.load_split(cfg.data, 'train')   # prepares the cache outside the run's share
+    # prepares the cache outside the run's share
+    if _guarded(ctx, run['name'], 'data', lambda: data_lib.load_split(cfg.data, 'train')) is None:
+      continue
     if time.time() - t_data > 1:
       log(f"[campaign] {cfg.data.name} data ready in {time.time() - t_data:.0f} s")
     share = left() / (len(members) - i)
-    if share < min_share_s:
-      if left() < min_share_s:
+    if share < ctx['min_share_s']:
+      if left() < ctx['min_share_s']:
         return out, True
-      share = min_share_s      # too short to split: this run gets the minimum, then stop
+      share = ctx['min_share_s']      # too short to split: this run gets the minimum, then stop
     cfg.max_minutes_per_run = share / 60.0
     log(f"[campaign] {run['name']}: step {row['step']}/{row['num_steps']}, share {share:.0f} s")
-    status = train.train(cfg, runs_lib.workdir_of(cdir, run))
+    wd = runs_lib.workdir_of(ctx['cdir'], run)
+    status = _guarded(ctx, run['name'], 'training', lambda: train.train(cfg, wd))
+    if status is None:
+      continue
     status.pop('state')
+    if status['stopped'].startswith('interrupted') and not stop.requested:
+      stop.requested = status['stopped'].split('(')[-1].rstrip(')')
     entry = {'name': run['name'], 'from': row['step'], 'to': status['step'],
              'minutes': round(status['minutes_this_run'], 3), 'stopped': status['stopped'],
              'evaluated': False}
     log(f"[campaign] {run['name']}: now at {status['step']}/{status['num_steps']} "
         f"({status['minutes_this_run'] * 60:.0f} s, {status['stopped']})")
-    if status['done'] and left() > eval_min_s:
-      meta_test(cdir, run, cfg, entry, log)
+    if status['done'] and not stop.requested and left() > ctx['eval_min_s']:
+      _guarded(ctx, run['name'], 'meta-test', lambda: meta_test(ctx['cdir'], run, cfg, entry, log))
     out.append(entry)
   return out, False

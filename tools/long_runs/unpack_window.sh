@@ -3,10 +3,11 @@
 #
 #   bash scripts/unpack_window.sh DIR     # DIR: the job's $OUT, copied back here
 #
-# = python -m tools.long_runs.window unpack DIR: replaces the returned run directories in
-# results/table1/, stores window.json and the log in docs/bench/windows/, regenerates the campaign
-# tables and the generated blocks of docs/results.md and docs/performance.md, keeps the compile
-# cache in .gpu_cache/ (git-ignored) for the next job.
+# = python -m tools.long_runs.window unpack DIR [--force=...] [--skip=...]: checks and stages the
+# returned files, keeps the newer state of each run in results/table1/ (tools/long_runs/unpack.py),
+# stores window.json and the log in docs/bench/windows/, regenerates the campaign tables and the
+# generated blocks of docs/results.md and docs/performance.md, keeps the compile cache in
+# .gpu_cache/ (git-ignored) for the next job.
 set -eu
 cd "$(dirname "$0")/../.."
 ${PYTHON:-python} -m tools.long_runs.window unpack "$@"

@@ -36,6 +36,7 @@ from tools.long_runs import choices
 from tools.long_runs import pack as pack_lib
 from tools.long_runs import phases
 from tools.long_runs import procs
+from tools.long_runs import records
 from tools.long_runs import reports
 from tools.long_runs.phases import Job, run_phase
 from tools.long_runs.procs import read_json
@@ -106,27 +107,30 @@ def campaign_phase(job: Job) -> dict:
 def recover_sitting(cdir: str, since: float, start: str) -> dict:
   """The sitting row of a campaign process that was killed before writing it, rebuilt from
   what train() wrote for each run it finished (runs.jsonl, results.json changed since
-  ``since``); appended to sittings.jsonl. A run cut inside its share left only its last
-  checkpoint (its steps since then are lost) and no row."""
+  ``since``); appended to sittings.jsonl (on a line of its own) when it names a run. A run cut
+  inside its share left only its last checkpoint (its steps since then are lost) and no row."""
   from metadrop_jax import metrics as metrics_lib
   runs = []
   for name in sorted(os.listdir(cdir)):
     log_path = os.path.join(cdir, name, 'runs.jsonl')
     if not os.path.exists(log_path) or os.path.getmtime(log_path) < since:
       continue
-    last = metrics_lib.read_jsonl(log_path)[-1]
+    rows = metrics_lib.read_jsonl(log_path)
+    if not rows:
+      continue
+    last = rows[-1]
     entry = {'name': name, 'from': last.get('start_step'), 'to': last.get('step'),
              'minutes': round(float(last.get('minutes_this_run', 0.0)), 3),
              'stopped': last.get('stopped'), 'evaluated': False}
     res = os.path.join(cdir, name, 'results.json')
     if os.path.exists(res) and os.path.getmtime(res) >= since:
-      r = read_json(res, {})
+      r = read_json(res, {}) or {}
       entry.update(evaluated=True, accuracy=r.get('accuracy'), ci95=r.get('ci95'))
     runs.append(entry)
   row = {'start': start, 'killed': 'the window stopped the campaign process at its deadline',
          'runs': runs, 'skipped': []}
-  with open(os.path.join(cdir, 'sittings.jsonl'), 'a') as f:
-    f.write(json.dumps(row) + '\n')
+  if runs:
+    metrics_lib.append_jsonl(os.path.join(cdir, 'sittings.jsonl'), row)
   return row
 
 
@@ -142,7 +146,8 @@ def finish(job: Job) -> dict:
     extra['traces.tgz'] = job.path('traces')
   cache_dir = os.environ.get('JAX_COMPILATION_CACHE_DIR', '') if a.pack_cache else ''
   if cache_dir and os.path.isdir(cache_dir):
-    n = pack_cache(cache_dir, job.path('jax_cache.tgz'), limits.max_file_bytes - pack_lib.MiB)
+    n = records.pack_cache(cache_dir, job.path('jax_cache.tgz'),
+                           limits.max_file_bytes - pack_lib.MiB)
     log(f'compile cache: the {n} newest entries packed' if n else 'compile cache: nothing packed')
     if n:
       extra['jax_cache.tgz'] = job.path('jax_cache.tgz')
@@ -161,33 +166,6 @@ def finish(job: Job) -> dict:
   with open(os.path.join(a.out, 'window.json'), 'w') as f:
     json.dump(summary, f, indent=1, default=str)
   return summary
-
-
-def pack_cache(cache_dir: str, dest: str, limit: int) -> int:
-  """The compile cache's newest entries, as many as fit in ``limit`` bytes compressed, into the
-  archive ``dest``; returns how many. The campaign's sittings are the only ones compiling into
-  this cache (the measuring phases have their own), so next time the sittings start compiled;
-  an entry left out is compiled again and, being new then, comes back."""
-  names = sorted(os.listdir(cache_dir), key=lambda n: -os.path.getmtime(os.path.join(cache_dir, n)))
-  n = len(names)
-  while n > 0:
-    data = _tgz_bytes(cache_dir, names[:n])
-    if len(data) <= limit:
-      with open(dest, 'wb') as f:
-        f.write(data)
-      return n
-    n = min(n - 1, int(n * limit / len(data)))
-  return 0
-
-
-def _tgz_bytes(folder: str, names: list) -> bytes:
-  import io
-  import tarfile
-  buf = io.BytesIO()
-  with tarfile.open(fileobj=buf, mode='w:gz', compresslevel=1) as tar:
-    for name in names:
-      tar.add(os.path.join(folder, name), arcname=name)
-  return buf.getvalue()
 
 
 def accounting(job: Job) -> dict:
@@ -272,10 +250,16 @@ def _parser() -> argparse.ArgumentParser:
                    help='MiB per file at most')
   lim.add_argument('--part_mib', type=float, default=d.part_bytes / pack_lib.MiB,
                    help='the campaign archive is cut into parts of this many MiB')
-  u = sub.add_parser('unpack', help="put a job's returned files in place (here)")
+  u = sub.add_parser('unpack', help="put a job's returned files in place (here); nothing is "
+                     'changed unless every check passes (tools.long_runs.unpack)')
   u.add_argument('src')
   u.add_argument('--repo', default=ROOT)
   u.add_argument('--campaign_dir', default=os.path.join('results', 'table1'))
+  u.add_argument('--force', default='', help='comma-separated: runs whose returned state '
+                 "replaces this folder's even if older; matmul_precision / formulations: the "
+                 "returned campaign.json's decision replaces this one's")
+  u.add_argument('--skip', default='', help="comma-separated runs whose returned state is left "
+                 "out (this folder's kept), e.g. one damaged in transfer")
   return ap
 
 
@@ -291,50 +275,20 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, procs.on_term)
     run_window(a)
   else:
-    done = pack_lib.unpack(a.src, a.repo, a.campaign_dir)
-    for path in store_measurements(a.src, done['bench'][:-len('.json')]):
+    from tools.long_runs import unpack as unpack_lib
+    try:
+      done = unpack_lib.unpack(a.src, a.repo, a.campaign_dir, force=_names(a.force),
+                               skip=_names(a.skip))
+    except unpack_lib.CampaignError as e:
+      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+      return 2
+    for path in records.store_measurements(a.src, done['bench'][:-len('.json')]):
       print(f'wrote {path}')
   return 0
 
 
-def store_measurements(src: str, base: str) -> list[str]:
-  """Beside a job's record ``<base>.json``: its formulations timings
-  (``<base>_formulations.json``, what later jobs read to skip measured cells) and the profile
-  tables of its traces (``<base>_profiles.json``, parsed here from ``traces.tgz``; the traces
-  themselves are not kept)."""
-  import importlib.util
-  import tarfile
-  import tempfile
-  out = []
-  form = read_json(os.path.join(src, 'formulations.json'))
-  if form is not None:
-    shutil.copy(os.path.join(src, 'formulations.json'), base + '_formulations.json')
-    out.append(base + '_formulations.json')
-  traces = os.path.join(src, 'traces.tgz')
-  if form is None or not os.path.exists(traces):
-    return out
-  spec = importlib.util.spec_from_file_location(
-      'profile_step', os.path.join(ROOT, 'benchmarks', 'profile_step.py'))
-  profile_step = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(profile_step)
-  wall = {r['cell']: r['ms_per_iter_pipelined'] / 1e3 for r in form.get('rows', [])
-          if 'error' not in r}
-  profiles = {}
-  with tempfile.TemporaryDirectory() as tmp:
-    with tarfile.open(traces, 'r:gz') as tar:
-      tar.extractall(tmp, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
-    for cell in sorted(os.listdir(os.path.join(tmp, 'traces'))):
-      try:
-        profiles[cell] = profile_step.parse(os.path.join(tmp, 'traces', cell), 3, wall.get(cell))
-        profiles[cell]['trace'] = f'traces.tgz: traces/{cell}'
-      except (OSError, ValueError) as e:
-        profiles[cell] = {'error': repr(e)}
-  with open(base + '_profiles.json', 'w') as f:
-    json.dump({'config': form.get('config'), 'method': form.get('method'),
-               'device': form.get('device'), 'jax': form.get('jax'), 'profiles': profiles}, f,
-              indent=1)
-  out.append(base + '_profiles.json')
-  return out
+def _names(text: str) -> list[str]:
+  return [x for x in text.split(',') if x]
 
 
 if __name__ == '__main__':
