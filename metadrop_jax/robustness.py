@@ -231,12 +231,19 @@ _STYLE = {  # the authors' figure colours
     'mixup': dict(color='tab:green', linestyle='-'), 'vib': dict(color='tab:green', linestyle='--'),
     'infodrop': dict(color='tab:green', linestyle=':'), 'adv': dict(color='tab:orange'),
 }
+_MG_LABELS = {'authors': "authors'", 'exact': 'exact', 'first_order': 'first-order'}
+_MG_LINESTYLE = {'exact': '--', 'first_order': ':'}   # the authors' computation: solid
+
+
 def label_of(result: dict) -> str:
-  """Legend entry: the method's name (adversarial training adds its norm and radius)."""
+  """Legend entry: the method's name (adversarial training adds its norm and radius), and the
+  meta-gradient computation where the results name it."""
   m = result.get('method', '?')
   lab = methods.label(m)
   if 'adv_training' in result:
     lab += f" {result['adv_training']['norm']} e={result['adv_training']['eps']:g}"
+  if result.get('meta_gradient') in _MG_LABELS:
+    lab += f" ({_MG_LABELS[result['meta_gradient']]})"
   return lab
 
 
@@ -268,6 +275,8 @@ def plot(workdirs: Sequence[str], norms: Sequence[str], out: str, *,
         continue
       lab = labels[i] if labels else label_of(r)
       style = dict(_STYLE.get(r['method'], {}))
+      if r.get('meta_gradient') in _MG_LINESTYLE:
+        style['linestyle'] = _MG_LINESTYLE[r['meta_gradient']]
       if 'adv_training' in r:   # adversarially trained
         rank = adv_rank.setdefault(i, len(adv_rank))
         style['linestyle'] = ['-', '--', ':', '-.'][rank % 4]
