@@ -214,8 +214,19 @@ def report(e: BaseException, argv=None, workdir: str | None = None):
   sys.exit(EXIT_USER_ERROR)
 
 
+# --mode=eval --workdir=W without --config: the --config.FIELD=VALUE overrides of W's config.json
+_WORKDIR_OVERRIDES: dict = {}
+
+
 def parse_flags(argv):
   """app.run's flag parser: a bad flag, config file or override is one line, exit code 2."""
+  global _WORKDIR_OVERRIDES
+  from metadrop_jax import cli
+  try:
+    argv, _WORKDIR_OVERRIDES = cli.split_workdir_overrides(argv)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
   try:
     return FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
@@ -255,7 +266,8 @@ def _main(argv):
   from metadrop_jax import workdir as workdir_lib
 
   if config is None and FLAGS.workdir and FLAGS.mode == 'eval':
-    config = workdir_lib.load_run_config(FLAGS.workdir)
+    config = eval_config(workdir_lib.load_run_config(FLAGS.workdir), _WORKDIR_OVERRIDES,
+                         FLAGS.workdir)
   if config is None:
     raise UserError('--config is required (e.g. --config=configs/omniglot_20way1shot.py; '
                     '--mode=eval --workdir=DIR reads DIR/config.json instead)')
@@ -265,6 +277,29 @@ def _main(argv):
   workdir = FLAGS.workdir or os.path.join('workdirs', f'{config.name}_{config.method}')
   logging.info('workdir: %s', workdir)
   _run(config, workdir, train)
+
+
+def eval_config(stored, overrides: dict, workdir: str):
+  """The workdir's config with the command line's overrides, which may set only fields that do
+  not change results (``eval.*`` and loop fields: workdir.LOOP_FIELDS); the progress bar is on
+  unless an override says otherwise."""
+  from metadrop_jax import config as config_lib
+  from metadrop_jax import workdir as workdir_lib
+  allowed = lambda k: any(k == f or k.startswith(f + '.') for f in workdir_lib.LOOP_FIELDS)
+  bad = [k for k in overrides if not allowed(k)]
+  if bad:
+    raise UserError(f'--config.{bad[0]}: evaluating {workdir} takes only eval.* and loop fields '
+                    f'({", ".join(workdir_lib.LOOP_FIELDS)}) from the command line; a change of '
+                    f'{bad[0]} needs a new training run (--config=... --workdir=<new>)')
+  try:
+    config_lib.override(stored, {'progress_bar': True, **overrides})
+  except KeyError as e:
+    raise UserError(f'--config.{e.args[0]} (every field and its default is in '
+                    'metadrop_jax/config.py)') from e
+  except (TypeError, ValueError) as e:
+    raise UserError(f'{_one_line(e)}: give the field a value of its type (see '
+                    'metadrop_jax/config.py)') from e
+  return stored
 
 
 def check_eval_config(config, workdir: str, train) -> None:
@@ -302,6 +337,8 @@ def _run(config, workdir, train):
     from metadrop_jax import evaluation
     result = evaluation.evaluate_checkpoint(config, workdir, split=FLAGS.split)
     print(json.dumps(result, indent=2))
+    from metadrop_jax import report
+    print(f'\n{report.RESULT_HEADER}\n{report.result_row(result)}')
     return
   if FLAGS.mode == 'train':
     status = train.train(config, workdir)

@@ -27,6 +27,7 @@ DOT_ALGORITHMS = ('default', 'bf16_x3', 'bf16_x6', 'tf32_x3')   # nets.DOT_ALGOR
 #                 constant to the outer gradient (docs/authors_gradient.md), else second order;
 #   'first_order' the inner gradients are constants (first-order MAML).
 META_GRADIENTS = ('exact', 'authors', 'first_order')
+OMNIGLOT_SPLITS = ('vinyals', 'lake')   # data.omniglot.OMNIGLOT_SPLITS
 
 # The authors' meta learning rates (Adam), per setting (dataset, way, shot) and method: their
 # final run scripts (github.com/haebeom-lee/metadrop, runfiles/*.sh, commit 41a97e7; Omniglot
@@ -55,7 +56,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.path = ''                # where the user's copy lives (zip, folder or .npy directory)
   c.data.ilsvrc_path = ''         # miniimagenet 'ilsvrc' source: the ILSVRC-2012 train folder
   c.data.cache_dir = '~/.cache/metadrop_jax'  # prepared uint8 arrays + manifests
-  c.data.val_classes = 0          # omniglot: characters held out of the 1200 for validation
+  c.data.val_classes = 0          # omniglot: characters held out of the meta-train side for
+                                  # validation (lake split: whole alphabets, at least this many)
+  c.data.omniglot_split = 'vinyals'  # one of OMNIGLOT_SPLITS: 'vinyals' (1200 / 423 characters
+                                  # of both archives, the paper's) | 'lake' (meta-train on the 30
+                                  # images_background alphabets, test on the 20 of
+                                  # images_evaluation); metadrop_jax/data/omniglot.py
   # synthetic data (tests, smoke runs): classes are random prototypes plus pixel noise
   c.data.num_classes = {'train': 24, 'val': 8, 'test': 8}
   c.data.images_per_class = 10
@@ -215,6 +221,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          'so negative or larger seeds can repeat another seed\'s run)')
   need(config.method in METHODS, f'method={config.method!r}: choose one of {tuple(METHODS)}')
   need(config.data.name in DATASETS, f'data.name={config.data.name!r}: choose one of {DATASETS}')
+  need(config.data.omniglot_split in OMNIGLOT_SPLITS,
+       f'data.omniglot_split={config.data.omniglot_split!r}: choose one of {OMNIGLOT_SPLITS}')
+  need(config.data.omniglot_split == 'vinyals' or config.data.name == 'omniglot',
+       f'data.omniglot_split={config.data.omniglot_split!r} applies to Omniglot only: leave it '
+       f"'vinyals' for data.name={config.data.name!r}")
   need(config.data.sampler in ('device', 'host'),
        f"data.sampler={config.data.sampler!r}: choose 'device' or 'host'")
   for f in ('way', 'shot', 'query', 'meta_batch', 'num_steps', 'train_mc_samples'):

@@ -24,7 +24,7 @@ from metadrop_jax import workdir as workdir_lib
 
 def evaluate(params, images, config, *, split: str = 'test', num_episodes: int | None = None,
              mc_samples: int | None = None, eval_step=None,
-             should_stop=None) -> dict[str, Any] | None:
+             should_stop=None, on_batch=None) -> dict[str, Any] | None:
   """The paper's meta-test protocol: adapt on each episode's support set with ``mc_samples``
   MC samples of the perturbed inner loss, score the query set; mean and 95% CI over episodes.
 
@@ -32,6 +32,7 @@ def evaluate(params, images, config, *, split: str = 'test', num_episodes: int |
   or reused from an earlier call with an equivalent config).
   Returns ``{'mean', 'ci95', 'n'}`` in percent plus ``'loss'`` and the per-episode ``'accs'``;
   None when ``should_stop()`` (asked before each batch of episodes) said to stop.
+  ``on_batch(k)``: called after each batch with the number ``k`` of episodes it finished.
   """
   n = num_episodes or config.eval.num_episodes
   mc = mc_samples or config.eval.mc_samples
@@ -47,14 +48,26 @@ def evaluate(params, images, config, *, split: str = 'test', num_episodes: int |
     a, l = step(params, images, *keys_lib.eval_batch_keys(ep_key, noise_key, i))
     accs.append(a)
     losses.append(l)
+    if on_batch is not None:
+      a.block_until_ready()
+      on_batch(min(bt, n - i * bt))
   accs = np.concatenate(jax.device_get(accs))[:n]
   losses = np.concatenate(jax.device_get(losses))[:n]
   return {**metrics_lib.summarize(accs), 'loss': float(losses.mean()), 'accs': accs,
           'mc_samples': mc if methods.get(config.method).stochastic_support else 1, 'split': split}
 
 
+def _progress_bar(enabled: bool, total: int, split: str):
+  """A tqdm bar over meta-test episodes (rate and ETA), on stderr; None when not ``enabled``."""
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=f'meta-test ({split})', unit='episode', dynamic_ncols=True)
+
+
 def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, Any]:
-  """Restores the latest checkpoint and writes ``workdir/results.json`` (paper protocol).
+  """Restores the latest checkpoint and writes ``workdir/results.json`` (paper protocol), with a
+  progress bar over episodes when ``config.progress_bar``.
 
   ``config`` None: the workdir's config.json; a given config must not differ from it in a field
   that changes results (only ``eval.*``, data locations and loop fields may). Refuses, before
@@ -68,7 +81,13 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, 
                              'parameters (the run diverged): nothing to evaluate')
   images = workdir_lib.load_eval_split(config, split)
   t0 = time.time()
-  r = evaluate(state.params, images, config, split=split)
+  bar = _progress_bar(config.progress_bar, config.eval.num_episodes, split)
+  try:
+    r = evaluate(state.params, images, config, split=split,
+                 on_batch=None if bar is None else bar.update)
+  finally:
+    if bar is not None:
+      bar.close()
   if not np.isfinite(r['loss']):
     raise FloatingPointError(f'the query loss of checkpoint {int(state.step)} is not finite on '
                              f'{split} episodes (the inner loop diverges at meta-test: lower '
@@ -80,6 +99,8 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, 
       'step': int(state.step), 'num_steps': config.num_steps,
       'accuracy': r['mean'], 'ci95': r['ci95'], 'episodes': r['n'], 'loss': r['loss'],
       'mc_samples': r['mc_samples'], 'split': split, 'eval_seed': config.eval.seed,
+      'meta_gradient': config.meta_gradient,
+      **({'omniglot_split': config.data.omniglot_split} if config.data.name == 'omniglot' else {}),
       'eval_minutes': (time.time() - t0) / 60.0, **workdir_lib.provenance(),
   }
   name = 'results.json' if split == 'test' else f'results_{split}.json'

@@ -288,6 +288,26 @@ def build_table(runs: Sequence[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+RESULT_HEADER = ('| Method | Setting | Meta-gradient | Split | Steps | Episodes | MC samples | '
+                 'Accuracy ± 95% CI | Paper |\n|' + '---|' * 9)
+
+
+def result_row(run: dict) -> str:
+  """One results.json as a markdown row under :data:`RESULT_HEADER` (what ``launch.py
+  --mode=eval`` prints)."""
+  c = compare(run)
+  setting = column_label(c['setting'])
+  if run.get('omniglot_split') not in (None, 'vinyals'):
+    setting += f" ({run['omniglot_split']} split)"
+  acc = f"**{c['accuracy']:.2f}" + (f" ± {c['ci95']:.2f}**" if c['ci95'] is not None else '**')
+  mg = c['meta_gradient']
+  return '| ' + ' | '.join([
+      method_label(c['method']), setting, 'n/a' if mg is None else
+      META_GRADIENT_LABELS.get(mg, mg).replace(' meta-gradient', ''), str(c['split']),
+      f"{c['step']}/{c['num_steps']}", str(c['episodes']), str(c['mc_samples']), acc,
+      _pm(c['paper']) if c['paper'] else 'n/a']) + ' |'
+
+
 def paired_gain(a: dict, b: dict) -> dict | None:
   """Meta-dropout − MAML over the episodes both were meta-tested on (``metrics.paired_difference``
   of their ``episode_accs_<split>.npy``), or None unless both were meta-tested on the same

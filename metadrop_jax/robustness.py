@@ -112,14 +112,30 @@ def make_attack_step(config, norm: str, attack: AttackSettings):
   return attack_step
 
 
+def make_clean_step(config):
+  """Jitted ``(params, thetas[T], query_x[T], query_y[T]) -> acc[T]``: the adapted models'
+  query accuracy without attack (radius 0, where PGD would return the clean inputs)."""
+  spec = meta.spec_from_config(config)
+
+  @jax.jit
+  def clean_step(params, thetas, qx, qy):
+    def one(theta, x, y):
+      return meta.accuracy(nets.forward({**params, 'theta': theta}, x, None, spec.net,
+                                        sample=False), y)
+    return meta.map_tasks(one, spec, thetas, qx, qy)
+
+  return clean_step
+
+
 def robustness_curves(params, images, config, norms: Sequence[str], *,
                       radii: dict | None = None, num_episodes: int | None = None,
                       mc_samples: int | None = None, attack: AttackSettings = AttackSettings(),
-                      split: str = 'test') -> dict[str, dict]:
+                      split: str = 'test', progress: bool = False) -> dict[str, dict]:
   """Accuracy under attack per radius for each norm: ``{norm: {'radii', 'accuracy', 'ci95',
   'n', 'accs' (f64[R, n] per-episode accuracies)}}`` (accuracies in percent).
 
-  Each batch of episodes is adapted once and then attacked at every radius of every norm.
+  Each batch of episodes is adapted once and then attacked at every radius of every norm
+  (radius 0 is scored without running PGD). ``progress``: a tqdm bar over episodes (ETA).
   """
   radii = {n: tuple(float(r) for r in (radii or {}).get(n, DEFAULT_RADII[n])) for n in norms}
   for n in norms:
@@ -132,16 +148,30 @@ def robustness_curves(params, images, config, norms: Sequence[str], *,
   bt = min(config.eval.batch_tasks, n_ep)
   adapt = make_adapt_step(config, mc, bt)
   steps = {n: make_attack_step(config, n, attack) for n in norms}
+  clean = make_clean_step(config)
   ep_key, noise_key = keys_lib.eval_keys(config, split)
   akey = keys_lib.attack_key(config, split)
   images = jnp.asarray(images)
   accs = {n: [[] for _ in radii[n]] for n in norms}
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n_ep, desc='attacked meta-test', unit='episode', dynamic_ncols=True)
   for i in range(math.ceil(n_ep / bt)):
     thetas, eps = adapt(params, images, *keys_lib.eval_batch_keys(ep_key, noise_key, i))
     for n in norms:
       for j, r in enumerate(radii[n]):
-        k = jax.random.fold_in(jax.random.fold_in(akey, i), j)
-        accs[n][j].append(steps[n](params, thetas, eps.query_x, eps.query_y, jnp.float32(r), k))
+        if r == 0:
+          a = clean(params, thetas, eps.query_x, eps.query_y)
+        else:
+          k = jax.random.fold_in(jax.random.fold_in(akey, i), j)
+          a = steps[n](params, thetas, eps.query_x, eps.query_y, jnp.float32(r), k)
+        accs[n][j].append(a)
+    if bar is not None:
+      jax.block_until_ready(accs[norms[-1]][-1][-1])
+      bar.update(min(bt, n_ep - i * bt))
+  if bar is not None:
+    bar.close()
   out = {}
   for n in norms:
     per = np.stack([np.concatenate(jax.device_get(a))[:n_ep] for a in accs[n]])
@@ -154,15 +184,17 @@ def robustness_curves(params, images, config, norms: Sequence[str], *,
 def evaluate_workdir(workdir: str, norms: Sequence[str], *, radii: dict | None = None,
                      num_episodes: int | None = None, mc_samples: int | None = None,
                      attack: AttackSettings = AttackSettings(), split: str = 'test',
-                     config=None) -> dict[str, dict]:
+                     config=None, progress: bool = False) -> dict[str, dict]:
   """Restores ``workdir``'s latest checkpoint, runs :func:`robustness_curves` and writes
-  ``workdir/robustness_<norm>.json`` (``_<split>`` appended for splits other than test)."""
+  ``workdir/robustness_<norm>.json`` (``_<split>`` appended for splits other than test), with
+  the per-episode accuracies at each radius (``episode_accs``, fractions) for paired
+  comparisons of models attacked on the same episodes."""
   config, state = workdir_lib.restore(workdir, config)
   images = workdir_lib.load_eval_split(config, split)
   t0 = time.time()
   curves = robustness_curves(state.params, images, config, norms, radii=radii,
                              num_episodes=num_episodes, mc_samples=mc_samples, attack=attack,
-                             split=split)
+                             split=split, progress=progress)
   minutes = (time.time() - t0) / 60.0
   results = {}
   for n, c in curves.items():
@@ -174,7 +206,9 @@ def evaluate_workdir(workdir: str, norms: Sequence[str], *, radii: dict | None =
         'mc_samples': mc_samples or config.eval.mc_samples, 'split': split,
         'eval_seed': config.eval.seed, 'attack': attack.as_dict(),
         'target': 'query inputs of the adapted model (support clean)',
-        'minutes_all_norms': minutes, **workdir_lib.provenance(),
+        'minutes_all_norms': minutes, 'meta_gradient': config.meta_gradient,
+        'episode_accs': [[round(float(a), 6) for a in row] for row in c['accs']],
+        **workdir_lib.provenance(),
     }
     if methods.get(config.method).query_attack:
       res['adv_training'] = {'norm': config.methods.adv_norm, 'eps': config.methods.adv_eps,
@@ -196,12 +230,19 @@ _STYLE = {  # the authors' figure colours
     'mixup': dict(color='tab:green', linestyle='-'), 'vib': dict(color='tab:green', linestyle='--'),
     'infodrop': dict(color='tab:green', linestyle=':'), 'adv': dict(color='tab:orange'),
 }
+_MG_LABELS = {'authors': "authors'", 'exact': 'exact', 'first_order': 'first-order'}
+_MG_LINESTYLE = {'exact': '--', 'first_order': ':'}   # the authors' computation: solid
+
+
 def label_of(result: dict) -> str:
-  """Legend entry: the method's name (adversarial training adds its norm and radius)."""
+  """Legend entry: the method's name (adversarial training adds its norm and radius), and the
+  meta-gradient computation where the results name it."""
   m = result.get('method', '?')
   lab = methods.label(m)
   if 'adv_training' in result:
     lab += f" {result['adv_training']['norm']} e={result['adv_training']['eps']:g}"
+  if result.get('meta_gradient') in _MG_LABELS:
+    lab += f" ({_MG_LABELS[result['meta_gradient']]})"
   return lab
 
 
@@ -233,6 +274,8 @@ def plot(workdirs: Sequence[str], norms: Sequence[str], out: str, *,
         continue
       lab = labels[i] if labels else label_of(r)
       style = dict(_STYLE.get(r['method'], {}))
+      if r.get('meta_gradient') in _MG_LINESTYLE:
+        style['linestyle'] = _MG_LINESTYLE[r['meta_gradient']]
       if 'adv_training' in r:   # adversarially trained
         rank = adv_rank.setdefault(i, len(adv_rank))
         style['linestyle'] = ['-', '--', ':', '-.'][rank % 4]

@@ -120,11 +120,14 @@ def _stored_config(workdir: str) -> dict | None:
 
 
 def _upgrade(stored: dict) -> dict:
-  """A config.json written before ``meta_lr`` became one field (it was ``meta_lr``, None meaning
-  ``meta_lr_by_method[method]``) in today's form: the rate the run trained with."""
+  """A config.json written by an earlier version in today's form: ``meta_lr`` became one field
+  (it was ``meta_lr``, None meaning ``meta_lr_by_method[method]``: the rate the run trained
+  with); ``data.omniglot_split`` did not exist (every such run used 'vinyals')."""
   by_method = stored.pop('meta_lr_by_method', None)
   if by_method is not None and stored.get('meta_lr') is None:
     stored['meta_lr'] = by_method.get(stored.get('method'))
+  if isinstance(stored.get('data'), dict):   # written before data.omniglot_split existed
+    stored['data'].setdefault('omniglot_split', 'vinyals')
   return stored
 
 

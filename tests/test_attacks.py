@@ -187,6 +187,8 @@ def test_robustness_evaluation_end_to_end(tmp_path):
   assert os.path.getsize(out) > 1000
   assert robustness.label_of({'method': 'adv', 'adv_training': {'norm': 'l1', 'eps': 20}}) == \
       'MAML + adv. training l1 e=20'
+  assert robustness.label_of({'method': 'maml', 'meta_gradient': 'authors'}) == "MAML (authors')"
+  assert r['meta_gradient'] == c.meta_gradient and len(r['episode_accs'][0]) == 4
 
 
 def test_cli_help_mentions_every_setting(capsys):

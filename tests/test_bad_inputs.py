@@ -268,6 +268,33 @@ def test_eval_on_missing_and_empty_workdir(monkeypatch, capsys, tmp_path):
   assert_user_error(rc, err, str(tmp_path / 'empty'), 'train first')
 
 
+def test_eval_of_a_workdir_takes_eval_overrides_without_config(monkeypatch, capsys, tmp_path):
+  """``--mode=eval --workdir=W --config.eval.num_episodes=N`` without --config used to stop at
+  "Unknown command line flag": eval and loop fields override W's config.json; a field that
+  changes results, an unknown field and a value without '=' are one line each."""
+  from metadrop_jax import train
+  from tests.conftest import tiny
+  wd = str(tmp_path / 'w')
+  train.train(tiny(num_steps=2, val_every=0, checkpoint_every=2, **{'model.num_layers': 1}), wd)
+  rc, out, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={wd}',
+                            '--config.eval.num_episodes=3', '--config.eval.mc_samples=2')
+  assert rc == 0, err
+  res = json.load(open(os.path.join(wd, 'results.json')))
+  assert res['episodes'] == 3 and res['mc_samples'] == 2 and res['step'] == 2
+  assert '| Meta-dropout |' in out and f"{res['accuracy']:.2f} ± {res['ci95']:.2f}" in out
+  assert 'episode' in err                           # the progress bar, with its rate
+  rc, _, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={wd}',
+                          '--config.inner_lr=0.5')
+  assert_user_error(rc, err, '--config.inner_lr', 'only eval.* and loop fields', 'new training run')
+  rc, _, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={wd}',
+                          '--config.eval.num_episode=3')
+  assert_user_error(rc, err, 'eval.num_episode', 'no field')
+  rc, _, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={wd}',
+                          '--config.eval.num_episodes', '3')
+  assert_user_error(rc, err, 'eval.num_episodes=VALUE')
+  assert json.load(open(os.path.join(wd, 'results.json')))['episodes'] == 3   # untouched
+
+
 def test_eval_with_a_different_way_names_the_field(monkeypatch, capsys, tmp_path):
   """The checkpoint's head has 3 outputs; way=4 used to fail deep in orbax on a shape mismatch."""
   w = tmp_path / 'w'

@@ -86,6 +86,27 @@ def test_resume_refuses_the_other_sampler(tmp_path):
     train.train(small(num_steps=3, **{'data.sampler': 'host'}), str(tmp_path))
 
 
+def test_resume_refuses_another_omniglot_split(tmp_path):
+  """The split decides which characters are trained on: a resume with the other one would mix two
+  experiments. A config.json from before the field existed is the default split."""
+  wd = str(tmp_path)
+  vinyals = config_lib.override(config_lib.base_config(), {'data.name': 'omniglot'})
+  lake = config_lib.override(vinyals.copy_and_resolve_references(), {'data.omniglot_split': 'lake'})
+  workdir_lib.write_run_config(wd, vinyals)
+  with pytest.raises(config_lib.ConfigError, match="data.omniglot_split: workdir has 'vinyals'"):
+    workdir_lib.check_run_config(wd, lake)
+  path = os.path.join(wd, 'config.json')
+  with open(path) as f:
+    old = json.load(f)
+  del old['data']['omniglot_split']
+  with open(path, 'w') as f:
+    json.dump(old, f)
+  workdir_lib.check_run_config(wd, vinyals)
+  assert workdir_lib.load_run_config(wd).data.omniglot_split == 'vinyals'
+  with pytest.raises(config_lib.ConfigError, match='data.omniglot_split'):
+    workdir_lib.check_run_config(wd, lake)
+
+
 # (3) a failed start writes no config.json --------------------------------------------------------
 
 def test_a_failed_start_does_not_block_its_fix(tmp_path):

@@ -90,6 +90,8 @@ def test_method_override_on_the_command_line_takes_the_methods_meta_lr():
     ('model.conv_impl', 'cudnn', 'conv_impl'),
     ('eval.num_episodes', 0, 'eval.num_episodes'),
     ('data.images_per_class', 2, 'images_per_class'),
+    ('data.omniglot_split', 'omniglot', 'data.omniglot_split'),
+    ('data.omniglot_split', 'lake', 'applies to Omniglot only'),   # tiny is synthetic data
 ])
 def test_validate_names_the_bad_field(field, value, needle):
   from configs import tiny
@@ -117,3 +119,9 @@ def test_override_rejects_an_unknown_field():
     config_lib.override(tiny.get_config(), {'model.chanels': 3})
   with pytest.raises(KeyError, match='modle'):
     config_lib.override(tiny.get_config(), {'modle.channels': 3})
+
+
+def test_omniglot_splits_are_the_loaders():
+  from metadrop_jax.data import omniglot
+  assert config_lib.OMNIGLOT_SPLITS == omniglot.OMNIGLOT_SPLITS
+  assert config_lib.base_config().data.omniglot_split == 'vinyals'

@@ -14,6 +14,8 @@ import json
 import os
 import zipfile
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 from PIL import Image
@@ -514,3 +516,92 @@ def test_omniglot_tfds_equals_local(tmp_path, monkeypatch):
     assert a.shape == b.shape == ({'train': 4760, 'val': 40, 'test': 1692}[split], 2, 28, 28, 1)
     np.testing.assert_array_equal(a, b)
   del tfds
+
+
+# ==== Omniglot, Lake et al.'s background / evaluation split =====================================
+
+# The tiny archives: background Alpha_A (3 characters) + Beta_B (2), evaluation Gamma_C (4).
+LAKE_COUNTS = dict(n_characters=H.OMNI_CHARS, n_train=sum(H.OMNI_BACKGROUND.values()),
+                   images_per_character=H.OMNI_IMAGES)
+
+
+def lake_load(root, cache_dir, split, **kw):
+  c = H.data_config('omniglot', root, 'local', cache_dir, omniglot_split='lake', **kw)
+  return omniglot.load_split(c, split, **LAKE_COUNTS)
+
+
+def test_omniglot_lake_split_keeps_alphabets_apart(tmp_path):
+  root = H.write_omniglot(tmp_path / 'o', 'zip')
+  train, test = lake_load(root, tmp_path / 'c', 'train'), lake_load(root, tmp_path / 'c', 'test')
+  assert train.shape == (4 * 5, 4, 28, 28, 1) and test.shape == (4 * 4, 4, 28, 28, 1)
+  assert lake_load(root, tmp_path / 'c', 'val') is None
+  check_rotations(train)
+  check_rotations(test)
+  c = H.data_config('omniglot', root, 'local', tmp_path / 'c', omniglot_split='lake')
+  files = H.omniglot_files()
+  for split, arr, archive in (('train', train, 'images_background'),
+                              ('test', test, 'images_evaluation')):
+    _, manifest = omniglot.prepare_lake(c, split, n_characters=arr.shape[0] // 4,
+                                        images_per_character=H.OMNI_IMAGES, log=H.quiet)
+    assert manifest['omniglot_split'] == 'lake' and manifest['key']['archive'] == archive
+    names = manifest['characters'][split]
+    alphabets = [a for a, _ in manifest['alphabets'][split]]
+    assert alphabets == omniglot.alphabet_order(alphabets)
+    assert [n.split('/')[0] for n in names] == sorted((n.split('/')[0] for n in names),
+                                                      key=alphabets.index)   # grouped by alphabet
+    for row, name in enumerate(names):      # every row: that character's PNGs, by file name
+      pngs = sorted(p for p in files[archive] if p.startswith(f'{archive}/{name}/'))
+      assert len(pngs) == H.OMNI_IMAGES
+      want = np.stack([expected_omniglot_image(files[archive][p]) for p in pngs])
+      np.testing.assert_array_equal(arr[4 * row, ..., 0], want)
+  # the default split of the same archives mixes them
+  assert omni_load(root, tmp_path / 'c', 'train').shape[0] == 4 * H.OMNI_TRAIN
+
+
+def test_omniglot_lake_validation_is_whole_alphabets(tmp_path):
+  root = H.write_omniglot(tmp_path / 'o', 'folder')
+  full = lake_load(root, tmp_path / 'c', 'train')
+  c = H.data_config('omniglot', root, 'local', tmp_path / 'c', omniglot_split='lake')
+  _, manifest = omniglot.prepare_lake(c, 'train', n_characters=5,
+                                      images_per_character=H.OMNI_IMAGES, log=H.quiet)
+  last = manifest['alphabets']['train'][-1][1]          # characters of the last alphabet
+  tr = lake_load(root, tmp_path / 'c', 'train', val_classes=1)
+  va = lake_load(root, tmp_path / 'c', 'val', val_classes=1)
+  assert va.shape[0] == 4 * last and tr.shape[0] == 4 * (5 - last)
+  np.testing.assert_array_equal(np.concatenate([tr, va]), full)
+  with pytest.raises(DataError, match='keep one for meta-training'):
+    lake_load(root, tmp_path / 'c', 'val', val_classes=5)
+
+
+def test_omniglot_lake_test_split_needs_only_the_evaluation_archive(tmp_path):
+  root = H.write_omniglot(tmp_path / 'o', 'zip')
+  (root / 'images_background.zip').unlink()
+  assert lake_load(root, tmp_path / 'c', 'test').shape[0] == 4 * 4
+  with pytest.raises(DataError, match='images_background'):
+    lake_load(root, tmp_path / 'c', 'train')
+
+
+def test_omniglot_lake_counts_are_checked(tmp_path):
+  root = H.write_omniglot(tmp_path / 'o', 'zip')
+  c = H.data_config('omniglot', root, 'local', tmp_path / 'c', omniglot_split='lake')
+  with pytest.raises(DataError, match='expected 659'):    # the real archive's count by default
+    omniglot.load_split(c, 'test', images_per_character=H.OMNI_IMAGES)
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+                  v=st.integers(0, 200))
+def test_lake_val_characters_holds_the_fewest_whole_alphabets(counts, v):
+  alphabets = [(f'a{i}', n) for i, n in enumerate(counts)]
+  suffix = [sum(counts[len(counts) - k:]) for k in range(len(counts) + 1)]   # k last alphabets
+  try:
+    held = omniglot.lake_val_characters(alphabets, v)
+  except DataError:
+    k = next((k for k, s in enumerate(suffix) if s >= v), None)
+    assert k is None or k == len(counts)          # only refused when no alphabet would be left
+    return
+  if v == 0:
+    assert held == 0
+    return
+  k = suffix.index(held)
+  assert held >= v and suffix[k - 1] < v and k < len(counts)

@@ -282,3 +282,15 @@ def test_an_unwritable_out_or_a_cut_results_json_is_one_line(tmp_path, capsys, r
     f.write(text[:40])
   line = _cli_error(capsys, f'--workdirs={runs[0]},{runs[1]}')
   assert path in line and '--mode=eval' in line
+
+
+def test_result_row_names_setting_computation_and_ci():
+  run = {'method': 'metadrop', 'dataset': 'omniglot', 'way': 20, 'shot': 1, 'accuracy': 96.123,
+         'ci95': 0.141, 'step': 60000, 'num_steps': 60000, 'episodes': 1000, 'mc_samples': 30,
+         'split': 'test', 'meta_gradient': 'authors', 'omniglot_split': 'lake'}
+  row = report.result_row(run)
+  assert row.count('|') == report.RESULT_HEADER.splitlines()[0].count('|')
+  for needle in ('Meta-dropout', 'Omniglot 20-way 1-shot (lake split)', "authors'", '60000/60000',
+                 '**96.12 ± 0.14**', '96.63 ± 0.13'):
+    assert needle in row, (needle, row)
+  assert '(vinyals split)' not in report.result_row({**run, 'omniglot_split': 'vinyals'})

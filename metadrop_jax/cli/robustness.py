@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--skip_existing', action='store_true',
                  help='do not re-evaluate a workdir whose robustness_<norm>.json files exist')
   p.add_argument('--title', default=None, help='figure title')
+  p.add_argument('--no_progress', action='store_true', help='no progress bar over episodes')
   return p
 
 
@@ -83,7 +84,7 @@ def main(argv=None):
         continue
       res = robustness.evaluate_workdir(wd, norms, radii=radii, num_episodes=args.episodes,
                                         mc_samples=args.mc_samples, attack=attack,
-                                        split=args.split)
+                                        split=args.split, progress=not args.no_progress)
       for n, r in res.items():
         row = ', '.join(f'{e:g}: {a:.2f}±{c:.2f}'
                         for e, a, c in zip(r['radii'], r['accuracy'], r['ci95']))

@@ -27,6 +27,19 @@ Preparation (``PREPROCESSING_VERSION``; the cache is rebuilt when it changes):
 
 The cache holds ``train.npy`` (all 1200 meta-train characters) and ``test.npy``; ``val`` is the
 tail of ``train`` cut at load time, so changing ``val_classes`` needs no re-preparation.
+
+Splits (``data.omniglot_split``):
+
+* ``'vinyals'`` (default; the paper's and the authors'): steps 1-4 above, 1200 / 423 characters
+  drawn from both archives.
+* ``'lake'``: Lake et al.'s background / evaluation split, whole alphabets apart. Meta-train: the
+  964 characters of the 30 alphabets of images_background; test: the 659 characters of the 20
+  alphabets of images_evaluation; rotations as classes as above. Each archive is prepared on its
+  own (a cache entry each), so meta-testing needs images_evaluation only. Characters are ordered
+  by alphabet, the alphabets in the order ``np.random.default_rng(0).permutation`` of their
+  sorted names; ``data.val_classes = v > 0`` holds out the fewest whole alphabets from the end of
+  that order that have at least ``v`` characters (:func:`lake_val_characters`). The manifest
+  records the split and the alphabets with their character counts.
 """
 
 from __future__ import annotations
@@ -51,6 +64,10 @@ ORIGINAL_SIZE = 105
 IMAGE_SIZE = 28
 ROTATIONS = 4
 ARCHIVES = ('images_background', 'images_evaluation')
+OMNIGLOT_SPLITS = ('vinyals', 'lake')
+# Lake split: the archive each prepared split comes from, and its character count.
+LAKE_ARCHIVE = {'train': 'images_background', 'test': 'images_evaluation'}
+LAKE_CHARACTERS = {'images_background': 964, 'images_evaluation': 659}
 SPLIT_SEED = 0
 PREPROCESSING_VERSION = 'omniglot-v1'
 PREPROCESSING = (
@@ -58,6 +75,12 @@ PREPROCESSING = (
     'characters sorted by (alphabet, character), images by file name; '
     'np.random.default_rng(0).permutation(1623): first 1200 meta-train, last 423 test; '
     'class 4*i+k = np.rot90(image, k), k=0..3; val = last val_classes characters of train.')
+LAKE_PREPROCESSING = (
+    '105x105 1-bit PNG -> grayscale L -> PIL LANCZOS resize 28x28 -> invert (ink 255, bg 0); '
+    'one archive (images_background: train, images_evaluation: test); alphabets in the order '
+    'np.random.default_rng(0).permutation of their sorted names, characters sorted within, '
+    'images by file name; class 4*i+k = np.rot90(image, k), k=0..3; val = the fewest whole '
+    'alphabets from the end of the train order with at least val_classes characters.')
 
 _DOWNLOAD_HELP = (
     'Omniglot: get images_background.zip and images_evaluation.zip from '
@@ -104,11 +127,38 @@ def character_split(n_characters: int = NUM_CHARACTERS, n_train: int = NUM_META_
 
 # ---- readers: each returns (sorted [(alphabet, character)], uint8 [n, m, 28, 28]) ----------------
 
-def _find_archives(path: Path) -> dict[str, Path]:
+def alphabet_order(alphabets) -> list[str]:
+  """The alphabets (names) in the Lake split's fixed order: a seeded permutation of the sorted
+  names; the validation alphabets are taken from its end."""
+  names = sorted(alphabets)
+  return [names[i] for i in np.random.default_rng(SPLIT_SEED).permutation(len(names))]
+
+
+def lake_val_characters(alphabet_counts, val_classes: int) -> int:
+  """How many characters the Lake split's validation holds: the fewest whole alphabets from the
+  end of ``alphabet_counts`` ([(alphabet, characters)] in train order) with at least
+  ``val_classes`` characters (0 for 0). At least one alphabet must stay for meta-training."""
+  if val_classes <= 0:
+    return 0
+  held = 0
+  for i, (_, n) in enumerate(reversed(alphabet_counts)):
+    held += n
+    if held >= val_classes:
+      if i + 1 == len(alphabet_counts):
+        break
+      return held
+  total = sum(n for _, n in alphabet_counts)
+  last = alphabet_counts[0][1] if alphabet_counts else 0
+  raise DataError(f'data.val_classes={val_classes}: the Lake split holds out whole background '
+                  f'alphabets and must keep one for meta-training; choose at most '
+                  f'{total - last} characters')
+
+
+def _find_archives(path: Path, archives=ARCHIVES) -> dict[str, Path]:
   if not path.exists():
     raise DataError(f'Omniglot: data.path={str(path)!r} does not exist.\n{_DOWNLOAD_HELP}')
   found, missing = {}, []
-  for name in ARCHIVES:
+  for name in archives:
     folder, zf = path / name, path / f'{name}.zip'
     if folder.is_dir():
       nested = folder / name            # some unzip tools add one more level
@@ -180,12 +230,13 @@ def _list_archive(name: str, src: Path):
 
 
 def read_local(path, n_characters: int = NUM_CHARACTERS,
-               images_per_character: int = IMAGES_PER_CHARACTER):
-  """Reads both archives in ``path``: (sorted character names, uint8 [n, m, 28, 28])."""
+               images_per_character: int = IMAGES_PER_CHARACTER, archives=ARCHIVES):
+  """Reads ``archives`` (default: both) in ``path``: (sorted character names,
+  uint8 [n, m, 28, 28])."""
   path = cache.expand(path)
   chars: dict = {}
   counts = []
-  for name, src in _find_archives(path).items():
+  for name, src in _find_archives(path, archives).items():
     listed = _list_archive(name, src)
     for key in listed:
       if key in chars:
@@ -194,7 +245,7 @@ def read_local(path, n_characters: int = NUM_CHARACTERS,
     counts.append(f'{src.name}: {len(listed)}')
   if len(chars) != n_characters:
     raise DataError(f'Omniglot in {path}: found {len(chars)} characters ({", ".join(counts)}), '
-                    f'expected {n_characters} (964 in images_background + 659 in '
+                    f'expected {n_characters} (964 in images_background, 659 in '
                     f'images_evaluation). Is an archive incomplete?\n{_DOWNLOAD_HELP}')
   names = sorted(chars)
   base = np.zeros((len(names), images_per_character, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
@@ -288,8 +339,10 @@ def offline_error(data_dir=None) -> DataError:
 
 
 def read_tfds(data_dir=None, n_characters: int = NUM_CHARACTERS,
-              images_per_character: int = IMAGES_PER_CHARACTER, download_config=None):
-  """Builds TFDS's omniglot (train + test) and returns the same as :func:`read_local`.
+              images_per_character: int = IMAGES_PER_CHARACTER, download_config=None,
+              archives=ARCHIVES):
+  """Builds TFDS's omniglot and returns the same as :func:`read_local` for ``archives`` (TFDS's
+  ``train`` split is images_background, its ``test`` split images_evaluation).
 
   Offline without a local copy it fails at once (:func:`network_reachable`, 2 s) instead of
   letting TFDS retry its downloads for minutes.
@@ -311,7 +364,8 @@ def read_tfds(data_dir=None, n_characters: int = NUM_CHARACTERS,
                     'Without internet use the local source instead.\n' + _DOWNLOAD_HELP) from e
   alphabets = builder.info.features['alphabet'].names
   per_char: dict[tuple[str, str], list] = {}
-  for split in ('train', 'test'):
+  tfds_split = {'images_background': 'train', 'images_evaluation': 'test'}
+  for split in (tfds_split[a] for a in archives):
     ds = builder.as_dataset(split=split, shuffle_files=False)
     for ex in tfds.as_numpy(ds):
       alphabet = alphabets[int(ex['alphabet'])]
@@ -349,6 +403,18 @@ def build_arrays(names, base: np.ndarray, n_train: int = NUM_META_TRAIN):
   split_names = {'train': ['/'.join(names[i]) for i in tr],
                  'test': ['/'.join(names[i]) for i in te]}
   return arrays, split_names
+
+
+def build_lake_array(names, base: np.ndarray, split: str):
+  """(sorted names, [n, m, 28, 28]) of one archive -> ({split: array}, manifest fields): the
+  characters ordered by :func:`alphabet_order`, with rotations."""
+  alphabets = alphabet_order({a for a, _ in names})
+  rank = {a: i for i, a in enumerate(alphabets)}
+  order = sorted(range(len(names)), key=lambda i: (rank[names[i][0]], names[i][1]))
+  counts = [[a, sum(1 for n in names if n[0] == a)] for a in alphabets]
+  return ({split: with_rotations(base[order])},
+          {'omniglot_split': 'lake', 'characters': {split: ['/'.join(names[i]) for i in order]},
+           'alphabets': {split: counts}})
 
 
 def resolve_source(data_config) -> str:
@@ -390,17 +456,84 @@ def prepare(data_config, *, force: bool = False, log=print, n_characters: int = 
   def build():
     names, base = read()
     arrays, names_by_split = build_arrays(names, base, n_train)
-    return arrays, {'characters': names_by_split}   # character names kept in the manifest
+    # character names kept in the manifest
+    return arrays, {'omniglot_split': 'vinyals', 'characters': names_by_split}
 
   return cache.prepare(
       dataset='omniglot', cache_dir=data_config.cache_dir, key=key, source_files=source_files,
       build=build, description=PREPROCESSING, force=force, log=log)
 
 
+def prepare_lake(data_config, split: str, *, force: bool = False, log=print,
+                 n_characters: int | None = None,
+                 images_per_character: int = IMAGES_PER_CHARACTER, download_config=None):
+  """The Lake split's ``split`` ('train': images_background, 'test': images_evaluation),
+  prepared from that archive alone; returns (cache directory, manifest). ``n_characters``: the
+  archive's character count (default :data:`LAKE_CHARACTERS`; tests use small archives)."""
+  source = resolve_source(data_config)
+  archive = LAKE_ARCHIVE[split]
+  n = LAKE_CHARACTERS[archive] if n_characters is None else n_characters
+  counts = {'n_characters': n, 'images_per_character': images_per_character}
+  if source == 'local':
+    path = cache.expand(data_config.path)
+    _find_archives(path, (archive,))
+    key = {'source': 'local', 'path': str(path), 'version': PREPROCESSING_VERSION,
+           'split': 'lake', 'archive': archive, **counts}
+    source_files = lambda: cache.fingerprint(_find_archives(path, (archive,)).values())
+    read = lambda: read_local(path, n, images_per_character, (archive,))
+  else:
+    data_dir = str(cache.expand(data_config.path)) if data_config.path else None
+    key = {'source': 'tfds', 'builder': 'omniglot:3.*.*', 'data_dir': data_dir,
+           'version': PREPROCESSING_VERSION, 'split': 'lake', 'archive': archive, **counts}
+    source_files = lambda: []
+    read = lambda: read_tfds(data_dir, n, images_per_character, download_config, (archive,))
+  return cache.prepare(
+      dataset='omniglot', cache_dir=data_config.cache_dir, key=key, source_files=source_files,
+      build=lambda: build_lake_array(*read(), split), description=LAKE_PREPROCESSING,
+      force=force, log=log)
+
+
+def split_of(data_config) -> str:
+  """``data.omniglot_split``, checked (configs without the field: 'vinyals')."""
+  name = data_config.get('omniglot_split', 'vinyals') or 'vinyals'
+  if name not in OMNIGLOT_SPLITS:
+    raise DataError(f'data.omniglot_split={name!r}: choose one of {OMNIGLOT_SPLITS}')
+  return name
+
+
+def _load_lake(data_config, split: str, v: int, n_characters=None, n_train=None,
+               images_per_character: int = IMAGES_PER_CHARACTER):
+  """:func:`load_split` of the Lake split; ``n_characters`` / ``n_train``: both archives' / the
+  background archive's character counts (default: the real ones)."""
+  n_bg = LAKE_CHARACTERS['images_background'] if n_train is None else n_train
+  total = NUM_CHARACTERS if n_characters is None else n_characters
+  if split == 'val' and v == 0:
+    return None
+  if split == 'test':
+    directory, manifest = prepare_lake(data_config, 'test', n_characters=total - n_bg,
+                                       images_per_character=images_per_character)
+    return cache.load(directory, manifest, 'test')
+  directory, manifest = prepare_lake(data_config, 'train', n_characters=n_bg,
+                                     images_per_character=images_per_character)
+  held = lake_val_characters(manifest['alphabets']['train'], v)
+  if split == 'val' and held == 0:
+    return None
+  train = cache.load(directory, manifest, 'train')
+  cut = ROTATIONS * (n_bg - held)
+  return train[:cut] if split == 'train' else train[cut:]
+
+
 def load_split(data_config, split: str, **counts):
-  """uint8 ``[4 * characters, 20, 28, 28, 1]`` for split; None for 'val' when val_classes == 0."""
-  n_train = counts.get('n_train', NUM_META_TRAIN)
+  """uint8 ``[4 * characters, 20, 28, 28, 1]`` for split; None for 'val' when val_classes == 0.
+
+  ``counts`` (tests: small archives): ``n_characters`` (both archives), ``n_train`` (the
+  meta-train side: Vinyals' 1200, or Lake's images_background), ``images_per_character``."""
   v = int(data_config.get('val_classes', 0) or 0)
+  if split_of(data_config) == 'lake':
+    if v < 0:
+      raise DataError(f'data.val_classes={v}: must be >= 0')
+    return _load_lake(data_config, split, v, **counts)
+  n_train = counts.get('n_train', NUM_META_TRAIN)
   if not 0 <= v < n_train:
     raise DataError(f'data.val_classes={v}: must be in [0, {n_train}) Omniglot characters')
   if split == 'val' and v == 0:

@@ -1,0 +1,44 @@
+"""metadrop_jax.publish: the committed copy of a finished run holds its results and last
+checkpoint only, and is itself a workdir that evaluates."""
+
+import json
+import os
+
+from metadrop_jax import evaluation
+from metadrop_jax import publish
+from metadrop_jax.cli import publish as publish_cli
+from metadrop_jax import train
+from tests.conftest import tiny
+
+
+def test_publish_keeps_results_and_the_last_checkpoint_and_evaluates(tmp_path):
+  wd, out = str(tmp_path / 'wd'), str(tmp_path / 'pub' / 'run')
+  c = tiny(num_steps=4, log_every=2, val_every=0, checkpoint_every=2,
+           **{'model.num_layers': 1, 'eval.num_episodes': 4, 'eval.mc_samples': 1})
+  train.train_and_evaluate(c, wd)
+  assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['2', '4']
+  r = publish.publish(wd, out)
+  assert r['step'] == 4 and os.listdir(os.path.join(out, 'checkpoints')) == ['4']
+  kept = set(os.listdir(out))
+  assert {'config.json', 'results.json', 'metrics.jsonl', 'runs.jsonl', 'episode_accs_test.npy',
+          'checkpoint_hashes.json', 'checkpoints'} <= kept
+  assert not kept & {'tb', '.lock'}
+  with open(os.path.join(out, 'checkpoint_hashes.json')) as f:
+    assert list(json.load(f)) == ['4']
+  with open(os.path.join(wd, 'results.json')) as f:
+    trained = json.load(f)
+  again = evaluation.evaluate_checkpoint(None, out)       # the copy is a workdir
+  assert again['step'] == 4 and again['accuracy'] == trained['accuracy']
+  assert publish.publish(wd, out)['step'] == 4             # replaces a previous copy
+  assert [n for n in os.listdir(os.path.dirname(out)) if n.startswith('.')] == []
+
+
+def test_kept_files():
+  assert publish.kept_files(['results.json', 'results_val.json', 'events.tb', 'x.npy',
+                             'episode_accs_val.npy', '.lock', 'config.json']) == [
+      'config.json', 'episode_accs_val.npy', 'results.json', 'results_val.json']
+
+
+def test_publish_without_checkpoint_is_an_error(tmp_path, capsys):
+  assert publish_cli.main([f'--workdir={tmp_path}', f'--out={tmp_path / "o"}']) == 2
+  assert 'no finished checkpoint' in capsys.readouterr().err
