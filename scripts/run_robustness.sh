@@ -23,11 +23,11 @@ WORKDIRS=("$@")
                                          results/fidelity/exact_maml results/fidelity/exact_metadrop)
 for wd in "${WORKDIRS[@]}"; do
   echo "$(date -u +%FT%TZ) robustness of $wd ($EPISODES episodes, $STEPS PGD steps, $RESTARTS start(s))"
-  "$PYTHON" -m metadrop_jax.robustness --workdirs="$wd" --norms=l1,l2,linf --episodes="$EPISODES" \
+  "$PYTHON" -m metadrop_jax.cli.robustness --workdirs="$wd" --norms=l1,l2,linf --episodes="$EPISODES" \
       --steps="$STEPS" --restarts="$RESTARTS" --skip_existing --no_progress
 done
 if [[ -n "$OUT" ]]; then
-  "$PYTHON" -m metadrop_jax.robustness --workdirs="$(IFS=,; echo "${WORKDIRS[*]}")" \
+  "$PYTHON" -m metadrop_jax.cli.robustness --workdirs="$(IFS=,; echo "${WORKDIRS[*]}")" \
       --norms=l1,l2,linf --plot_only --out="$OUT" \
       --title="PGD on the query set, $EPISODES test episodes, $STEPS steps"
 fi
