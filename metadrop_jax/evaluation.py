@@ -65,8 +65,28 @@ def _progress_bar(enabled: bool, total: int, split: str):
   return tqdm(total=total, desc=f'meta-test ({split})', unit='episode', dynamic_ncols=True)
 
 
+PROTOCOL_FIELDS = ('num_episodes', 'mc_samples', 'seed')
+
+
+def protocol_tag(config, workdir: str) -> str:
+  """'' when ``config``'s meta-test protocol (episodes, MC samples, episode seed) is the one the
+  workdir was trained with; else e.g. ``'_100ep_5mc_seed0'``, so that a shortened meta-test of a
+  committed model never replaces its results.json (the table's source)."""
+  stored = workdir_lib.load_run_config(workdir).eval
+  if all(stored[f] == config.eval[f] for f in PROTOCOL_FIELDS):
+    return ''
+  ev = config.eval
+  return f'_{ev.num_episodes}ep_{ev.mc_samples}mc_seed{ev.seed}'
+
+
+def result_name(split: str, tag: str = '') -> str:
+  """results.json (the run's own test protocol), results_<split>.json, or either with a tag."""
+  return ('results' if split == 'test' else f'results_{split}') + tag + '.json'
+
+
 def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, Any]:
-  """Restores the latest checkpoint and writes ``workdir/results.json`` (paper protocol), with a
+  """Restores the latest checkpoint and writes ``workdir/results.json`` (the run's own protocol;
+  another episode count, MC samples or seed: :func:`protocol_tag` names the file), with a
   progress bar over episodes when ``config.progress_bar``.
 
   ``config`` None: the workdir's config.json; a given config must not differ from it in a field
@@ -103,9 +123,10 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, 
       **({'omniglot_split': config.data.omniglot_split} if config.data.name == 'omniglot' else {}),
       'eval_minutes': (time.time() - t0) / 60.0, **workdir_lib.provenance(),
   }
-  name = 'results.json' if split == 'test' else f'results_{split}.json'
-  metrics_lib.write_json_atomic(os.path.join(workdir, name), result)
-  path = metrics_lib.episode_accs_path(workdir, split)
+  tag = protocol_tag(config, workdir)
+  result['file'] = result_name(split, tag)
+  metrics_lib.write_json_atomic(os.path.join(workdir, result['file']), result)
+  path = metrics_lib.episode_accs_path(workdir, split + tag)
   with open(path + '.tmp', 'wb') as f:
     np.save(f, r['accs'])
   os.replace(path + '.tmp', path)

@@ -29,8 +29,24 @@ def test_publish_keeps_results_and_the_last_checkpoint_and_evaluates(tmp_path):
     trained = json.load(f)
   again = evaluation.evaluate_checkpoint(None, out)       # the copy is a workdir
   assert again['step'] == 4 and again['accuracy'] == trained['accuracy']
+  # a shortened meta-test of the committed copy writes its own file, never results.json
+  with open(os.path.join(out, 'results.json')) as f:
+    committed = f.read()
+  short = evaluation.evaluate_checkpoint(_with_eval(out, num_episodes=2), out)
+  assert short['file'] == 'results_2ep_1mc_seed0.json' and short['episodes'] == 2
+  assert os.path.isfile(os.path.join(out, 'episode_accs_test_2ep_1mc_seed0.npy'))
+  with open(os.path.join(out, 'results.json')) as f:
+    assert f.read() == committed
   assert publish.publish(wd, out)['step'] == 4             # replaces a previous copy
   assert [n for n in os.listdir(os.path.dirname(out)) if n.startswith('.')] == []
+
+
+def _with_eval(workdir, **fields):
+  from metadrop_jax import workdir as workdir_lib
+  c = workdir_lib.load_run_config(workdir)
+  for k, v in fields.items():
+    c.eval[k] = v
+  return c
 
 
 def test_kept_files():

@@ -221,3 +221,24 @@ def test_tensorflow_cannot_take_the_accelerator():
   assert tf and all(re.match(r'tensorflow(-cpu|-datasets)\b', d) for d in tf), tf
   launch = (ROOT / 'launch.py').read_text()
   assert 'off the accelerator' not in launch and 'tensorflow-cpu' in launch
+
+
+def test_every_documented_program_runs():
+  """Every ``-m metadrop_jax.X`` / ``-m tools.X`` / ``-m benchmarks.X`` that a script, a doc, a
+  notebook or a module's docstring tells a user to run names a module with a ``__main__``
+  block (a library module run with -m does nothing and exits 0)."""
+  texts = [p for pat in ('scripts/*.sh', 'docs/*.md', '*.md', 'notebooks/*.ipynb', 'notebooks/*.md',
+                         'metadrop_jax/**/*.py', 'tools/**/*.py', 'benchmarks/**/*.py',
+                         'launch.py', '.ci/run')
+           for p in ROOT.glob(pat)]
+  bad = []
+  for p in texts:
+    text = p.read_text()
+    for m in re.finditer(r'-m ((?:metadrop_jax|tools|benchmarks)(?:\.\w+)+)', text):
+      if text[m.end():m.end() + 2] == '.<':      # python -m metadrop_jax.cli.<name>
+        continue
+      mod = ROOT / m.group(1).replace('.', '/')
+      path = mod.with_suffix('.py') if mod.with_suffix('.py').exists() else mod / '__main__.py'
+      if not path.exists() or '__main__' not in path.read_text():
+        bad.append(f'{p.relative_to(ROOT)}: -m {m.group(1)}')
+  assert not bad, bad
