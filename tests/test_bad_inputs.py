@@ -279,8 +279,10 @@ def test_eval_of_a_workdir_takes_eval_overrides_without_config(monkeypatch, caps
   rc, out, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={wd}',
                             '--config.eval.num_episodes=3', '--config.eval.mc_samples=2')
   assert rc == 0, err
-  res = json.load(open(os.path.join(wd, 'results.json')))
+  name = 'results_3ep_2mc_seed0.json'     # not the run's protocol: never its results.json
+  res = json.load(open(os.path.join(wd, name)))
   assert res['episodes'] == 3 and res['mc_samples'] == 2 and res['step'] == 2
+  assert res['file'] == name and not os.path.exists(os.path.join(wd, 'results.json'))
   assert '| Meta-dropout |' in out and f"{res['accuracy']:.2f} ± {res['ci95']:.2f}" in out
   assert 'episode' in err                           # the progress bar, with its rate
   rc, _, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={wd}',
@@ -292,7 +294,7 @@ def test_eval_of_a_workdir_takes_eval_overrides_without_config(monkeypatch, caps
   rc, _, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={wd}',
                           '--config.eval.num_episodes', '3')
   assert_user_error(rc, err, 'eval.num_episodes=VALUE')
-  assert json.load(open(os.path.join(wd, 'results.json')))['episodes'] == 3   # untouched
+  assert json.load(open(os.path.join(wd, name)))['episodes'] == 3   # untouched
 
 
 def test_eval_with_a_different_way_names_the_field(monkeypatch, capsys, tmp_path):
