@@ -68,8 +68,12 @@ def choose(job: Job) -> None:
   job.log(f'matmul precision for a campaign still on auto: {precision} ({why})')
   form = choices.choose_formulation(read_json(job.path('formulations.json')), smoke)
   job.summary['formulation_choice'] = form
-  job.log(f"formulation of this sitting: {form['overrides'] or 'the configs default'} "
-          f"({form['why']})")
+  if form['overrides']:
+    job.log(f"formulation of this sitting: {form['overrides']} ({form['why']})")
+  else:   # the sitting then trains with the one campaign.json records for this card kind
+    rec = choices.recorded(os.path.abspath(job.a.campaign_dir), job.device_kind)
+    job.log(f"formulation of this sitting: {rec or 'the configs default'} "
+            f"({'recorded for ' + job.device_kind + ' in campaign.json' if rec else form['why']})")
 
 
 def campaign_phase(job: Job) -> dict:
