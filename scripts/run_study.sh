@@ -10,7 +10,7 @@
 # Environment: PYTHON (default python), EXTRA (overrides for every run), MODE (launch.py mode,
 # default train_eval; 'train' skips the meta-test), TITLE (figure title). Logs: ROOT/NAME.log;
 # table ROOT/table.md, figures ROOT/accuracy.png and ROOT/curves.png.
-# Used by docs/run_method_study.sh and scripts/run_fidelity_study.sh.
+# Used by scripts/run_fidelity_study.sh.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

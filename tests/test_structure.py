@@ -149,10 +149,9 @@ def test_long_run_tooling_is_in_small_modules():
 
 
 def test_docs_hold_text_images_and_records():
-  """Programs live in scripts/ and tools/, not docs/ (docs/run_method_study.sh is on its way to
-  scripts/)."""
+  """Programs live in scripts/ and tools/, not docs/."""
   programs = [f for f in _tracked('docs') if f.endswith(('.sh', '.py'))]
-  assert programs in ([], ['docs/run_method_study.sh']), programs
+  assert programs == [], programs
 
 
 def test_nothing_refers_to_folders_beside_the_repository():
