@@ -83,7 +83,6 @@ def _train(config, workdir: str, stop: '_StopOnSignal') -> dict[str, Any]:
   workdir_lib.check_split(train_np, config, 'train')
   if val_np is not None:
     workdir_lib.check_split(val_np, config, 'val')
-  workdir_lib.write_run_config(workdir, config)    # only a config that can start is recorded
 
   init_key, train_key = keys_lib.run_keys(config)
   state, tx = meta.create_state(init_key, config)
@@ -91,6 +90,9 @@ def _train(config, workdir: str, stop: '_StopOnSignal') -> dict[str, Any]:
   restored = workdir_lib.restore_latest(mgr, state, workdir, set_aside=True)
   if restored is not None:
     state = restored
+  # only a config that can start is recorded: after the data checks and the restore (an
+  # unreadable checkpoint_hashes.json refuses the resume and leaves config.json as it was)
+  workdir_lib.write_run_config(workdir, config)
   start = int(state.step)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   sharding = _task_sharding(config)

@@ -322,9 +322,11 @@ def test_unreadable_checkpoint_hashes_are_an_error_not_silence(trained, tmp_path
   path = os.path.join(wd, 'checkpoint_hashes.json')
   good = open(path).read()
   open(path, 'w').write(good[:len(good) // 2])
+  config_json = open(os.path.join(wd, 'config.json')).read()
   with pytest.raises(workdir_lib.WorkdirError, match='checkpoint_hashes.json is unreadable'):
     train.train(small(num_steps=6), wd)
   assert open(path).read() == good[:len(good) // 2]      # nothing rewritten
+  assert open(os.path.join(wd, 'config.json')).read() == config_json   # not even num_steps
   os.remove(path)
   with pytest.warns(RuntimeWarning, match='restored without verifying'):
     workdir_lib.restore(wd)

@@ -320,11 +320,13 @@ def test_plan_and_report_never_write(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('cmd', ['plan', 'sitting'])
-def test_a_misspelled_override_is_one_line_and_writes_nothing(tmp_path, capsys, cmd):
+@pytest.mark.parametrize('override', ['val_evry=0', 'val_every=abc'])
+def test_a_misspelled_override_is_one_line_and_writes_nothing(tmp_path, capsys, cmd, override):
+  """An unknown field, or a value of the wrong type (a traceback before)."""
   cdir = tmp_path / 'camp'
   rc, line = cli_error(capsys, campaign_cli.main, cmd, f'--campaign_dir={cdir}',
-                       '--campaign_settings=tiny', '--campaign_overrides=val_evry=0')
-  assert rc == 2 and 'val_evry' in line and not cdir.exists()
+                       '--campaign_settings=tiny', f'--campaign_overrides={override}')
+  assert rc == 2 and 'val_ev' in line and not cdir.exists()
 
 
 def test_overrides_other_than_the_campaigns_own_are_refused(tmp_path, capsys):

@@ -128,7 +128,7 @@ def _check_run_configs(camp: dict, where: str, fix: str) -> None:
   for run in camp['runs']:
     try:
       run_config(run, camp)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:   # TypeError: a value of the wrong type
       why = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
       raise CampaignError(f"{where}: run {run['name']}: {' '.join(why.split())}: {fix}") from None
 

@@ -9,6 +9,11 @@
 # generated blocks of docs/results.md and docs/performance.md, keeps the compile cache in
 # .gpu_cache/ (git-ignored) for the next job.
 set -eu
+args=()
+for a in "$@"; do   # a folder given relative to where this was called from
+  if [[ $a != -* && -e $a ]]; then a=$(realpath -- "$a"); fi
+  args+=("$a")
+done
 cd "$(dirname "$0")/../.."
-${PYTHON:-python} -m tools.long_runs.window unpack "$@"
+${PYTHON:-python} -m tools.long_runs.window unpack "${args[@]}"
 echo "now: git add results/table1 docs/bench/windows docs/results.md docs/performance.md && git commit"
