@@ -53,6 +53,17 @@ def write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def read_json_object(path: str) -> dict | str:
+  """The JSON object in ``path``, or why it cannot be read (a short reason, for the caller's
+  one-line error): unreadable, cut, or not an object."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (OSError, ValueError) as e:
+    return str(e)
+  return obj if isinstance(obj, dict) else 'not a JSON object'
+
+
 def append_jsonl(path: str, row: dict) -> None:
   """Appends ``row`` as one JSON line, durably (flush + fsync), always on a line of its own: if
   the file's last line was cut by a crash (no trailing newline), a newline ends it first, so the

@@ -76,14 +76,9 @@ class ResultsError(ValueError):
 
 
 def _read_results(path: str, wd: str) -> dict:
-  try:
-    with open(path) as f:
-      r = json.load(f)
-  except (OSError, ValueError) as e:
-    r = e
-  if not isinstance(r, dict):
-    why = r if isinstance(r, Exception) else 'not a JSON object'
-    raise ResultsError(f'{path} is unreadable ({why}): meta-test the run again (launch.py '
+  r = metrics.read_json_object(path)
+  if isinstance(r, str):
+    raise ResultsError(f'{path} is unreadable ({r}): meta-test the run again (launch.py '
                        f'--mode=eval --workdir={wd}) or restore the file from a copy')
   return r
 

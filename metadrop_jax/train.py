@@ -72,11 +72,12 @@ def train(config, workdir: str) -> dict[str, Any]:
   """
   config_lib.validate(config)
   workdir_lib.prepare(workdir)
-  with workdir_lib.locked(workdir), _StopOnSignal() as stop:
+  with workdir_lib.locked(workdir), StopOnSignal(
+      'stopping after this step, checkpointed (send it again to stop at once)') as stop:
     return _train(config, workdir, stop)
 
 
-def _train(config, workdir: str, stop: '_StopOnSignal') -> dict[str, Any]:
+def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:
   workdir_lib.check_run_config(workdir, config)
   train_np = data_lib.load_split(config.data, 'train')
   val_np = data_lib.load_split(config.data, 'val') if config.val_every else None
@@ -213,12 +214,15 @@ def _last_checkpoint(mgr) -> str:
           if last is not None else ' No checkpoint was written.')
 
 
-class _StopOnSignal:
-  """While active (main thread only), SIGINT and SIGTERM ask the loop to stop after the step in
-  flight, checkpointed; a second signal interrupts at once."""
+class StopOnSignal:
+  """While active (main thread only), SIGINT and SIGTERM set ``requested`` (the signal's name),
+  which the holder reads to stop at its next safe point (the training loop: after the step in
+  flight, checkpointed; a campaign sitting: before the next run); a second signal interrupts at
+  once. ``notice``, if given, is printed on the first signal."""
 
-  def __init__(self):
+  def __init__(self, notice: str | None = None):
     self.requested = None
+    self.notice = notice
     self._old = {}
 
   def __enter__(self):
@@ -231,8 +235,8 @@ class _StopOnSignal:
     if self.requested is not None:   # a second signal: stop now
       raise KeyboardInterrupt
     self.requested = signal.Signals(signum).name
-    print(f'\n{self.requested}: stopping after this step, checkpointed '
-          '(send it again to stop at once)', file=sys.stderr, flush=True)
+    if self.notice:
+      print(f'\n{self.requested}: {self.notice}', file=sys.stderr, flush=True)
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():

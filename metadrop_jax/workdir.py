@@ -231,14 +231,9 @@ def _read_hashes(workdir: str) -> dict:
   path = os.path.join(workdir, _HASHES)
   if not os.path.exists(path):
     return {}
-  try:
-    with open(path) as f:
-      hashes = json.load(f)
-  except (OSError, ValueError) as e:
-    hashes = e
-  if not isinstance(hashes, dict):
-    why = hashes if isinstance(hashes, Exception) else 'not a JSON object'
-    raise WorkdirError(f'{path} is unreadable ({why}): the checkpoints cannot be verified. '
+  hashes = metrics_lib.read_json_object(path)
+  if isinstance(hashes, str):
+    raise WorkdirError(f'{path} is unreadable ({hashes}): the checkpoints cannot be verified. '
                        'Restore it from a copy of the workdir, or move it away to resume without '
                        'verifying the existing checkpoints.')
   return hashes

@@ -16,6 +16,7 @@ from metadrop_jax import evaluation, report
 from metadrop_jax import workdir as workdir_lib
 from tools.long_runs import choices, gpu_check, pack, reports, unpack, window
 from tools.long_runs import runs
+from tests.test_long_runs_state import fake_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,19 +190,6 @@ def test_precision_choice_needs_the_check_and_a_speedup():
   assert choices.choose_precision(smoke, [row('highest', 10.0)])[0] == 'highest'
 
 
-def _checkpoint(wd, step, nbytes=3000):
-  """A stand-in run folder at ``step``: config.json, a checkpoint of random bytes and its
-  recorded SHA-256 (what train() writes)."""
-  import hashlib
-  ck = wd / 'checkpoints' / str(step)
-  ck.mkdir(parents=True)
-  data = os.urandom(nbytes)
-  (ck / 'data').write_bytes(data)
-  (wd / 'config.json').write_text(json.dumps({'num_steps': 1000}))
-  (wd / 'checkpoint_hashes.json').write_text(json.dumps(
-      {str(step): {'data': hashlib.sha256(data).hexdigest()}}))
-
-
 def test_pack_splits_large_archives_and_unpack_replaces_runs(tmp_path):
   """Parts of <= part_bytes (the host's transfer limit), reassembled; a returned run that is
   ahead replaces the local one (its old checkpoint goes); runs not returned stay; runs unchanged
@@ -209,7 +197,7 @@ def test_pack_splits_large_archives_and_unpack_replaces_runs(tmp_path):
   cdir = tmp_path / 'dev' / 'camp'
   runs.init_campaign(str(cdir), ['tiny'])
   for run in ('a', 'b'):
-    _checkpoint(cdir / run, 7)
+    fake_run(cdir / run, 7, nbytes=3000)
     (cdir / run / 'tb').mkdir()
     (cdir / run / 'tb' / 'events').write_text('x')
     (cdir / run / 'metrics.jsonl.tmp.1').write_text('x')
@@ -218,8 +206,8 @@ def test_pack_splits_large_archives_and_unpack_replaces_runs(tmp_path):
     os.utime(p, (old, old))
   members = pack.campaign_members(str(cdir), since=time.time() - 10)
   assert sorted(members) == [os.path.join('a', f) for f in (
-      'checkpoint_hashes.json', os.path.join('checkpoints', '7', 'data'), 'config.json')] + [
-          'campaign.json']
+      'checkpoint_hashes.json', os.path.join('checkpoints', '7', 'data'), 'config.json',
+      'runs.jsonl')] + ['campaign.json']
   out = tmp_path / 'out'
   out.mkdir()
   summary = {'start': '2026-01-01T00:00:00Z', 'phases': {}}

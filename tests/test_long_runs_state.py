@@ -399,7 +399,7 @@ def fake_train(monkeypatch):
       raise what
     stopped = 'time limit'
     if what == 'signal':
-      with train_lib._StopOnSignal() as stop:      # what train() does around its loop
+      with train_lib.StopOnSignal() as stop:      # what train() does around its loop
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
         stopped = f'interrupted ({stop.requested})'

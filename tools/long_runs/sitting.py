@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import threading
 import time
 
 from tools.long_runs import reports
@@ -43,6 +41,7 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   trains."""
   import jax
   from metadrop_jax import metrics as metrics_lib
+  from metadrop_jax import train as train_lib
   from metadrop_jax import workdir as workdir_lib
   if not (math.isfinite(budget_s) and budget_s > 0):
     raise runs_lib.CampaignError(f'a sitting of {budget_s:.0f} s: give a positive '
@@ -65,7 +64,7 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   for r in rows:
     if r['action'] == 'skip':
       log(f"[campaign] WARNING: skipped {r['name']}: {r['problem']}")
-  with StopOnSignal() as stop:
+  with train_lib.StopOnSignal() as stop:   # no run starts after a signal
     ctx = {'cdir': cdir, 'camp': camp, 'deadline': deadline, 'eval_min_s': eval_min_s,
            'min_share_s': min_share_s, 'formulation': formulation, 'log': log, 'stop': stop,
            'skipped': summary['skipped']}
@@ -82,32 +81,6 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   metrics_lib.append_jsonl(os.path.join(cdir, 'sittings.jsonl'), summary)
   reports.write_reports(cdir)
   return summary
-
-
-class StopOnSignal:
-  """While active (main thread only), SIGINT and SIGTERM ask the sitting to stop: no run starts
-  after one (train() handles the signal itself while a run trains: it saves the step in flight
-  and returns 'interrupted'). A second signal outside a run interrupts at once."""
-
-  def __init__(self):
-    self.requested = None
-    self._old = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    if self.requested is not None:
-      raise KeyboardInterrupt
-    self.requested = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-    return False
 
 
 def _minimum_times(on_accelerator: bool, budget_s: float, eval_min_s: float | None):
