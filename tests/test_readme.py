@@ -50,3 +50,11 @@ def test_the_check_catches_a_number_without_a_source():
   found = measured_numbers(fake)
   assert found == ['12.34 ± 0.56', '7.89']
   assert not any(n in _sources() for n in ('12.34 ± 0.56',))
+
+
+def test_the_python_example_runs(monkeypatch):
+  """The README's API example is code a user pastes: it runs as written (tiny config, CPU)."""
+  blocks = re.findall(r'```python\n(.*?)```', README.read_text(), flags=re.S)
+  assert len(blocks) == 1, 'one python example expected'
+  monkeypatch.chdir(ROOT)                        # it names configs/tiny.py relative to the root
+  exec(compile(blocks[0], 'README.md', 'exec'), {})   # pylint: disable=exec-used
