@@ -112,7 +112,12 @@ def load_results(workdirs: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def setting_of(run: dict) -> tuple[str, int, int]:
-  return (str(run.get('dataset', '?')).lower(), int(run.get('way', 0)), int(run.get('shot', 0)))
+  """(dataset, way, shot); an Omniglot split other than the paper's is part of the dataset
+  ('omniglot/lake'), so such a run is never compared with the paper's numbers."""
+  dataset = str(run.get('dataset', '?')).lower()
+  if run.get('omniglot_split') not in (None, 'vinyals'):
+    dataset += f"/{run['omniglot_split']}"
+  return (dataset, int(run.get('way', 0)), int(run.get('shot', 0)))
 
 
 def column_label(setting: tuple[str, int, int], meta_gradient: str | None = None) -> str:
@@ -120,7 +125,9 @@ def column_label(setting: tuple[str, int, int], meta_gradient: str | None = None
     label = PAPER_COLUMNS[setting]
   else:
     d, w, s = setting
-    label = f'{d} {w}-way {s}-shot'
+    d, _, split = d.partition('/')
+    label = PAPER_COLUMNS.get((d, w, s), f'{d} {w}-way {s}-shot') + (
+        f' ({split} split)' if split else '')
   if meta_gradient:
     label += f', {META_GRADIENT_LABELS.get(meta_gradient, meta_gradient)}'
   return label
@@ -292,8 +299,6 @@ def result_row(run: dict) -> str:
   --mode=eval`` prints)."""
   c = compare(run)
   setting = column_label(c['setting'])
-  if run.get('omniglot_split') not in (None, 'vinyals'):
-    setting += f" ({run['omniglot_split']} split)"
   acc = f"**{c['accuracy']:.2f}" + (f" ± {c['ci95']:.2f}**" if c['ci95'] is not None else '**')
   mg = c['meta_gradient']
   return '| ' + ' | '.join([
