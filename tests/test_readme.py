@@ -57,4 +57,9 @@ def test_the_python_example_runs(monkeypatch):
   blocks = re.findall(r'```python\n(.*?)```', README.read_text(), flags=re.S)
   assert len(blocks) == 1, 'one python example expected'
   monkeypatch.chdir(ROOT)                        # it names configs/tiny.py relative to the root
+  from metadrop_jax import api, config as config_lib
+  load = api.get_config
+  # the example as written, on a smaller tiny (1 block, 5 test episodes): CI time, not coverage
+  monkeypatch.setattr(api, 'get_config', lambda path: config_lib.override(
+      load(path), {'model.num_layers': 1, 'eval.num_episodes': 5, 'eval.batch_tasks': 5}))
   exec(compile(blocks[0], 'README.md', 'exec'), {})   # pylint: disable=exec-used
