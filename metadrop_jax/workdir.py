@@ -172,9 +172,13 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise WorkdirError(f'--workdir={workdir} is a file, not a training workdir')
   stored = _stored_config(workdir)
   if stored is None:
-    raise FileNotFoundError(f'{os.path.join(workdir, "config.json")} not found: {workdir} is '
-                            'not a training workdir (train first with launch.py --config=... '
-                            '--workdir=...)')
+    path = os.path.join(workdir, 'config.json')
+    if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+      raise FileNotFoundError(f'{path} not found, but {workdir} has checkpoints: restore its '
+                              'config.json from a copy of the workdir (or git checkout -- '
+                              f'{path}); the checkpoints cannot be read without it')
+    raise FileNotFoundError(f'{path} not found: {workdir} is not a training workdir (train '
+                            'first with launch.py --config=... --workdir=...)')
   cfg = config_lib.base_config()
   try:
     cfg.update_from_flattened_dict(flatten(stored))

@@ -343,3 +343,14 @@ def test_steps_in_flight_are_bounded(tmp_path, monkeypatch):
   # step 1 (compile) and the ETA-timed steps wait for their state; every later step waits for
   # the metrics dict of the step before it
   assert sum(isinstance(w, dict) for w in waited) >= 6 - 1 - train.ETA_TIMED_STEPS - 1
+
+
+def test_eval_of_a_workdir_without_its_config_says_restore(trained, tmp_path):
+  """A trained workdir whose config.json was deleted: the eval says to restore it (it said
+  'not a training workdir')."""
+  wd = _copy(trained[0], tmp_path / 'wd')
+  os.remove(os.path.join(wd, 'config.json'))
+  with pytest.raises(FileNotFoundError, match='has checkpoints: restore its config.json'):
+    workdir_lib.load_run_config(wd)
+  with pytest.raises(FileNotFoundError, match='not a training workdir'):
+    workdir_lib.load_run_config(str(tmp_path / 'empty'))
