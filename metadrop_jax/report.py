@@ -121,13 +121,10 @@ def setting_of(run: dict) -> tuple[str, int, int]:
 
 
 def column_label(setting: tuple[str, int, int], meta_gradient: str | None = None) -> str:
-  if setting in PAPER_COLUMNS:
-    label = PAPER_COLUMNS[setting]
-  else:
-    d, w, s = setting
-    d, _, split = d.partition('/')
-    label = PAPER_COLUMNS.get((d, w, s), f'{d} {w}-way {s}-shot') + (
-        f' ({split} split)' if split else '')
+  d, w, s = setting
+  d, _, split = d.partition('/')          # 'omniglot/lake': another split than the paper's
+  label = PAPER_COLUMNS.get((d, w, s), f'{d} {w}-way {s}-shot') + (
+      f' ({split} split)' if split else '')
   if meta_gradient:
     label += f', {META_GRADIENT_LABELS.get(meta_gradient, meta_gradient)}'
   return label

@@ -68,12 +68,17 @@ def choose(job: Job) -> None:
   job.log(f'matmul precision for a campaign still on auto: {precision} ({why})')
   form = choices.choose_formulation(read_json(job.path('formulations.json')), smoke)
   job.summary['formulation_choice'] = form
-  if form['overrides']:
-    job.log(f"formulation of this sitting: {form['overrides']} ({form['why']})")
-  else:   # the sitting then trains with the one campaign.json records for this card kind
-    rec = choices.recorded(os.path.abspath(job.a.campaign_dir), job.device_kind)
-    job.log(f"formulation of this sitting: {rec or 'the configs default'} "
-            f"({'recorded for ' + job.device_kind + ' in campaign.json' if rec else form['why']})")
+  trains = sitting_formulation(job, form)
+  why = form['why'] if form['overrides'] or not trains else \
+      f'recorded for {job.device_kind} in campaign.json'
+  job.log(f"formulation of this sitting: {trains or 'the configs default'} ({why})")
+
+
+def sitting_formulation(job: Job, form: dict) -> dict:
+  """What the sitting trains with: the formulation this job chose, else the one campaign.json
+  records for this kind of card (runs.resolve_formulation), else {} (the configs' defaults)."""
+  return form['overrides'] or choices.recorded(os.path.abspath(job.a.campaign_dir),
+                                               job.device_kind)
 
 
 def campaign_phase(job: Job) -> dict:
@@ -81,8 +86,7 @@ def campaign_phase(job: Job) -> dict:
   sitting aims to be done 30 s before it)."""
   a, cdir = job.a, os.path.abspath(job.a.campaign_dir)
   form = job.summary['formulation_choice']
-  checked = choices.formulation_checked(job.result('smoke'), form['overrides'] or
-                                        choices.recorded(cdir, job.device_kind))
+  checked = choices.formulation_checked(job.result('smoke'), sitting_formulation(job, form))
   if checked is False:
     return {'skipped': "the float32 meta-gradient check failed for this sitting's formulation: "
                        'no training on this device'}
