@@ -12,6 +12,12 @@ that peak RSS, XLA flags and compilation caches do not leak between rows.
   python benchmarks/meta_step.py --out bench.json             # all paper configs, honest default
   python benchmarks/meta_step.py --configs omniglot_20way1shot --methods metadrop --iters 5
   python benchmarks/meta_step.py --configs tiny --set model.task_map=vmap --no-naive
+  python benchmarks/meta_step.py --configs omniglot_20way1shot --no-naive \
+      --authors-tf=/path/to/tf-venv/bin/python,/path/to/metadrop   # + the authors' TF step
+
+With ``--authors-tf`` the authors' TF graph (``authors_tf_step.py``, in its own interpreter) is
+timed at each paper setting right after our rows, on the same machine in the same run, and the
+table prints its seconds per iteration and the ratio TF / ours.
 
 Images are synthetic uint8 arrays of the real split shapes ([1200, 20, 28, 28, 1] for Omniglot,
 [64, 600, 84, 84, 3] for miniImageNet) resident on the device: episodes are drawn inside the
@@ -44,19 +50,6 @@ def peak_tflops(device_kind: str, precision: str):
                                else 'tf32')
 
 
-# The authors' TF 1.x code (oneDNN), seconds per meta-iteration, measured once on one machine:
-# a 2-core AMD EPYC CPU (docs/performance.md). Printed only beside rows measured on that kind of
-# CPU (tf_reference()); on any other device the comparison would mean nothing.
-TF_REFERENCE = {
-    'where': "authors' TF 1.x (oneDNN) code, 2-core AMD EPYC CPU (docs/performance.md)",
-    'platform': 'cpu', 'cpu_model': 'AMD EPYC', 'cpu_count': 2,
-    's_per_iter': {('omniglot_20way1shot', 'metadrop'): 2.27,
-                   ('omniglot_20way1shot', 'maml'): 1.25,
-                   ('mimgnet_5way1shot', 'metadrop'): 2.06,
-                   ('mimgnet_5way1shot', 'maml'): 1.06},
-}
-
-
 def cpu_model() -> str:
   """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere)."""
   try:
@@ -69,14 +62,44 @@ def cpu_model() -> str:
   return platform.processor() or 'unknown'
 
 
-def tf_reference(row: dict):
-  """The authors' TF seconds per iteration for ``row``'s config and method, or None unless the
-  row was measured where that figure was (same platform, CPU model and core count)."""
-  ref = TF_REFERENCE
-  same_place = (row.get('device', '').split(':')[0] == ref['platform']
-                and ref['cpu_model'] in row.get('cpu_model', '')
-                and row.get('cpu_count') == ref['cpu_count'])
-  return ref['s_per_iter'].get((row.get('config'), row.get('method'))) if same_place else None
+AUTHORS_TF_STEP = os.path.join(ROOT, 'benchmarks', 'authors_tf_step.py')
+
+
+def authors_tf_flags(config) -> list[str] | None:
+  """``authors_tf_step.py``'s flags for the setting of a paper config (their ``main.py`` flags),
+  or None where their code has no such setting (other widths, methods or computations)."""
+  from metadrop_jax import config as config_lib
+  dataset = {'omniglot': 'omniglot', 'miniimagenet': 'mimgnet'}.get(config.data.name)
+  their_channels = {'omniglot': 64, 'mimgnet': 32}.get(dataset)
+  if (dataset is None or config.model.channels != their_channels or config.model.num_layers != 4
+      or config.method not in ('metadrop', 'maml') or config.meta_gradient != 'authors'):
+    return None
+  flags = [f'--dataset={dataset}', f'--way={config.way}', f'--shot={config.shot}',
+           f'--query={config.query}', f'--metabatch={config.meta_batch}',
+           f'--n_steps={config.inner_steps}', f'--inner_lr={config.inner_lr:g}',
+           f'--meta_lr={config_lib.meta_lr(config):g}']
+  return flags + (['--maml'] if config.method == 'maml' else [])
+
+
+def run_authors_tf(spec: str, name: str, method: str, overrides: dict, iters: int, warmup: int,
+                   timeout: float) -> dict:
+  """The authors' TF step at this row's setting, timed by ``authors_tf_step.py`` under
+  ``spec`` = 'PYTHON,REPO' (a TensorFlow 2.x + tf_keras interpreter, their checkout)."""
+  import configs
+  row = {'config': name, 'method': method, 'overrides': overrides, 'variant': 'authors_tf'}
+  flags = authors_tf_flags(configs.get(name, **{'method': method, **overrides}))
+  if flags is None:
+    return {**row, 'error': "not run: the authors' code has no such setting"}
+  python, repo = spec.split(',', 1)
+  cmd = [python, AUTHORS_TF_STEP, repo, *flags, f'--iters={iters}', f'--warmup={max(1, warmup)}']
+  try:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+  except subprocess.TimeoutExpired:
+    return {**row, 'error': 'timeout'}
+  for line in reversed(p.stdout.splitlines()):
+    if line.startswith('RESULT '):
+      return {**row, **json.loads(line[len('RESULT '):]), 'cmd': cmd[1:]}
+  return {**row, 'error': (p.stderr or p.stdout)[-2000:]}
 
 
 def config_lib_override(config, **fields):
@@ -222,42 +245,54 @@ def _fmt(v, spec):
 
 
 def print_table(rows):
-  """The rows as a table; the authors' TF figure only beside rows measured where it was."""
-  show_tf = any(tf_reference(r) is not None for r in rows if 'error' not in r)
-  hdr = (f"{'config':<22}{'method':<10}{'variant':<8}{'compile s':>10}{'s/iter':>9}"
-         f"{'GFLOP/it':>10}{'GFLOP/s':>9}{'temp MiB':>9}{'peak MiB':>9}{'naive/fast':>11}"
-         + (f"{'TF s/it*':>9}" if show_tf else ''))
-  print(hdr)
-  print('-' * len(hdr))
+  """The rows as a table, with ratios to the fast row of the same config and method measured in
+  this run: naive / fast, exact / fast (``--exact``: the fast formulation with the exact
+  meta-gradient) and TF / fast (``--authors-tf``: the authors' TF step)."""
   by_key = {}
   for r in rows:
     by_key.setdefault((r['config'], r['method']), {})[r['variant']] = r
+  ok = lambda r: r is not None and 'error' not in r
+  extra = [v for v in ('exact', 'authors_tf') if any(ok(d.get(v)) for d in by_key.values())]
+  head = {'exact': 'exact/fast', 'authors_tf': 'TF/fast'}
+  hdr = (f"{'config':<22}{'method':<10}{'variant':<11}{'compile s':>10}{'s/iter':>9}"
+         f"{'GFLOP/it':>10}{'GFLOP/s':>9}{'temp MiB':>9}{'peak MiB':>9}{'naive/fast':>11}"
+         + ''.join(f'{head[v]:>11}' for v in extra))
+  print(hdr)
+  print('-' * len(hdr))
   for (name, method), d in by_key.items():
-    fast, naive = d.get('fast'), d.get('naive')
-    ratio = (naive['s_per_iter'] / fast['s_per_iter']
-             if fast and naive and 'error' not in fast and 'error' not in naive else None)
-    for variant in ('fast', 'naive'):
+    fast = d.get('fast')
+    ratio = lambda v: (d[v]['s_per_iter'] / fast['s_per_iter']
+                       if ok(fast) and ok(d.get(v)) else None)
+    for variant in ('fast', 'naive', 'exact', 'authors_tf'):
       r = d.get(variant)
       if r is None:
         continue
+      label = 'TF' if variant == 'authors_tf' else variant
       if 'error' in r:
-        print(f'{name:<22}{method:<10}{variant:<8}  ERROR: {r["error"].splitlines()[-1][:80]}')
+        print(f'{name:<22}{method:<10}{label:<11}  {r["error"].splitlines()[-1][:80]}')
         continue
-      tf = tf_reference(r)
-      print(f"{name:<22}{method:<10}{variant:<8}{_fmt(r['compile_s'], '10.1f')}"
+      beside = variant == 'fast'
+      if variant == 'authors_tf':
+        print(f"{name:<22}{method:<10}{label:<11}{_fmt(r.get('graph_build_s'), '10.1f')}"
+              f"{_fmt(r['s_per_iter'], '9.3f')}")
+        continue
+      print(f"{name:<22}{method:<10}{label:<11}{_fmt(r['compile_s'], '10.1f')}"
             f"{_fmt(r['s_per_iter'], '9.3f')}{_fmt(r['xla_flops_per_iter'] / 1e9, '10.1f')}"
             f"{_fmt(r['xla_gflops_per_s'], '9.1f')}"
             f"{_fmt((r['xla_temp_bytes'] or float('nan')) / 2**20, '9.0f')}"
             f"{_fmt(r['peak_mem_bytes'] / 2**20, '9.0f')}"
-            f"{_fmt(ratio if variant == 'fast' else None, '11.1f')}"
-            + (_fmt(tf if variant == 'fast' else None, '9.2f') if show_tf else ''))
-  if rows and 'error' not in rows[0]:
-    r = rows[0]
-    print(f"\ndevice: {r['device']}  (x{r['num_devices']}; {r.get('cpu_model', '?')}, "
-          f"{r.get('cpu_count', '?')} cores); peak memory: {r['peak_mem_kind']}; "
-          f"fast = the defaults ({r['resolved']})")
-  if show_tf:
-    print(f"* TF s/it: {TF_REFERENCE['where']}")
+            f"{_fmt(ratio('naive') if beside else None, '11.1f')}"
+            + ''.join(_fmt(ratio(v) if beside else None, '11.2f') for v in extra))
+  first = next((r for r in rows if r['variant'] != 'authors_tf' and 'error' not in r), None)
+  if first:
+    print(f"\ndevice: {first['device']}  (x{first['num_devices']}; "
+          f"{first.get('cpu_model', '?')}, {first.get('cpu_count', '?')} cores); peak memory: "
+          f"{first['peak_mem_kind']}; fast = the defaults ({first['resolved']})")
+  if 'authors_tf' in extra:
+    tf = next(d['authors_tf'] for d in by_key.values() if ok(d.get('authors_tf')))
+    print(f"TF: the authors' TF graph (benchmarks/authors_tf_step.py, TensorFlow {tf['tf']}), "
+          "timed in this run on this machine ('compile s': graph build); TF/fast > 1: ours is "
+          "faster")
 
 
 def main(argv=None):
@@ -284,6 +319,13 @@ def main(argv=None):
                        'for all S)')
   ap.add_argument('--deadline', type=float, default=0.0,
                   help='unix time after which no measurement starts (GPU windows)')
+  ap.add_argument('--exact', action='store_true',
+                  help='also time the fast formulation with meta_gradient=exact (paper configs '
+                       "default to the authors' computation)")
+  ap.add_argument('--authors-tf', default=None, metavar='PYTHON,REPO',
+                  help="also time the authors' TF step at each paper setting (metadrop/maml, "
+                       "authors' computation) in this run: a TensorFlow 2.x + tf_keras "
+                       "interpreter and a checkout of github.com/haebeom-lee/metadrop")
   ap.add_argument('--out', default=None, help='write the rows as JSON here')
   ap.add_argument('--_single', default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -296,6 +338,12 @@ def main(argv=None):
     print('RESULT ' + json.dumps(r))
     return
 
+  if args.authors_tf:
+    tf_python, _, tf_repo = args.authors_tf.partition(',')
+    if not (tf_repo and os.path.isfile(os.path.join(tf_repo, 'model.py'))
+            and os.access(tf_python, os.X_OK)):
+      ap.error(f'--authors-tf={args.authors_tf!r}: give PYTHON,REPO (an executable interpreter '
+               'with TensorFlow 2.x + tf_keras, a checkout of github.com/haebeom-lee/metadrop)')
   configs = args.configs.split(',')
   iters, warmup, naive_iters = args.iters, args.warmup, args.naive_iters
   if args.quick:
@@ -316,14 +364,18 @@ def main(argv=None):
     if args.out:
       meta = {'host': platform.node(), 'cpu_count': os.cpu_count(),
               'python': sys.version.split()[0], 'argv': sys.argv[1:], 'rows': rows}
-      with open(args.out, 'w') as f:
+      with open(args.out + '.tmp', 'w') as f:
         json.dump(meta, f, indent=1)
+      os.replace(args.out + '.tmp', args.out)
 
   for name in configs:
     for method in args.methods.split(','):
       variants = [('fast', overrides, iters, args.xla_flags)]
       if not args.no_naive:
         variants.append(('naive', NAIVE, naive_iters, None))
+      if args.exact:
+        variants.append(('exact', {**overrides, 'meta_gradient': 'exact'}, iters,
+                         args.xla_flags))
       for variant, ov, n, flags in variants:
         if args.deadline and time.time() > args.deadline - 3.0:
           rows.append({'config': name, 'method': method, 'overrides': ov, 'variant': variant,
@@ -334,12 +386,21 @@ def main(argv=None):
         if args.deadline:
           timeout = max(1.0, min(timeout, args.deadline - time.time()))
         r = _run_subprocess(name, method, ov, n, warmup, flags, timeout,
-                            args.precision if variant == 'fast' else None,
-                            args.seeds if variant == 'fast' else 1)
+                            args.precision if variant != 'naive' else None,
+                            args.seeds if variant != 'naive' else 1)
         r['variant'] = variant
         if 'error' not in r:
           print(f"[{name} {method} {variant}] compile {r['compile_s']:.1f} s, "
                 f"{r['s_per_iter']:.3f} s/iter", file=sys.stderr, flush=True)
+        rows.append(r)
+        save()
+      if args.authors_tf and not (args.deadline and time.time() > args.deadline - 3.0):
+        print(f"[{name} {method} authors' TF] ...", file=sys.stderr, flush=True)
+        r = run_authors_tf(args.authors_tf, name, method, overrides, iters, warmup,
+                           args.timeout)
+        if 'error' not in r:
+          print(f"[{name} {method} authors' TF] {r['s_per_iter']:.3f} s/iter", file=sys.stderr,
+                flush=True)
         rows.append(r)
         save()
   print_table(rows)

@@ -1,10 +1,27 @@
-"""benchmarks/meta_step.py's table: the authors' TF timings appear only beside rows measured
-where those timings were (a 2-core AMD EPYC CPU), labelled with that place."""
+"""benchmarks/meta_step.py: the authors' TF step is timed at exactly the settings of their run
+scripts, and its figure and ratio are printed only when measured in the same run."""
 
 import importlib.util
 import pathlib
 
+import pytest
+
+import configs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# github.com/haebeom-lee/metadrop, runfiles/<method>_<dataset>_<shot>shot.sh (docs/paper.md)
+THEIR_RUN_SCRIPTS = {
+    ('omniglot_20way1shot', 'metadrop'): 'omniglot 20 1 15 4 5 0.1 0.0003',
+    ('omniglot_20way1shot', 'maml'): 'omniglot 20 1 15 4 5 0.1 0.001',
+    ('omniglot_20way5shot', 'metadrop'): 'omniglot 20 5 15 4 5 0.4 0.001',
+    ('omniglot_20way5shot', 'maml'): 'omniglot 20 5 15 4 5 0.4 0.001',
+    ('mimgnet_5way1shot', 'metadrop'): 'mimgnet 5 1 15 4 5 0.01 0.0001',
+    ('mimgnet_5way1shot', 'maml'): 'mimgnet 5 1 15 4 5 0.01 0.0001',
+    ('mimgnet_5way5shot', 'metadrop'): 'mimgnet 5 5 15 4 5 0.01 0.0001',
+    ('mimgnet_5way5shot', 'maml'): 'mimgnet 5 5 15 4 5 0.01 0.0001',
+}
+FLAG_NAMES = ('dataset', 'way', 'shot', 'query', 'metabatch', 'n_steps', 'inner_lr', 'meta_lr')
 
 
 def _meta_step():
@@ -14,25 +31,54 @@ def _meta_step():
   return mod
 
 
-def _row(device, cpu_model, cpu_count=2):
-  return {'config': 'omniglot_20way1shot', 'method': 'metadrop', 'variant': 'fast',
-          'compile_s': 30.0, 's_per_iter': 5.1, 'xla_flops_per_iter': 2.9e11,
+@pytest.mark.parametrize('key', sorted(THEIR_RUN_SCRIPTS))
+def test_authors_tf_flags_are_their_run_scripts(key):
+  name, method = key
+  flags = _meta_step().authors_tf_flags(configs.get(name, method=method))
+  got = dict(f[2:].split('=', 1) for f in flags if '=' in f)
+  want = dict(zip(FLAG_NAMES, THEIR_RUN_SCRIPTS[key].split()))
+  num = lambda d: {k: float(v) if k.endswith('lr') else v for k, v in d.items()}
+  assert num(got) == num(want)
+  assert ('--maml' in flags) == (method == 'maml')
+
+
+@pytest.mark.parametrize('overrides', [{'meta_gradient': 'exact'}, {'method': 'vib'},
+                                       {'model.channels': 32}])
+def test_no_authors_tf_row_where_their_code_has_no_such_setting(overrides):
+  from metadrop_jax.cli import parse_overrides
+  ov = parse_overrides([f'{k}={v}' for k, v in overrides.items()])
+  config = configs.get('omniglot_20way1shot', **{'method': 'metadrop', **ov})
+  assert _meta_step().authors_tf_flags(config) is None
+  assert _meta_step().authors_tf_flags(configs.get('tiny')) is None
+
+
+def _row(variant, s_per_iter, **kw):
+  return {'config': 'omniglot_20way1shot', 'method': 'metadrop', 'variant': variant,
+          'compile_s': 30.0, 's_per_iter': s_per_iter, 'xla_flops_per_iter': 2.9e11,
           'xla_gflops_per_s': 57.0, 'xla_temp_bytes': 2 ** 30, 'peak_mem_bytes': 2 ** 31,
-          'device': device, 'num_devices': 1, 'cpu_model': cpu_model, 'cpu_count': cpu_count,
-          'peak_mem_kind': 'process peak RSS', 'resolved': {}}
+          'device': 'cpu:cpu', 'num_devices': 1, 'cpu_model': 'AMD EPYC 7B13', 'cpu_count': 2,
+          'peak_mem_kind': 'process peak RSS', 'resolved': {}, **kw}
 
 
-def test_tf_reference_only_where_it_was_measured(capsys):
+def test_tf_column_only_when_timed_in_the_same_run(capsys):
   ms = _meta_step()
-  for row in (_row('gpu:NVIDIA H100', 'AMD EPYC 9654'), _row('cpu:cpu', 'Intel(R) Xeon(R)'),
-              _row('cpu:cpu', 'AMD EPYC 7B13', cpu_count=16)):
-    assert ms.tf_reference(row) is None
-    ms.print_table([row])
-    out = capsys.readouterr().out
-    assert 'TF' not in out and '2.27' not in out, out
-  row = _row('cpu:cpu', 'AMD EPYC 7B13')
-  assert ms.tf_reference(row) == 2.27
-  ms.print_table([row])
+  ms.print_table([_row('fast', 4.0), _row('naive', 20.0)])
   out = capsys.readouterr().out
-  assert 'TF s/it*' in out and '2.27' in out
-  assert "* TF s/it: authors' TF 1.x (oneDNN) code, 2-core AMD EPYC CPU" in out
+  assert 'TF' not in out and '5.0' in out            # naive/fast
+  tf = {'config': 'omniglot_20way1shot', 'method': 'metadrop', 'variant': 'authors_tf',
+        's_per_iter': 2.0, 'tf': '2.21.0'}
+  ms.print_table([_row('fast', 4.0), tf])
+  out = capsys.readouterr().out
+  fast, tf_line = [l.split() for l in out.splitlines() if l.startswith('omniglot_20way1shot')]
+  assert fast[2] == 'fast' and fast[-1] == '0.50', fast          # TF / ours
+  assert tf_line[2] == 'TF' and tf_line[-1] == '2.000', tf_line
+  ms.print_table([_row('fast', 4.0), _row('exact', 6.0), tf])
+  fast = capsys.readouterr().out.splitlines()
+  assert 'exact/fast' in fast[0] and 'TF/fast' in fast[0]
+  assert fast[2].split()[-2:] == ['1.50', '0.50'], fast[2]
+  assert 'TensorFlow 2.21.0' in out and 'timed in this run' in out
+  failed = {**tf, 'error': "not run: the authors' code has no such setting"}
+  failed.pop('s_per_iter')
+  ms.print_table([_row('fast', 4.0), failed])
+  out = capsys.readouterr().out
+  assert 'TF s/it' not in out and "the authors' code has no such setting" in out

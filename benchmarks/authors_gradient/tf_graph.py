@@ -97,11 +97,14 @@ def batch_norm(x, activation_fn=None, scope=None, reuse=None, **kw):
   return activation_fn(y) if activation_fn is not None else y
 
 
-def import_authors(repo):
+def import_authors(repo, fed_noise=True):
+  """Their ``model`` module under the shim above. ``fed_noise=False`` keeps their own
+  ``tf.distributions.Normal`` sampling (``tf.compat.v1.distributions``: timing, not comparison)."""
   shim = types.ModuleType('tensorflow')
   shim.__dict__['__getattr__'] = lambda name: getattr(tf, name)
   shim.contrib = types.SimpleNamespace(layers=types.SimpleNamespace(batch_norm=batch_norm))
-  shim.distributions = types.SimpleNamespace(Normal=FedNormal)
+  normal = FedNormal if fed_noise else tf.distributions.Normal
+  shim.distributions = types.SimpleNamespace(Normal=normal)
   saved = sys.modules.get('tensorflow')
   sys.modules['tensorflow'] = shim
   sys.path.insert(0, os.path.abspath(repo))
@@ -110,7 +113,7 @@ def import_authors(repo):
     import model as their_model
   finally:
     sys.modules['tensorflow'] = saved
-  assert their_layers.normal is FedNormal and their_layers.batch_norm is batch_norm
+  assert their_layers.normal is normal and their_layers.batch_norm is batch_norm
   if os.environ.get('SOFTPLUS') == 'log1p':
     # diagnostic only: TF's float32 Softplus kernel computes log(exp(x) + 1) for
     # -14 < x < 14, which loses precision for negative x; this is the accurate form
