@@ -238,6 +238,18 @@ def _run_subprocess(name, method, overrides, iters, warmup, xla_flags, timeout, 
           'error': (p.stderr or p.stdout)[-2000:]}
 
 
+def _commit() -> str:
+  """This checkout's commit (+ '-dirty' with local changes), '' outside git; no jax import."""
+  try:
+    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+                           capture_output=True, text=True, timeout=30).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ''
+  return head + ('-dirty' if head and dirty else '')
+
+
 def _fmt(v, spec):
   if isinstance(v, (int, float)) and v == v:
     return format(v, spec)
@@ -359,11 +371,13 @@ def main(argv=None):
   overrides = parse_overrides(args.set)
 
   rows = []
+  commit = _commit()
 
   def save():   # after every row: a window that runs out of time keeps what it measured
     if args.out:
-      meta = {'host': platform.node(), 'cpu_count': os.cpu_count(),
-              'python': sys.version.split()[0], 'argv': sys.argv[1:], 'rows': rows}
+      meta = {'host': platform.node(), 'cpu_count': os.cpu_count(), 'cpu_model': cpu_model(),
+              'commit': commit, 'python': sys.version.split()[0], 'argv': sys.argv[1:],
+              'rows': rows}
       with open(args.out + '.tmp', 'w') as f:
         json.dump(meta, f, indent=1)
       os.replace(args.out + '.tmp', args.out)
@@ -404,6 +418,7 @@ def main(argv=None):
         rows.append(r)
         save()
   print_table(rows)
+  print(f'commit {commit}')
   save()
   if args.out:
     print(f'wrote {args.out}')

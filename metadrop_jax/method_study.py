@@ -43,8 +43,8 @@ def row_label(name: str, run: dict) -> str:
   label = methods.label(method)
   if name != method:
     beta = run.get('config', {}).get('methods', {}).get('vib_beta')
-    label += f' (β = {beta:g})' if method in ('vib', 'infodrop') and beta is not None else \
-        f' [{name}]'
+    label += (f" (β = {f'{beta:g}'.replace('e-0', 'e-')})"
+              if method in ('vib', 'infodrop') and beta is not None else f' [{name}]')
   return label
 
 

@@ -35,7 +35,7 @@ def test_columns_table_and_figure(tmp_path):
   columns = {k: method_study.load_column(str(v)) for k, v in cols.items()}
   rows = method_study.compare_columns(columns)
   assert [r['name'] for r in rows] == ['maml', 'metadrop', 'vib', 'vib_beta1e-05']
-  assert rows[3]['label'] == 'VIB (β = 1e-05)' and 'exact' not in rows[3]['cells']
+  assert rows[3]['label'] == 'VIB (β = 1e-5)' and 'exact' not in rows[3]['cells']
   md = rows[1]['cells']
   for comp in ('authors', 'exact'):
     want = metrics.paired_difference(np.load(cols[comp] / 'metadrop' / 'episode_accs_test.npy'),
