@@ -39,11 +39,12 @@ def load_column(root: str) -> dict[str, dict]:
 def row_label(name: str, run: dict) -> str:
   """The method's label; a run that is not the method at its defaults says what differs (the
   KL weight of VIB / information dropout)."""
+  import numpy as np
   method = run['method']
   label = methods.label(method)
   if name != method:
     beta = run.get('config', {}).get('methods', {}).get('vib_beta')
-    label += (f" (β = {f'{beta:g}'.replace('e-0', 'e-')})"
+    label += (f' (β = {np.format_float_scientific(beta, trim="-", exp_digits=1)})'
               if method in ('vib', 'infodrop') and beta is not None else f' [{name}]')
   return label
 
