@@ -281,7 +281,9 @@ def print_table(rows):
         continue
       label = 'TF' if variant == 'authors_tf' else variant
       if 'error' in r:
-        print(f'{name:<22}{method:<10}{label:<11}  {r["error"].splitlines()[-1][:80]}')
+        msg = r['error'].splitlines()[-1][:80]
+        print(f"{name:<22}{method:<10}{label:<11}  {'' if msg.startswith('not run') else 'ERROR: '}"
+              f'{msg}')
         continue
       beside = variant == 'fast'
       if variant == 'authors_tf':
