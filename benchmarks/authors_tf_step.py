@@ -34,8 +34,7 @@ tf = tf_graph.tf
 
 def measure(repo, a):
   their_model = tf_graph.import_authors(repo, fed_noise=False)
-  sys.path.insert(0, os.path.abspath(repo))
-  import layers as their_layers   # the module their model imported (already loaded)
+  import layers as their_layers   # noqa: E402  the module their model imported (already loaded)
   tf.disable_control_flow_v2()     # their TF 1.12 graph: v1 control flow
   tf_graph.BN['kind'] = 'layers'
   t0 = time.perf_counter()

@@ -92,14 +92,21 @@ def run_authors_tf(spec: str, name: str, method: str, overrides: dict, iters: in
     return {**row, 'error': "not run: the authors' code has no such setting"}
   python, repo = spec.split(',', 1)
   cmd = [python, AUTHORS_TF_STEP, repo, *flags, f'--iters={iters}', f'--warmup={max(1, warmup)}']
+  r = _run_for_result(cmd, timeout)
+  return {**row, **r} if 'error' in r else {**row, **r, 'cmd': cmd[1:]}
+
+
+def _run_for_result(cmd: list, timeout: float, env: dict | None = None) -> dict:
+  """Runs a measuring process and returns the JSON of its last ``RESULT {...}`` line, else
+  {'error': 'timeout' or the tail of its output}."""
   try:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
   except subprocess.TimeoutExpired:
-    return {**row, 'error': 'timeout'}
+    return {'error': 'timeout'}
   for line in reversed(p.stdout.splitlines()):
     if line.startswith('RESULT '):
-      return {**row, **json.loads(line[len('RESULT '):]), 'cmd': cmd[1:]}
-  return {**row, 'error': (p.stderr or p.stdout)[-2000:]}
+      return json.loads(line[len('RESULT '):])
+  return {'error': (p.stderr or p.stdout)[-2000:]}
 
 
 def config_lib_override(config, **fields):
@@ -227,15 +234,8 @@ def _run_subprocess(name, method, overrides, iters, warmup, xla_flags, timeout, 
   cmd = [sys.executable, os.path.abspath(__file__), '--_single',
          json.dumps({'name': name, 'method': method, 'overrides': overrides, 'iters': iters,
                      'warmup': warmup, 'precision': precision, 'seeds': seeds})]
-  try:
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-  except subprocess.TimeoutExpired:
-    return {'config': name, 'method': method, 'overrides': overrides, 'error': 'timeout'}
-  for line in reversed(p.stdout.splitlines()):
-    if line.startswith('RESULT '):
-      return json.loads(line[len('RESULT '):])
-  return {'config': name, 'method': method, 'overrides': overrides,
-          'error': (p.stderr or p.stdout)[-2000:]}
+  r = _run_for_result(cmd, timeout, env)
+  return {'config': name, 'method': method, 'overrides': overrides, **r} if 'error' in r else r
 
 
 def _commit() -> str:

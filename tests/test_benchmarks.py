@@ -82,3 +82,13 @@ def test_tf_column_only_when_timed_in_the_same_run(capsys):
   ms.print_table([_row('fast', 4.0), failed])
   out = capsys.readouterr().out
   assert 'TF s/it' not in out and "the authors' code has no such setting" in out
+
+
+def test_a_measuring_process_gives_its_result_or_its_error():
+  ms = _meta_step()
+  ok = ms._run_for_result(['python3', '-c', 'print("noise"); print(\'RESULT {"s_per_iter": 2.5}\')'],
+                          timeout=60)
+  assert ok == {'s_per_iter': 2.5}
+  bad = ms._run_for_result(['python3', '-c', 'import sys; sys.exit("no such setting")'], timeout=60)
+  assert bad == {'error': 'no such setting\n'}
+  assert ms._run_for_result(['sleep', '5'], timeout=0.5) == {'error': 'timeout'}
