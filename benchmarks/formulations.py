@@ -15,7 +15,8 @@ the host with another's compile. Per cell:
 * the counts of ops in the optimised HLO that matter on a GPU (sort, while, scatter,
   select-and-scatter, grouped convolutions, cuDNN convolutions, GEMMs, transposes, fusions);
 * a SHA-256 of the state after warm-up + timed steps (cells with identical numerics agree; two
-  processes of one cell agree only if the device is deterministic) and the last loss;
+  processes of one cell, '<cell>' and '<cell>_again', agree only if the device computes
+  deterministically and both compilations chose the same kernels) and the last loss;
 * optionally a ``jax.profiler`` trace of a few steps (``--trace``; see profile_step.py).
 
 Then, for the fastest cell (or ``--concurrent_cell``), N copies train at once on the card in
@@ -46,6 +47,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 DET = '--xla_gpu_deterministic_ops=true'
 NO_CMD_BUFFER = '--xla_gpu_enable_command_buffer='
+# Deterministic kernels without --xla_gpu_deterministic_ops: that flag also switches the autotuner
+# off (XLA takes the first cuDNN / GEMM candidate), this one only excludes the kernels that are
+# not deterministic (scatters with atomics and the like; it refuses to compile a
+# select-and-scatter, so only with select pooling) and keeps autotuning. Which kernels the
+# autotuner picks can differ between compilations: a cell with it counts as reproducible only if
+# two processes of it (the '<cell>' and '<cell>_again' pair) end in the same state.
+EXCLUDE_NONDET = '--xla_gpu_exclude_nondeterministic_ops=true'
+# every GEMM may become a Triton fusion (the autotuner weighs it against cuBLAS), which can read
+# its operand's producers (the im2col patches) inside the GEMM instead of from memory
+TRITON_GEMM = '--xla_gpu_triton_gemm_any=true'
+AGAIN = '_again'
 
 # name -> (config overrides, deterministic ops, extra XLA flags). Most likely winners first, so
 # that a short run still measures them. 'baseline' is the formulation trained before this table.
@@ -79,6 +91,18 @@ CELLS = {
     'select_im2col_bf16x3_unfused': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
                                       'model.dot_algorithm': 'bf16_x3',
                                       'model.fuse_noise_conv': False}, True, ''),
+    # autotuned deterministic kernels (EXCLUDE_NONDET), each with a second process to check that
+    # two compilations train alike; Triton GEMMs with and without deterministic ops
+    'select_im2col_excl': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}, False,
+                           EXCLUDE_NONDET),
+    'select_im2col_excl_again': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'},
+                                 False, EXCLUDE_NONDET),
+    'select_im2col_triton': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}, True,
+                             TRITON_GEMM),
+    'select_im2col_excl_triton': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'},
+                                  False, f'{EXCLUDE_NONDET} {TRITON_GEMM}'),
+    'select_im2col_excl_triton_again': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'},
+                                        False, f'{EXCLUDE_NONDET} {TRITON_GEMM}'),
 }
 DEFAULT_TRACE = ('baseline', 'select', 'select_im2col')
 
@@ -389,20 +413,31 @@ def profiles(rows, a) -> dict:
   return out
 
 
-def fastest(rows, deterministic_only=True):
-  ok = [r for r in rows if 'error' not in r and (r['deterministic_ops'] or not deterministic_only)]
+def fastest(rows, reproducible=None):
+  """The fastest row (steps back to back) among those with deterministic ops or, when given,
+  those named in ``reproducible`` (:func:`determinism`); None if there is none."""
+  ok = [r for r in rows if 'error' not in r and not r['cell'].endswith(AGAIN) and
+        (r['deterministic_ops'] or (reproducible is not None and r['cell'] in reproducible))]
   return min(ok, key=lambda r: r['ms_per_iter_pipelined']) if ok else None
 
 
 def determinism(rows) -> dict:
-  """Pairs of cells whose state digests after the same steps must agree (same numerics): two
-  processes of one cell, and every cell against 'baseline' (informative: a formulation with
-  other rounding differs by design)."""
+  """Which cells train reproducibly, from the state digests after the same steps.
+
+  * ``two_processes_identical``: for every measured pair '<cell>' / '<cell>_again' (two
+    processes, each compiled on its own), whether both ended in the same state;
+  * ``reproducible``: the cells with deterministic ops, and those without whose pair agreed
+    (what a sitting may train with: a resumed run then computes what an uninterrupted one does);
+  * ``same_state_as_baseline``: informative; a formulation with other rounding differs by design.
+  """
   by = {r['cell']: r for r in rows if 'error' not in r}
-  out = {}
-  if 'select_nondet' in by and 'select_nondet_again' in by:
-    out['nondet_two_processes_identical'] = (by['select_nondet']['state_sha256'] ==
-                                             by['select_nondet_again']['state_sha256'])
+  pairs = {c[:-len(AGAIN)]: by[c[:-len(AGAIN)]]['state_sha256'] == r['state_sha256']
+           for c, r in by.items() if c.endswith(AGAIN) and c[:-len(AGAIN)] in by}
+  out = {'two_processes_identical': pairs,
+         'reproducible': sorted(c for c, r in by.items() if not c.endswith(AGAIN) and
+                                (r['deterministic_ops'] or pairs.get(c, False)))}
+  if 'select_nondet' in pairs:    # the name earlier records use
+    out['nondet_two_processes_identical'] = pairs['select_nondet']
   if 'baseline' in by:
     out['same_state_as_baseline'] = sorted(c for c, r in by.items()
                                            if r['state_sha256'] == by['baseline']['state_sha256'])
@@ -414,7 +449,7 @@ def format_table(summary) -> str:
   base = next((r for r in rows if r['cell'] == 'baseline' and 'error' not in r), None)
   lines = [f"{summary['config']} {summary['method']} ({summary['gradient']}), precision "
            f"{summary['precision']}, {summary.get('device')}, jax {summary.get('jax')}",
-           f"{'cell':<24}{'det':>4}{'ms/it':>9}{'pipel.':>9}{'vs base':>8}{'compile':>8}"
+           f"{'cell':<24}{'det':>5}{'ms/it':>9}{'pipel.':>9}{'vs base':>8}{'compile':>8}"
            f"{'sort':>5}{'while':>6}{'scat':>5}{'s&s':>4}{'grpconv':>8}{'  state'}"]
   for r in rows:
     if 'error' in r:
@@ -422,7 +457,9 @@ def format_table(summary) -> str:
       continue
     h = r['hlo']
     ratio = base['ms_per_iter_pipelined'] / r['ms_per_iter_pipelined'] if base else float('nan')
-    lines.append(f"{r['cell']:<24}{'yes' if r['deterministic_ops'] else 'no':>4}"
+    det = ('yes' if r['deterministic_ops'] else
+           'excl' if EXCLUDE_NONDET in r.get('extra_flags', '') else 'no')
+    lines.append(f"{r['cell']:<24}{det:>5}"
                  f"{r['ms_per_iter']:9.2f}{r['ms_per_iter_pipelined']:9.2f}{ratio:7.2f}x"
                  f"{r['compile_s']:8.1f}{h['sort']:5d}{h['while']:6d}{h['scatter']:5d}"
                  f"{h['select_and_scatter']:4d}{h['grouped_conv']:8d}  {r['state_sha256'][:8]}")
@@ -435,8 +472,8 @@ def format_table(summary) -> str:
                    'ms/iter)')
   w = summary.get('winner')
   if w:
-    lines.append(f"fastest deterministic: {w['cell']} {w['ms_per_iter_pipelined']:.2f} ms/iter "
-                 f"pipelined {w['overrides']}")
+    lines.append(f"fastest reproducible: {w['cell']} {w['ms_per_iter_pipelined']:.2f} ms/iter "
+                 f"pipelined {w['overrides']} {w['extra_flags']}".rstrip())
   for k, v in summary.get('determinism', {}).items():
     lines.append(f'{k}: {v}')
   return '\n'.join(lines)
@@ -512,8 +549,8 @@ def main(argv=None):
   done = [r for r in summary['rows'] if 'error' not in r]
   if done:
     summary['device'], summary['jax'] = done[0]['device'], done[0]['jax']
-  summary['winner'] = fastest(summary['rows'])
   summary['determinism'] = determinism(summary['rows'])
+  summary['winner'] = fastest(summary['rows'], summary['determinism']['reproducible'])
   save()
   ns = [int(x) for x in a.concurrent.split(',') if x]
   cc = a.concurrent_cell or (summary['winner'] or {}).get('cell')

@@ -113,3 +113,98 @@ def test_measured_formulations_reads_every_run_of_a_record(tmp_path):
       'also': [{'device': 'gpu:K', 'config': 'omni', 'method': 'maml', 'rows': [{'cell': 'y'}]}]})
   assert choices.measured_formulations('K', 'omni', 'maml', repo=str(tmp_path)) == {'y'}
   assert choices.measured_formulations('K', 'omni', 'metadrop', repo=str(tmp_path)) == {'x'}
+
+
+def _formulations():
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      'formulations', os.path.join(root, 'benchmarks', 'formulations.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _row(cell, ms, digest, det, extra=''):
+  return {'cell': cell, 'ms_per_iter_pipelined': ms, 'state_sha256': digest,
+          'deterministic_ops': det, 'extra_flags': extra,
+          'overrides': {'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}}
+
+
+def test_a_cell_without_deterministic_ops_trains_only_if_two_processes_agreed():
+  """Autotuned deterministic kernels (--xla_gpu_exclude_nondeterministic_ops) may win, but only
+  where the cell's two processes ('<cell>', '<cell>_again') ended in the same state; the winner
+  comes with the XLA flags it was measured with."""
+  f = _formulations()
+  ex, tr = f.EXCLUDE_NONDET, f'{f.EXCLUDE_NONDET} {f.TRITON_GEMM}'
+  rows = [_row('baseline', 38.0, 'a', True), _row('select_im2col', 18.0, 'b', True),
+          _row('select_im2col_excl', 17.0, 'c', False, ex),
+          _row('select_im2col_excl_again', 16.5, 'c', False, ex),
+          _row('select_nondet', 15.0, 'd', False), _row('select_nondet_again', 15.0, 'e', False),
+          _row('select_im2col_excl_triton', 14.0, 'g', False, tr),       # no second process
+          {'cell': 'select_im2col_triton', 'error': 'crashed'}]
+  d = f.determinism(rows)
+  assert d['two_processes_identical'] == {'select_im2col_excl': True, 'select_nondet': False}
+  assert d['reproducible'] == ['baseline', 'select_im2col', 'select_im2col_excl']
+  assert d['nondet_two_processes_identical'] is False
+  assert f.fastest(rows)['cell'] == 'select_im2col'                    # deterministic ops only
+  assert f.fastest(rows, d['reproducible'])['cell'] == 'select_im2col_excl'   # not its _again
+  smoke = {'rows': [1], 'pass_highest_by_conv_impl': {'im2col': True}}
+  c = choices.choose_formulation({'rows': rows, 'determinism': d}, smoke)
+  assert (c['cell'], c['xla_flags']) == ('select_im2col_excl', ex)
+  # the pair disagreed: the deterministic-ops cell, with its flag
+  rows[3] = _row('select_im2col_excl_again', 16.5, 'x', False, ex)
+  d = f.determinism(rows)
+  c = choices.choose_formulation({'rows': rows, 'determinism': d}, smoke)
+  assert (c['cell'], c['xla_flags']) == ('select_im2col', '--xla_gpu_deterministic_ops=true')
+  # a record from before pairs were judged: deterministic ops only
+  assert choices.choose_formulation({'rows': rows}, smoke)['cell'] == 'select_im2col'
+
+
+def test_the_formulations_flags_are_recorded_and_reapplied(tmp_path, monkeypatch):
+  """The XLA flags a formulation was measured with travel with it: recorded in campaign.json
+  for the card kind, put in force (replacing the job's determinism flag, keeping the rest) for
+  the sittings of later jobs that only train, and the reference cell of the next benchmark is
+  the one with those flags."""
+  import types
+  from tools.long_runs import runs, window
+  det, ex = '--xla_gpu_deterministic_ops=true', '--xla_gpu_exclude_nondeterministic_ops=true'
+  assert runs.formulation_xla_flags(f'{det} --xla_other=1', ex) == f'--xla_other=1 {ex}'
+  assert runs.formulation_xla_flags(f'{det} --xla_other=1', '') == '--xla_other=1'
+  assert runs.formulation_xla_flags(f'{det} --xla_other=1', None) == f'{det} --xla_other=1'
+  assert runs.formulation_xla_flags(det, det) == det
+  cdir = str(tmp_path / 'camp')
+  runs.init_campaign(cdir, ['tiny'])
+  monkeypatch.setattr(runs, 'device_kind', lambda: 'K')
+  f = {'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}
+  runs.resolve_formulation(cdir, runs.load_campaign(cdir), f)        # recorded without flags
+  assert runs.recorded_xla_flags(runs.load_campaign(cdir), 'K') is None
+  job = types.SimpleNamespace(env={'XLA_FLAGS': det}, a=types.SimpleNamespace(campaign_dir=cdir),
+                              device_kind='K')
+  none = {'overrides': {}, 'xla_flags': None}
+  assert window.sitting_xla_flags(job, none) == det                   # as before: the job's
+  assert choices.reference_cell(f, _formulations().CELLS, None) == 'select_im2col'
+  runs.resolve_formulation(cdir, runs.load_campaign(cdir), f, ex)    # same fields, new flags
+  assert runs.recorded_xla_flags(runs.load_campaign(cdir), 'K') == ex
+  assert runs.recorded_formulation(runs.load_campaign(cdir), 'K') == f
+  assert window.sitting_xla_flags(job, none) == ex                    # a training-only job
+  assert window.sitting_xla_flags(job, {'overrides': f, 'xla_flags': det}) == det   # measured now
+  assert choices.reference_cell(f, _formulations().CELLS, ex) == 'select_im2col_excl'
+
+
+def test_a_sitting_refuses_flags_it_does_not_run_under(tmp_path, monkeypatch, capsys):
+  import pytest
+  from tools.long_runs import campaign as campaign_cli
+  from tools.long_runs import runs
+  cdir = str(tmp_path / 'camp')
+  runs.init_campaign(cdir, ['tiny'])
+  ex = '--xla_gpu_exclude_nondeterministic_ops=true'
+  monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_deterministic_ops=true')
+  for args, says in (([f'--formulation_xla_flags={ex}'], 'give that --formulation too'),
+                     (['--formulation=model.pool_impl=select', f'--formulation_xla_flags={ex}'],
+                      'this process runs without')):
+    with pytest.raises(SystemExit) as e:
+      campaign_cli.main(['sitting', f'--campaign_dir={cdir}', *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1
+  assert runs.recorded_formulation(runs.load_campaign(cdir), runs.device_kind()) == {}

@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument('--formulation', type=_comma_list, default=[],
                  help='execution fields set on every run of this sitting, field=value, '
                       'comma-separated (e.g. model.pool_impl=select; runs.FORMULATION_FIELDS)')
+  s.add_argument('--formulation_xla_flags', default=None,
+                 help='with --formulation: the XLA flags it was measured with (its '
+                      'deterministic-ops flag and any it needs), recorded with it in '
+                      'campaign.json for this kind of device; this process must run under them')
   s.add_argument('--precision_choice', choices=['highest', 'default'], default=None,
                  help="used when the campaign's matmul precision is still 'auto' (a GPU job "
                       'decides it from its smoke test and benchmark)')
@@ -102,6 +106,14 @@ def _options(a) -> tuple[dict, dict, float]:
     formulation = runs_lib.check_formulation(parse_overrides(a.formulation))
   except ValueError as e:
     raise runs_lib.CampaignError(f'--formulation: {e}') from None
+  if a.formulation_xla_flags is not None:
+    if not formulation:
+      raise runs_lib.CampaignError('--formulation_xla_flags records the flags of a measured '
+                                   '--formulation: give that --formulation too')
+    missing = set(a.formulation_xla_flags.split()) - set(os.environ.get('XLA_FLAGS', '').split())
+    if missing:
+      raise runs_lib.CampaignError(f'--formulation_xla_flags: this process runs without '
+                                   f'{sorted(missing)}: set them in XLA_FLAGS before starting it')
   if a.deadline:
     budget_s = a.deadline - time.time()
     if not budget_s > 0:
@@ -133,7 +145,8 @@ def _main(a) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')   # TF only comes with the TFDS source
   from tools.long_runs import sitting
   summary = sitting.sitting(cdir, budget_s, precision_choice=a.precision_choice,
-                            formulation=formulation)
+                            formulation=formulation,
+                            formulation_xla_flags=a.formulation_xla_flags if formulation else None)
   print(json.dumps(summary, indent=2))
   return 0
 

@@ -160,28 +160,36 @@ def formulation_plan(mode: str, cells: list, measured: set, reference: str | Non
   return 'formulations', ([reference] if reference and reference not in todo else []) + todo
 
 
-def reference_cell(overrides: dict, cells: dict) -> str | None:
-  """The name of the deterministic cell of ``cells`` (formulations.CELLS) that sets exactly the
-  formulation ``overrides``, or None."""
-  return next((name for name, (ov, det, extra) in cells.items()
-               if det and not extra and ov == overrides), None)
+def reference_cell(overrides: dict, cells: dict, xla_flags: str | None = None) -> str | None:
+  """The name of the cell of ``cells`` (formulations.CELLS) that sets exactly the formulation
+  ``overrides`` with the XLA flags ``xla_flags`` (None: deterministic ops and nothing else, as
+  formulations recorded before their flags were), not a second-process cell; or None."""
+  want = set((xla_flags if xla_flags is not None else '--xla_gpu_deterministic_ops=true').split())
+  for name, (ov, det, extra) in cells.items():
+    flags = set(extra.split()) | ({'--xla_gpu_deterministic_ops=true'} if det else set())
+    if ov == overrides and flags == want and not name.endswith('_again'):
+      return name
+  return None
 
 
 def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
-  """The formulation a sitting trains with: the fastest deterministic cell of the formulations
+  """The formulation a sitting trains with: the fastest reproducible cell of the formulations
   benchmark (steps dispatched back to back) whose conv formulation passed the smoke test, if it
-  is faster than the baseline; else the configs' default. Returns {'overrides', 'extra_flags',
-  'cell', 'why'}."""
-  none = {'overrides': {}, 'extra_flags': '', 'cell': None}
+  is faster than the baseline; else the configs' default. Reproducible: deterministic ops, or a
+  cell whose two processes ended in the same state (the benchmark's ``determinism``).
+  Returns {'overrides', 'xla_flags', 'cell', 'why'}: ``xla_flags`` the determinism flag and
+  any other flag the cell was measured with (:func:`runs.formulation_xla_flags`)."""
+  none = {'overrides': {}, 'xla_flags': None, 'cell': None}
   rows = [r for r in (form or {}).get('rows', []) if 'error' not in r]
   if not rows:
     return {**none, 'why': 'no formulation measured'}
+  reproducible = set((form.get('determinism') or {}).get('reproducible') or ())
   passed = (smoke or {}).get('pass_highest_by_conv_impl') or {}
-  ok = [r for r in rows if r.get('deterministic_ops') and passed.get(formulation_key(
-      r['overrides'].get('model.conv_impl', 'xla'),
-      r['overrides'].get('model.dot_algorithm', 'default')), False)]
+  ok = [r for r in rows if (r.get('deterministic_ops') or r['cell'] in reproducible) and
+        passed.get(formulation_key(r['overrides'].get('model.conv_impl', 'xla'),
+                                   r['overrides'].get('model.dot_algorithm', 'default')), False)]
   if not ok:
-    return {**none, 'why': 'no deterministic cell whose conv formulation passed the smoke test'}
+    return {**none, 'why': 'no reproducible cell whose conv formulation passed the smoke test'}
   best = min(ok, key=lambda r: r['ms_per_iter_pipelined'])
   base = next((r for r in rows if r['cell'] == 'baseline'), None)
   if base is not None and best['ms_per_iter_pipelined'] >= base['ms_per_iter_pipelined']:
@@ -191,8 +199,9 @@ def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
   if base is not None:
     why += (f" vs baseline {base['ms_per_iter_pipelined']:.2f} "
             f"({base['ms_per_iter_pipelined'] / best['ms_per_iter_pipelined']:.2f}x)")
-  return {'overrides': overrides, 'extra_flags': best.get('extra_flags', ''),
-          'cell': best['cell'], 'why': why}
+  flags = ' '.join(x for x in ('--xla_gpu_deterministic_ops=true' if best.get('deterministic_ops')
+                               else '', best.get('extra_flags', '')) if x)
+  return {'overrides': overrides, 'xla_flags': flags, 'cell': best['cell'], 'why': why}
 
 
 def formulation_checked(smoke: dict | None, overrides: dict):
@@ -213,6 +222,14 @@ def recorded(cdir: str, kind: str) -> dict:
     return runs_lib.recorded_formulation(runs_lib.load_campaign(cdir), kind)
   except (OSError, ValueError):
     return {}
+
+
+def recorded_flags(cdir: str, kind: str) -> str | None:
+  """The XLA flags of that formulation (None if none were recorded)."""
+  try:
+    return runs_lib.recorded_xla_flags(runs_lib.load_campaign(cdir), kind)
+  except (OSError, ValueError):
+    return None
 
 
 def choose_precision(smoke: dict | None, bench_rows: list[dict]) -> tuple[str, str]:

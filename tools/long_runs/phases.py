@@ -212,7 +212,8 @@ def plan_formulations(job: Job) -> None:
   formulations = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(formulations)
   first, cdir = a.bench_configs.split(',')[0], os.path.abspath(a.campaign_dir)
-  reference = choices.reference_cell(choices.recorded(cdir, job.device_kind), formulations.CELLS)
+  reference = choices.reference_cell(choices.recorded(cdir, job.device_kind), formulations.CELLS,
+                                     choices.recorded_flags(cdir, job.device_kind))
   job.bench_cells = choices.formulation_runs(
       a.bench, first, a.formulations_cells.split(','), reference,
       lambda c, m: choices.measured_formulations(job.device_kind, c, m),

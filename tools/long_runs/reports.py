@@ -158,7 +158,8 @@ def format_window(s: dict) -> str:
     lines.append(f"form  determinism {fm['determinism']}")
   fc = s.get('formulation_choice')
   if fc:
-    lines.append(f"formulation choice: {fc.get('overrides')} ({fc.get('why')})")
+    flags = f" XLA_FLAGS {fc['xla_flags']!r}" if fc.get('xla_flags') is not None else ''
+    lines.append(f"formulation choice: {fc.get('overrides')}{flags} ({fc.get('why')})")
   pc = s.get('precision_choice', {})
   lines.append(f"precision choice: {pc.get('precision')} ({pc.get('why')})")
   camp = (s['phases'].get('campaign', {}).get('result') or {})

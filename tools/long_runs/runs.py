@@ -250,17 +250,41 @@ def recorded_formulation(camp: dict, kind: str) -> dict:
   return dict((camp.get('formulations') or {}).get(kind, {}).get('overrides', {}))
 
 
-def resolve_formulation(cdir: str, camp: dict, given: dict) -> dict:
+def recorded_xla_flags(camp: dict, kind: str) -> str | None:
+  """The XLA flags of the formulation recorded for this kind of device (its deterministic-ops
+  flag and any flag it needs, :func:`formulation_xla_flags`), or None where none was recorded
+  (formulations recorded before flags were: the job's deterministic ops)."""
+  return (camp.get('formulations') or {}).get(kind, {}).get('xla_flags')
+
+
+FLAG_FAMILIES = ('xla_gpu_deterministic_ops', 'xla_gpu_exclude_nondeterministic_ops')
+
+
+def formulation_xla_flags(base: str, flags: str | None) -> str:
+  """``base`` (XLA_FLAGS) with a formulation's ``flags`` in force: the determinism flags of
+  ``base`` (:data:`FLAG_FAMILIES`) are replaced by those of ``flags``, whatever else ``base``
+  sets stays; ``flags`` None leaves ``base`` as it is."""
+  if flags is None:
+    return base
+  kept = [f for f in base.split() if not any(k in f for k in FLAG_FAMILIES)]
+  new = [f for f in flags.split() if f not in kept]
+  return ' '.join(kept + new)
+
+
+def resolve_formulation(cdir: str, camp: dict, given: dict, xla_flags: str | None = None) -> dict:
   """The formulation of this sitting: ``given`` (chosen by a measurement on this kind of device,
-  then recorded in campaign.json for it), else the one recorded for this kind, else the configs'
-  defaults ({})."""
+  then recorded in campaign.json for it, with the ``xla_flags`` it was measured with), else the
+  one recorded for this kind, else the configs' defaults ({})."""
   import jax
   kind = device_kind()
   if not given:
     return recorded_formulation(camp, kind)
-  if recorded_formulation(camp, kind) != given:
-    camp.setdefault('formulations', {})[kind] = {
-        'overrides': dict(given), 'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
+  if (recorded_formulation(camp, kind) != given or
+      (xla_flags is not None and recorded_xla_flags(camp, kind) != xla_flags)):
+    rec = {'overrides': dict(given), 'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
+    if xla_flags is not None:
+      rec['xla_flags'] = xla_flags
+    camp.setdefault('formulations', {})[kind] = rec
     save_campaign(cdir, camp)
   return dict(given)
 

@@ -34,11 +34,12 @@ EVAL_MIN_S = {'accelerator': 60.0, 'cpu': 10.0}   # 1000 episodes x 30 MC sample
 
 def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
             precision_choice: str | None = None, formulation: dict | None = None,
-            log=print) -> dict:
+            formulation_xla_flags: str | None = None, log=print) -> dict:
   """Trains the campaign's next runs for ``budget_s`` seconds (wall clock, compile included),
   checkpointing each; meta-tests runs that finish; regenerates the tables. Returns a summary.
   ``formulation``: execution fields (:data:`runs.FORMULATION_FIELDS`) set on every run it
-  trains."""
+  trains; ``formulation_xla_flags``: the XLA flags it was measured with (recorded with it for
+  this kind of device; the process must already run under them, XLA_FLAGS)."""
   import jax
   from metadrop_jax import metrics as metrics_lib
   from metadrop_jax import train as train_lib
@@ -49,7 +50,8 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   t_start = time.time()
   deadline = t_start + budget_s
   camp = runs_lib.load_campaign(cdir)
-  formulation = runs_lib.resolve_formulation(cdir, camp, runs_lib.check_formulation(formulation))
+  formulation = runs_lib.resolve_formulation(cdir, camp, runs_lib.check_formulation(formulation),
+                                             formulation_xla_flags)
   precision = runs_lib.resolve_precision(cdir, camp, precision_choice)
   jax.config.update('jax_default_matmul_precision', precision)
   eval_min_s, min_share_s = _minimum_times(jax.default_backend() != 'cpu', budget_s, eval_min_s)

@@ -35,6 +35,7 @@ import time
 from tools.long_runs import choices
 from tools.long_runs import pack as pack_lib
 from tools.long_runs import phases
+from tools.long_runs import runs as runs_lib
 from tools.long_runs import procs
 from tools.long_runs import records
 from tools.long_runs import reports
@@ -71,7 +72,8 @@ def choose(job: Job) -> None:
   trains = sitting_formulation(job, form)
   why = form['why'] if form['overrides'] or not trains else \
       f'recorded for {job.device_kind} in campaign.json'
-  job.log(f"formulation of this sitting: {trains or 'the configs default'} ({why})")
+  job.log(f"formulation of this sitting: {trains or 'the configs default'} ({why}); "
+          f"XLA_FLAGS={sitting_xla_flags(job, form)!r}")
 
 
 def sitting_formulation(job: Job, form: dict) -> dict:
@@ -79,6 +81,15 @@ def sitting_formulation(job: Job, form: dict) -> dict:
   records for this kind of card (runs.resolve_formulation), else {} (the configs' defaults)."""
   return form['overrides'] or choices.recorded(os.path.abspath(job.a.campaign_dir),
                                                job.device_kind)
+
+
+def sitting_xla_flags(job: Job, form: dict) -> str:
+  """The sitting's XLA_FLAGS: the job's, with the determinism flags (and any other flag) of the
+  formulation it trains in force: those this job measured it with, else those campaign.json
+  records with it, else the job's own."""
+  flags = form.get('xla_flags') if form['overrides'] else choices.recorded_flags(
+      os.path.abspath(job.a.campaign_dir), job.device_kind)
+  return runs_lib.formulation_xla_flags(job.env.get('XLA_FLAGS', ''), flags)
 
 
 def campaign_phase(job: Job) -> dict:
@@ -97,9 +108,9 @@ def campaign_phase(job: Job) -> dict:
          f"--precision_choice={job.summary['precision_choice']['precision']}"]
   if form['overrides']:
     cmd.append('--formulation=' + ','.join(f'{k}={v}' for k, v in form['overrides'].items()))
-  env = dict(job.env)
-  if form.get('extra_flags'):
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + form['extra_flags']).strip()
+    if form.get('xla_flags') is not None:
+      cmd.append(f"--formulation_xla_flags={form['xla_flags']}")
+  env = {**job.env, 'XLA_FLAGS': sitting_xla_flags(job, form)}
   if a.campaign_settings:
     cmd.append(f'--campaign_settings={a.campaign_settings}')
     if a.campaign_overrides:
@@ -229,7 +240,9 @@ def _parser() -> argparse.ArgumentParser:
                       "benchmarks/meta_step.py's cells (all / the campaign's next run)")
   r.add_argument('--formulations_cells', default='baseline,select,select_im2col,select_nondet,'
                  'select_nondet_again,select_im2col_nondet,baseline_nondet,select_unfused,'
-                 'select_scan,select_map,select_no_cmd_buffer,select_im2col_scan')
+                 'select_scan,select_map,select_no_cmd_buffer,select_im2col_scan,'
+                 'select_im2col_excl,select_im2col_excl_again,select_im2col_triton,'
+                 'select_im2col_excl_triton,select_im2col_excl_triton_again')
   r.add_argument('--formulations_parallel', type=int, default=6)
   r.add_argument('--formulations_concurrent', default='',
                  help='copies of the fastest cell trained at once, e.g. 2,4 (H200, 2026-12-04: '
