@@ -43,7 +43,13 @@ from tools.long_runs.phases import Job, run_phase
 from tools.long_runs.procs import read_json
 
 ROOT = procs.ROOT
-PACK_RESERVE_S = 15.0
+# The job's last seconds (each at most a tenth of the budget): packing $OUT after the sitting's
+# hard stop, and the sitting's own margin before that stop. Measured on an H200 (2026-12-04,
+# docs/bench/windows): packing took 0.2-0.4 s; sittings ended 0.5-0.9 s after their deadline and
+# their process exited 3-4 s after its start-up plus its budget. Every second here is a second
+# not trained.
+PACK_RESERVE_S = 8.0
+SITTING_MARGIN_S = 12.0
 
 
 def run_window(a) -> dict:
@@ -94,7 +100,7 @@ def sitting_xla_flags(job: Job, form: dict) -> str:
 
 def campaign_phase(job: Job) -> dict:
   """c. One sitting of the campaign in a child process, killed at its hard deadline (the
-  sitting aims to be done 30 s before it)."""
+  sitting aims to be done SITTING_MARGIN_S before it)."""
   a, cdir = job.a, os.path.abspath(job.a.campaign_dir)
   form = job.summary['formulation_choice']
   checked = choices.formulation_checked(job.result('smoke'), sitting_formulation(job, form))
@@ -104,7 +110,7 @@ def campaign_phase(job: Job) -> dict:
   hard = job.end - min(PACK_RESERVE_S, 0.1 * a.budget_s)
   job.summary['campaign_started_s'] = round(time.time() - job.t0, 1)
   cmd = [job.py, '-m', 'tools.long_runs.campaign', 'sitting', f'--campaign_dir={cdir}',
-         f'--deadline={hard - min(30.0, 0.1 * a.budget_s):.1f}',
+         f'--deadline={hard - min(SITTING_MARGIN_S, 0.1 * a.budget_s):.1f}',
          f"--precision_choice={job.summary['precision_choice']['precision']}"]
   if form['overrides']:
     cmd.append('--formulation=' + ','.join(f'{k}={v}' for k, v in form['overrides'].items()))
