@@ -104,7 +104,7 @@ CELLS = {
     'select_im2col_excl_triton_again': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'},
                                         False, f'{EXCLUDE_NONDET} {TRITON_GEMM}'),
 }
-DEFAULT_TRACE = ('baseline', 'select', 'select_im2col')
+DEFAULT_TRACE = ('baseline', 'select', 'select_im2col', 'select_im2col_triton')
 
 HLO_OPS = {
     'sort': r'\bsort\(',
@@ -209,8 +209,9 @@ def worker(a: dict) -> None:
   trace_dir = a.get('trace_dir')
   if trace_dir:
     os.makedirs(trace_dir, exist_ok=True)
-    with gzip.open(os.path.join(trace_dir, 'optimized_hlo.txt.gz'), 'wt') as f:
-      f.write(hlo_text)     # what the kernels' hlo_op names refer to
+    import profile_step
+    with gzip.open(os.path.join(trace_dir, profile_step.HLO_FILE), 'wt') as f:
+      f.write(hlo_text)     # what profile_step.parse names the kernels by
     jax.profiler.start_trace(trace_dir)
     for _ in range(a['trace_steps']):
       state, metrics = compiled(state, images, train_key)

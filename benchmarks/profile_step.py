@@ -16,7 +16,12 @@ XLA's thunk executor), and prints
   can overlap), the span from the first kernel to the last, and the wall time per step measured
   around the traced steps: wall - busy is what the device waited for the host (launch gaps);
 * the split by category: conv, dot/GEMM, reduce, elementwise, copy/transpose/layout,
-  scatter/select-and-scatter, sort, other.
+  scatter/select-and-scatter, sort, other;
+* what each top kernel computes, where the optimised HLO lies beside the trace
+  (``optimized_hlo.txt.gz``, written by the capture here and by ``benchmarks/formulations.py``):
+  the HLO instruction it runs (XLA names its kernels after them), its output and operand shapes,
+  the ops of its fused computation, the JAX operations they came from (``op_name`` metadata) and
+  the lines of this repository's code that called them.
 
 The same parser reads the traces that ``benchmarks/formulations.py --trace_dir`` writes.
 """
@@ -144,12 +149,148 @@ def summarise(events: list[dict], steps: int, wall_s_per_step: float | None = No
   return out
 
 
+HLO_FILE = 'optimized_hlo.txt.gz'
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = ')
+_SHAPE = re.compile(r'\b(?:pred|[subf]\d+|bf16|f8\w*|c64|c128|token)\[[\d,]*\]')
+_COMP = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+) \(.*\) -> .* \{$')
+# the ops a fused computation is described by (the rest: parameters, constants, broadcasts,
+# bitcasts and reshapes, which move no data of their own)
+_QUIET_OPS = {'parameter', 'constant', 'broadcast', 'bitcast', 'reshape', 'tuple',
+              'get-tuple-element', 'iota'}
+
+
+def _norm(name: str) -> str:
+  """An HLO instruction's name as XLA names its kernel ('input_reduce_fusion.7' ->
+  'input_reduce_fusion_7')."""
+  return re.sub(r'[.\-]', '_', name)
+
+
+def _balanced(text: str, start: int) -> int:
+  """The index just past the parenthesis group that opens at ``text[start]``."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += {'(': 1, ')': -1}.get(text[i], 0)
+    if depth == 0:
+      return i + 1
+  return len(text)
+
+
+def _instruction(line: str) -> dict | None:
+  m = _INSTR.match(line)
+  if not m:
+    return None
+  rest = line[m.end():]
+  if rest.startswith('('):                       # a tuple shape
+    end = _balanced(rest, 0)
+  else:
+    end = rest.find(' ')
+  shape, rest = rest[:end], rest[end:].lstrip()
+  op = re.match(r'([\w\-]+)\(', rest)
+  if not op:
+    return None
+  args_end = _balanced(rest, op.end() - 1)
+  attrs = rest[args_end:]
+  get = lambda pat: (re.search(pat, attrs) or [None, None])[1]
+  return {'name': m.group(1), 'shape': ' '.join(_SHAPE.findall(shape)) or shape,
+          'op': op.group(1),
+          'operands': re.findall(r'%?([\w.\-]+)', rest[op.end():args_end - 1]),
+          'kind': get(r'kind=(\w+)'), 'calls': get(r'calls=%?([\w.\-]+)'),
+          'op_name': get(r'op_name="([^"]*)"'), 'frame': get(r'stack_frame_id=(\d+)')}
+
+
+def hlo_index(text: str) -> dict:
+  """The optimised HLO module's text, indexed: ``instr`` (kernel-style name -> instruction, with
+  the computation holding it), ``comps`` (name -> its instructions) and ``frames`` (stack frame
+  id -> [(file, line, function)], innermost first) from the module's source tables."""
+  tables: dict[str, dict[int, str]] = {}
+  instr, comps, comp, section = {}, {}, None, None
+  for line in text.splitlines():
+    head = line.strip()
+    if head in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames'):
+      section, comp = head, None
+      tables[section] = {}
+      continue
+    m = _COMP.match(line)
+    if m:
+      comp, section = m.group(1), None
+      comps[comp] = []
+      continue
+    if section and head:
+      k, _, v = head.partition(' ')
+      if k.isdigit():
+        tables[section][int(k)] = v
+      continue
+    if comp is None or head == '}':
+      comp = None if head == '}' else comp
+      continue
+    ins = _instruction(line)
+    if ins:
+      ins['computation'] = comp
+      comps[comp].append(ins)
+      instr.setdefault(_norm(ins['name']), ins)
+  return {'instr': instr, 'comps': comps, 'frames': _frames(tables)}
+
+
+def _frames(t: dict) -> dict[int, list[tuple[str, int, str]]]:
+  files = {k: v.strip('"') for k, v in t.get('FileNames', {}).items()}
+  funcs = {k: v.strip('"') for k, v in t.get('FunctionNames', {}).items()}
+  num = lambda v, key: int((re.search(rf'{key}=(\d+)', v) or [0, 0])[1])
+  locs = {k: (files.get(num(v, 'file_name_id'), '?'), num(v, 'line'),
+              funcs.get(num(v, 'function_name_id'), '?'))
+          for k, v in t.get('FileLocations', {}).items()}
+  raw = {k: (num(v, 'file_location_id'), num(v, 'parent_frame_id'))
+         for k, v in t.get('StackFrames', {}).items()}
+  out = {}
+  for k in raw:
+    chain, seen, f = [], set(), k
+    while f in raw and f not in seen:
+      seen.add(f)
+      loc, parent = raw[f]
+      if loc in locs:
+        chain.append(locs[loc])
+      f = parent
+    out[k] = chain
+  return out
+
+
+def describe(hlo: dict, name: str, hlo_op: str = '', repo_dirs=('metadrop_jax',)) -> dict | None:
+  """What the kernel ``name`` (or its ``hlo_op``) computes, from :func:`hlo_index`; None where
+  no instruction has its name (library kernels: cuBLAS, cuDNN)."""
+  ins = hlo['instr'].get(_norm(name)) or (hlo['instr'].get(_norm(hlo_op)) if hlo_op else None)
+  if ins is None:
+    return None
+  shapes = {i['name']: i['shape'] for i in hlo['comps'].get(ins['computation'], [])}
+  body = hlo['comps'].get(ins['calls'], []) if ins['calls'] else [ins]
+  ops = collections.Counter(i['op'] for i in body if i['op'] not in _QUIET_OPS)
+  names = collections.Counter(re.sub(r'^(?:jit\([^)]*\)/)+', '', i['op_name'])
+                              for i in body if i['op_name'])
+  source = collections.Counter()
+  for i in body:
+    for file, line, func in hlo['frames'].get(int(i['frame'] or -1), []):
+      if any(f'{d}/' in file or file.startswith(d) for d in repo_dirs):
+        source[f'{file.split("/")[-1]}:{line} {func}'] += 1
+        break
+  return {'instruction': ins['name'], 'op': ins['op'], 'kind': ins['kind'],
+          'shape': ins['shape'],
+          'operands': [shapes[o] for o in ins['operands'] if o in shapes],
+          'ops': dict(ops.most_common(8)), 'jax_ops': [n for n, _ in names.most_common(4)],
+          'source': [s for s, _ in source.most_common(3)]}
+
+
 def parse(path: str, steps: int, wall_s_per_step: float | None = None, top: int = 20) -> dict:
   trace_path = find_trace(path)
   with gzip.open(trace_path, 'rt') as f:
     trace = json.load(f)
   out = summarise(device_events(trace), steps, wall_s_per_step, top)
   out['trace'] = trace_path
+  hlo_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), HLO_FILE)
+  if os.path.exists(hlo_path):
+    with gzip.open(hlo_path, 'rt') as f:
+      hlo = hlo_index(f.read())
+    for r in out['top']:
+      d = describe(hlo, r['name'], r['hlo_op'])
+      if d:
+        r['hlo'] = d
   return out
 
 
@@ -167,7 +308,17 @@ def format_profile(p: dict) -> str:
   for r in p['top']:
     lines.append(f"{r['us_per_step']:9.1f}{r['calls']:7d}{r['mean_us']:9.1f}{r['share']:7.1%}  "
                  f"{r['category']:<12}{r['name'][:90]}")
+    if r.get('hlo'):
+      lines.append(' ' * 34 + format_hlo(r['hlo']))
   return '\n'.join(lines)
+
+
+def format_hlo(d: dict) -> str:
+  """One line: shape <- operand shapes, the fused ops, the JAX ops and our source lines."""
+  ops = ' '.join(f'{k}x{v}' for k, v in d['ops'].items())
+  where = '; '.join(d['source'] or d['jax_ops'][:2])
+  return (f"{d['shape'][:40]} <- {', '.join(x[:28] for x in d['operands'][:3])} "
+          f"[{ops}] {where}")[:200]
 
 
 def capture(config_name: str, method: str, overrides: dict, steps: int, warmup: int,
@@ -184,7 +335,10 @@ def capture(config_name: str, method: str, overrides: dict, steps: int, warmup: 
   images = jax.device_put(meta_step._synthetic_images(config))
   init_key, train_key = keys_lib.run_keys(config)
   state, tx = meta.create_state(init_key, config)
-  step = meta.make_train_step(config, tx)
+  step = meta.make_train_step(config, tx).lower(state, images, train_key).compile()
+  os.makedirs(trace_dir, exist_ok=True)
+  with gzip.open(os.path.join(trace_dir, HLO_FILE), 'wt') as f:
+    f.write(step.as_text())        # what parse() names the kernels by
   for _ in range(warmup):
     state, _ = step(state, images, train_key)
   jax.block_until_ready(state)

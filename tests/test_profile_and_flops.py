@@ -75,6 +75,67 @@ def test_parser_on_a_real_cpu_trace(tmp_path):
   assert p['events'] > 0 and p['top']
   assert 0 < p['busy_ms_per_step'] <= p['span_ms_per_step'] + 1e-9
   assert p['categories'].get('dot', {}).get('ms_per_step', 0) > 0
+  # the capture kept the optimised HLO: the top ops say what they compute and where it comes from
+  described = [r for r in p['top'] if 'hlo' in r]
+  assert len(described) >= len(p['top']) // 2
+  dots = [r['hlo'] for r in described if r['hlo']['ops'].get('dot')]
+  assert dots and all(len(d['operands']) == 2 for d in dots)
+  assert any(s.startswith('nets.py:') and 'conv3x3' in s for d in dots for s in d['source'])
+  assert ps.format_hlo(dots[0]) in ps.format_profile(p)
+
+
+GPU_HLO = """HloModule jit_train_step
+
+FileNames
+1 "/work/repo/metadrop_jax/nets.py"
+2 "/work/repo/metadrop_jax/meta.py"
+
+FunctionNames
+1 "batch_norm"
+2 "task_loss"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=196 end_line=196 column=9 end_column=40}
+2 {file_name_id=2 function_name_id=2 line=211 end_line=211 column=3 end_column=30}
+
+StackFrames
+1 {file_location_id=2 parent_frame_id=1}
+2 {file_location_id=1 parent_frame_id=1}
+
+%fused_reduce.7 (param_0.1: f32[4,300,28,28,64]) -> (f32[4,64], f32[4,64]) {
+  %param_0.1 = f32[4,300,28,28,64]{4,3,2,1,0} parameter(0)
+  %constant.1 = f32[] constant(0)
+  %mul.2 = f32[4,300,28,28,64]{4,3,2,1,0} multiply(%param_0.1, %param_0.1), metadata={op_name="jit(train_step)/jvp(batch_norm)/square" stack_frame_id=2}
+  %reduce.3 = f32[4,64]{1,0} reduce(%param_0.1, %constant.1), dimensions={1,2,3}, to_apply=%add, metadata={op_name="jit(train_step)/jvp(batch_norm)/reduce_sum" stack_frame_id=2}
+  %reduce.4 = f32[4,64]{1,0} reduce(%mul.2, %constant.1), dimensions={1,2,3}, to_apply=%add, metadata={op_name="jit(train_step)/jvp(batch_norm)/reduce_sum" stack_frame_id=2}
+  ROOT %tuple.5 = (f32[4,64]{1,0}, f32[4,64]{1,0}) tuple(%reduce.3, %reduce.4)
+}
+
+ENTRY %main.9 (Arg_0.1: f32[4,300,28,28,64]) -> (f32[4,64], f32[4,64]) {
+  %Arg_0.1 = f32[4,300,28,28,64]{4,3,2,1,0} parameter(0)
+  ROOT %input_reduce_fusion.7 = (f32[4,64]{1,0}, f32[4,64]{1,0}) fusion(%Arg_0.1), kind=kInput, calls=%fused_reduce.7, metadata={op_name="jit(train_step)/reduce_sum"}
+}
+"""
+
+
+def test_kernels_are_named_by_the_optimised_hlo(tmp_path):
+  """XLA:GPU names a kernel after its HLO instruction ('input_reduce_fusion.7' runs as
+  'input_reduce_fusion_7'): the profile gives its shapes, its fused ops, the JAX ops and the
+  line of our code they came from; library kernels (cuBLAS) stay undescribed."""
+  ps = _module('profile_step')
+  with gzip.open(tmp_path / 'x.trace.json.gz', 'wt') as f:
+    json.dump(_gpu_trace([(7, 'input_reduce_fusion_7', 'command_buffer_1', 0.0, 900.0),
+                          (7, 'sm80_xmma_gemm_f32f32', 'command_buffer_1', 900.0, 50.0)]), f)
+  with gzip.open(tmp_path / ps.HLO_FILE, 'wt') as f:
+    f.write(GPU_HLO)
+  top = {r['name']: r for r in ps.parse(str(tmp_path), steps=1)['top']}
+  d = top['input_reduce_fusion_7']['hlo']
+  assert d['instruction'] == 'input_reduce_fusion.7' and d['kind'] == 'kInput'
+  assert d['shape'] == 'f32[4,64] f32[4,64]' and d['operands'] == ['f32[4,300,28,28,64]']
+  assert d['ops'] == {'reduce': 2, 'multiply': 1}
+  assert d['jax_ops'][0] == 'jvp(batch_norm)/reduce_sum'
+  assert d['source'] == ['nets.py:196 batch_norm']
+  assert 'hlo' not in top['sm80_xmma_gemm_f32f32']
 
 
 def test_parser_says_what_is_missing(tmp_path):
