@@ -91,6 +91,8 @@ CELLS = {
     'select_im2col_bf16x3_unfused': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
                                       'model.dot_algorithm': 'bf16_x3',
                                       'model.fuse_noise_conv': False}, True, ''),
+    # the CPU's default (reduce_window pooling there): the pooling choice with im2col convs
+    'im2col': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'reduce_window'}, True, ''),
     # autotuned deterministic kernels (EXCLUDE_NONDET), each with a second process to check that
     # two compilations train alike; Triton GEMMs with and without deterministic ops
     'select_im2col_excl': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}, False,

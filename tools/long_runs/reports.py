@@ -148,7 +148,9 @@ def format_window(s: dict) -> str:
     if 'error' in r:
       lines.append(f"form  {r['cell']:<22} {str(r['error'])[:60]}")
     else:
-      lines.append(f"form  {r['cell']:<22} {'det' if r['deterministic_ops'] else 'nondet':<7}"
+      det = ('det' if r['deterministic_ops'] else
+             'excl' if 'exclude_nondeterministic_ops=true' in r.get('extra_flags', '') else 'nondet')
+      lines.append(f"form  {r['cell']:<22} {det:<7}"
                    f"{r['ms_per_iter']:7.2f} ms/it {r['ms_per_iter_pipelined']:7.2f} pipelined  "
                    f"compile {r['compile_s']:5.1f} s  {r['state_sha256'][:8]}")
   for r in fm.get('concurrent', []):
