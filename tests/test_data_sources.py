@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import time
 import zipfile
 
 import hypothesis
@@ -606,23 +605,3 @@ def test_lake_val_characters_holds_the_fewest_whole_alphabets(counts, v):
     return
   k = suffix.index(held)
   assert held >= v and suffix[k - 1] < v and k < len(counts)
-
-
-def test_images_decode_in_threads_and_fail_like_a_loop(monkeypatch):
-  """Omniglot's PNGs decode in a thread pool: every job runs once, and the error raised is the
-  first one in job order (what the serial loop raised), not the first to happen."""
-  from metadrop_jax.data import omniglot
-  from metadrop_jax.data.cache import DataError
-  monkeypatch.setattr(os, 'cpu_count', lambda: 4)
-  seen = []
-  omniglot._in_threads(seen.append, range(100))
-  assert sorted(seen) == list(range(100))
-
-  def fn(j):
-    if j == 7:
-      raise DataError('bad 7')
-    if j == 5:
-      time.sleep(0.2)        # fails after 7 has failed
-      raise DataError('bad 5')
-  with pytest.raises(DataError, match='bad 5'):
-    omniglot._in_threads(fn, range(100))

@@ -249,34 +249,14 @@ def read_local(path, n_characters: int = NUM_CHARACTERS,
                     f'images_evaluation). Is an archive incomplete?\n{_DOWNLOAD_HELP}')
   names = sorted(chars)
   base = np.zeros((len(names), images_per_character, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-  jobs = []
   for i, key in enumerate(names):
     files = sorted(chars[key], key=lambda t: t[0])
     if len(files) != images_per_character:
       raise DataError(f'Omniglot in {path}: character {key[0]}/{key[1]} has {len(files)} '
                       f'images, expected {images_per_character}')
-    jobs += [(i, j, reader, f'{path}: {key[0]}/{key[1]}/{fname}')
-             for j, (fname, reader) in enumerate(files)]
-
-  def decode(job):
-    i, j, reader, name = job
-    base[i, j] = _decode_png(reader(), name)
-
-  _in_threads(decode, jobs)
+    for j, (fname, reader) in enumerate(files):
+      base[i, j] = _decode_png(reader(), f'{path}: {key[0]}/{key[1]}/{fname}')
   return names, base
-
-
-def _in_threads(fn, jobs) -> None:
-  """``fn`` on every job, in a pool of one thread per core (PIL decodes and resizes with the GIL
-  released; zip members are read through zipfile's locked shared handle). The first failure in
-  job order is raised, as a loop would, and the jobs not yet started are dropped."""
-  from concurrent.futures import ThreadPoolExecutor
-  ex = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1))
-  try:
-    for _ in ex.map(fn, jobs):
-      pass
-  finally:
-    ex.shutdown(wait=True, cancel_futures=True)
 
 
 def _tfds_read_order(split: str, alphabet: str, char_id: int, label: int, n: int) -> np.ndarray:
