@@ -52,20 +52,35 @@ FLOOR_FACTOR = 10.0
 TOL_HIGHEST = 5e-3
 TOL_TF32 = 1e-2
 # The library files whose code the smoke test exercises: a passed check stays valid for a card
-# kind and jax version while these are unchanged (numerics_fingerprint).
+# kind and jax version while their code is unchanged (numerics_fingerprint; comments, docstrings
+# and layout do not count).
 NUMERICS_FILES = ('nets.py', 'meta.py', 'methods.py', 'episodes.py', 'keys.py')
 
 
+def code_digest_text(source: str) -> str:
+  """What a file's code is, without its comments, docstrings and layout: the dump of its syntax
+  tree with every docstring removed."""
+  import ast
+  tree = ast.parse(source)
+  for node in ast.walk(tree):
+    body = getattr(node, 'body', None)
+    if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and
+        body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and
+        isinstance(body[0].value.value, str)):
+      node.body = body[1:] or [ast.Pass()]
+  return ast.dump(tree, include_attributes=False)
+
+
 def numerics_fingerprint(jax_version: str) -> str:
-  """A digest of the smoke test's subject: the numerics files of the library and the jax
+  """A digest of the smoke test's subject: the code of the library's numerics files and the jax
   version that runs them (imports no jax: the job's parent process calls it)."""
   import hashlib
   pkg = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
       __file__)))), 'metadrop_jax')
   h = hashlib.sha256(jax_version.encode())
   for name in NUMERICS_FILES:
-    with open(os.path.join(pkg, name), 'rb') as f:
-      h.update(name.encode() + b'\0' + f.read())
+    with open(os.path.join(pkg, name), encoding='utf-8') as f:
+      h.update(name.encode() + b'\0' + code_digest_text(f.read()).encode())
   return h.hexdigest()[:16]
 
 
