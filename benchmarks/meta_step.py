@@ -13,6 +13,8 @@ that peak RSS, XLA flags and compilation caches do not leak between rows.
   python benchmarks/meta_step.py --configs omniglot_20way1shot --methods metadrop --iters 5
   python benchmarks/meta_step.py --configs tiny --set model.task_map=vmap --no-naive
   python benchmarks/meta_step.py --configs omniglot_20way1shot --no-naive \
+      --candidate select=model.pool_impl=select     # a candidate formulation beside the default
+  python benchmarks/meta_step.py --configs omniglot_20way1shot --no-naive \
       --authors-tf=/path/to/tf-venv/bin/python,/path/to/metadrop   # + the authors' TF step
 
 With ``--authors-tf`` the authors' TF graph (``authors_tf_step.py``, in its own interpreter) is
@@ -256,26 +258,34 @@ def _fmt(v, spec):
   return format('n/a', '>' + spec.split('.')[0])
 
 
+FIXED_VARIANTS = ('fast', 'naive', 'exact', 'authors_tf')
+
+
 def print_table(rows):
   """The rows as a table, with ratios to the fast row of the same config and method measured in
   this run: naive / fast, exact / fast (``--exact``: the fast formulation with the exact
-  meta-gradient) and TF / fast (``--authors-tf``: the authors' TF step)."""
+  meta-gradient), <candidate> / fast (``--candidate``) and TF / fast (``--authors-tf``: the
+  authors' TF step)."""
   by_key = {}
   for r in rows:
     by_key.setdefault((r['config'], r['method']), {})[r['variant']] = r
   ok = lambda r: r is not None and 'error' not in r
-  extra = [v for v in ('exact', 'authors_tf') if any(ok(d.get(v)) for d in by_key.values())]
-  head = {'exact': 'exact/fast', 'authors_tf': 'TF/fast'}
+  candidates = list(dict.fromkeys(r['variant'] for r in rows
+                                  if r['variant'] not in FIXED_VARIANTS))
+  extra = [v for v in ('exact', *candidates, 'authors_tf')
+           if any(ok(d.get(v)) for d in by_key.values())]
+  head = {v: 'TF/fast' if v == 'authors_tf' else f'{v}/fast' for v in extra}
+  width = {v: max(11, len(h) + 2) for v, h in head.items()}
   hdr = (f"{'config':<22}{'method':<10}{'variant':<11}{'compile s':>10}{'s/iter':>9}"
          f"{'GFLOP/it':>10}{'GFLOP/s':>9}{'temp MiB':>9}{'peak MiB':>9}{'naive/fast':>11}"
-         + ''.join(f'{head[v]:>11}' for v in extra))
+         + ''.join(f'{head[v]:>{width[v]}}' for v in extra))
   print(hdr)
   print('-' * len(hdr))
   for (name, method), d in by_key.items():
     fast = d.get('fast')
     ratio = lambda v: (d[v]['s_per_iter'] / fast['s_per_iter']
                        if ok(fast) and ok(d.get(v)) else None)
-    for variant in ('fast', 'naive', 'exact', 'authors_tf'):
+    for variant in ('fast', 'naive', 'exact', *candidates, 'authors_tf'):
       r = d.get(variant)
       if r is None:
         continue
@@ -296,7 +306,7 @@ def print_table(rows):
             f"{_fmt((r['xla_temp_bytes'] or float('nan')) / 2**20, '9.0f')}"
             f"{_fmt(r['peak_mem_bytes'] / 2**20, '9.0f')}"
             f"{_fmt(ratio('naive') if beside else None, '11.1f')}"
-            + ''.join(_fmt(ratio(v) if beside else None, '11.2f') for v in extra))
+            + ''.join(_fmt(ratio(v) if beside else None, f'{width[v]}.2f') for v in extra))
   first = next((r for r in rows if r['variant'] != 'authors_tf' and 'error' not in r), None)
   if first:
     print(f"\ndevice: {first['device']}  (x{first['num_devices']}; "
@@ -336,6 +346,10 @@ def main(argv=None):
   ap.add_argument('--exact', action='store_true',
                   help='also time the fast formulation with meta_gradient=exact (paper configs '
                        "default to the authors' computation)")
+  ap.add_argument('--candidate', action='append', default=[], metavar='NAME=FIELD=VALUE[,...]',
+                  help='also time the fast formulation with these overrides (a formulation '
+                       'candidate) and print NAME/fast, e.g. select=model.pool_impl=select; '
+                       'repeatable')
   ap.add_argument('--authors-tf', default=None, metavar='PYTHON,REPO',
                   help="also time the authors' TF step at each paper setting (metadrop/maml, "
                        "authors' computation) in this run: a TensorFlow 2.x + tf_keras "
@@ -371,6 +385,15 @@ def main(argv=None):
   sys.path.insert(0, ROOT)
   from metadrop_jax.cli import parse_overrides     # no jax in this parent process
   overrides = parse_overrides(args.set)
+  candidates = []
+  for c in args.candidate:
+    cname, _, spec = c.partition('=')
+    items = spec.split(',')
+    if (not cname.isidentifier() or cname in FIXED_VARIANTS or
+        not all('=' in x and x.split('=', 1)[0] for x in items)):
+      ap.error(f'--candidate={c!r}: give NAME=FIELD=VALUE[,FIELD=VALUE], NAME a word other '
+               f'than {FIXED_VARIANTS}, e.g. select=model.pool_impl=select')
+    candidates.append((cname, {**overrides, **parse_overrides(items)}))
 
   rows = []
   commit = _commit()
@@ -392,6 +415,7 @@ def main(argv=None):
       if args.exact:
         variants.append(('exact', {**overrides, 'meta_gradient': 'exact'}, iters,
                          args.xla_flags))
+      variants += [(cname, ov, iters, args.xla_flags) for cname, ov in candidates]
       for variant, ov, n, flags in variants:
         if args.deadline and time.time() > args.deadline - 3.0:
           rows.append({'config': name, 'method': method, 'overrides': ov, 'variant': variant,

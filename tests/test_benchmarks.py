@@ -92,3 +92,20 @@ def test_a_measuring_process_gives_its_result_or_its_error():
   bad = ms._run_for_result(['python3', '-c', 'import sys; sys.exit("no such setting")'], timeout=60)
   assert bad == {'error': 'no such setting\n'}
   assert ms._run_for_result(['sleep', '5'], timeout=0.5) == {'error': 'timeout'}
+
+
+def test_a_candidate_formulation_gets_its_ratio_column(capsys):
+  """--candidate NAME=FIELD=VALUE times the fast step with those overrides in the same run and
+  prints NAME/fast beside exact/fast and TF/fast; a malformed candidate is refused at once."""
+  ms = _meta_step()
+  tf = {'config': 'omniglot_20way1shot', 'method': 'metadrop', 'variant': 'authors_tf',
+        's_per_iter': 2.0, 'tf': '2.21.0'}
+  ms.print_table([_row('fast', 4.0), _row('exact', 6.0), _row('select', 3.0), tf])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].split()[-3:] == ['exact/fast', 'select/fast', 'TF/fast']
+  assert lines[2].split()[-3:] == ['1.50', '0.75', '0.50'], lines[2]
+  assert [l.split()[2] for l in lines[2:6]] == ['fast', 'exact', 'select', 'TF']
+  for bad in ('select', 'fast=model.pool_impl=select', 'select=model.pool_impl'):
+    with pytest.raises(SystemExit):
+      ms.main(['--configs=tiny', f'--candidate={bad}'])
+    assert '--candidate' in capsys.readouterr().err
