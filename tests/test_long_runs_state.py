@@ -168,6 +168,26 @@ def test_a_job_that_continues_this_copy_records_its_new_formulation(tmp_path, re
   assert camp['formulations'] == {**f2, **cpu}
 
 
+def test_the_flags_of_a_formulation_are_part_of_it_when_unpacking(tmp_path, repo):
+  """The same fields under other XLA flags (autotuned deterministic kernels instead of
+  deterministic ops) are another formulation: a job that continues this copy brings its flags
+  along; a stale copy with other flags is refused unless forced."""
+  r0 = row('2026-12-01T00:00:00Z')
+  fields = {'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}
+  f1 = {H200: {'overrides': fields}}
+  f2 = {H200: {'overrides': fields, 'xla_flags': '--xla_gpu_exclude_nondeterministic_ops=true'}}
+  do_unpack(fake_job(tmp_path, 'first', {A: 10}, formulations=f1, rows=[r0]), repo)
+  do_unpack(fake_job(tmp_path, 'second', {A: 20}, formulations=f2,
+                     rows=[r0, row('2026-12-02T00:00:00Z')]), repo)
+  camp = runs.load_campaign(str(repo / 'camp'))
+  assert runs.recorded_xla_flags(camp, H200) == f2[H200]['xla_flags']
+  stale = fake_job(tmp_path, 'stale', {A: 30}, formulations=f1)
+  with pytest.raises(state.CampaignError, match='XLA_FLAGS'):
+    do_unpack(stale, repo)
+  assert runs.recorded_xla_flags(runs.load_campaign(str(repo / 'camp')), H200) == \
+      f2[H200]['xla_flags']
+
+
 @pytest.mark.parametrize('damage', ['altered', 'no_hash'])
 def test_a_damaged_returned_checkpoint_changes_nothing(tmp_path, repo, damage):
   """Verified before anything is replaced: the intact run here stays; --skip=RUN unpacks the

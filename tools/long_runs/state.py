@@ -153,17 +153,20 @@ def merge_campaign(here: dict | None, back: dict | None, force, continues: bool,
   merged, notes = dict(here), []
   _merge_precision(merged, here, back, 'matmul_precision' in force, notes)
   kinds = dict(here.get('formulations') or {})
+  # a formulation is its fields and the XLA flags it trains under (runs.formulation_xla_flags)
+  what = lambda r: r.get('overrides') if r.get('xla_flags') is None else \
+      f"{r.get('overrides')} with XLA_FLAGS {r['xla_flags']!r}"
   for kind, rec in (back.get('formulations') or {}).items():
     mine = kinds.get(kind)
-    if mine is None or mine.get('overrides') == rec.get('overrides'):
+    if mine is None or what(mine) == what(rec):
       kinds[kind] = mine or rec
     elif 'formulations' in force or continues:
       kinds[kind] = rec
-      notes.append(f'formulation for {kind}: {rec.get("overrides")} (was {mine.get("overrides")})')
+      notes.append(f'formulation for {kind}: {what(rec)} (was {what(mine)})')
     else:
       raise CampaignError(
-          f'{path} records the formulation {mine.get("overrides")} for {kind} ({mine.get("date")}), '
-          f'the returned copy {rec.get("overrides")} ({rec.get("date")}), and the returned copy '
+          f'{path} records the formulation {what(mine)} for {kind} ({mine.get("date")}), '
+          f'the returned copy {what(rec)} ({rec.get("date")}), and the returned copy '
           'does not continue this one (sittings.jsonl): --force=formulations takes the returned '
           'one; without it nothing is changed')
   if kinds:
