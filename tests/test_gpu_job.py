@@ -197,6 +197,12 @@ def test_the_formulations_flags_are_recorded_and_reapplied(tmp_path, monkeypatch
   assert window.sitting_xla_flags(job, none) == ex                    # a training-only job
   assert window.sitting_xla_flags(job, {'overrides': f, 'xla_flags': det}) == det   # measured now
   assert choices.reference_cell(f, _formulations().CELLS, ex) == 'select_im2col_excl'
+  # a sitting started by hand under other flags says so (it cannot change its own XLA_FLAGS)
+  camp = runs.load_campaign(cdir)
+  msg = runs.flags_differ_from_record(camp, det, 'K')
+  assert ex in msg and 'XLA_FLAGS' in msg
+  assert runs.flags_differ_from_record(camp, f'{ex} --xla_other=1', 'K') is None
+  assert runs.flags_differ_from_record(camp, det, 'L') is None          # nothing recorded for L
 
 
 def test_a_sitting_refuses_flags_it_does_not_run_under(tmp_path, monkeypatch, capsys):

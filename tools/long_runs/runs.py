@@ -271,6 +271,20 @@ def formulation_xla_flags(base: str, flags: str | None) -> str:
   return ' '.join(kept + new)
 
 
+def flags_differ_from_record(camp: dict, env_flags: str, kind: str | None = None) -> str | None:
+  """What is wrong when this process's XLA_FLAGS (``env_flags``) lack flags that the formulation
+  recorded for its kind of device trains under (a sitting started by hand on a GPU), or None."""
+  kind = kind or device_kind()
+  rec = recorded_xla_flags(camp, kind)
+  if rec is None:
+    return None
+  want = formulation_xla_flags(env_flags, rec)
+  if set(want.split()) == set(env_flags.split()):
+    return None
+  return (f'campaign.json records the formulation of {kind} with XLA_FLAGS {rec!r}; this process '
+          f'runs with {env_flags!r}: start it with XLA_FLAGS={want!r} to train as recorded')
+
+
 def resolve_formulation(cdir: str, camp: dict, given: dict, xla_flags: str | None = None) -> dict:
   """The formulation of this sitting: ``given`` (chosen by a measurement on this kind of device,
   then recorded in campaign.json for it, with the ``xla_flags`` it was measured with), else the

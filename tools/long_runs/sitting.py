@@ -52,6 +52,9 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   camp = runs_lib.load_campaign(cdir)
   formulation = runs_lib.resolve_formulation(cdir, camp, runs_lib.check_formulation(formulation),
                                              formulation_xla_flags)
+  flags_problem = runs_lib.flags_differ_from_record(camp, os.environ.get('XLA_FLAGS', ''))
+  if flags_problem:
+    log(f'[campaign] WARNING: {flags_problem}')
   precision = runs_lib.resolve_precision(cdir, camp, precision_choice)
   jax.config.update('jax_default_matmul_precision', precision)
   eval_min_s, min_share_s = _minimum_times(jax.default_backend() != 'cpu', budget_s, eval_min_s)
