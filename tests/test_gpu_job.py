@@ -221,3 +221,57 @@ def test_a_sitting_refuses_flags_it_does_not_run_under(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1
   assert runs.recorded_formulation(runs.load_campaign(cdir), runs.device_kind()) == {}
+
+
+def test_records_from_before_code_fingerprints_get_theirs_verified_against_git(tmp_path):
+  """A job record whose fingerprint is the bytes-digest of the numerics files at its commit gets
+  the code fingerprint of that commit; a record that does not match its commit is left alone;
+  after an edit of comments only, the code fingerprint still finds the check on record."""
+  import shutil
+  import subprocess
+  if shutil.which('git') is None:
+    import pytest
+    pytest.skip('no git here')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = tmp_path / 'repo'
+  shutil.copytree(os.path.join(root, 'metadrop_jax'), repo / 'metadrop_jax')
+  git = lambda *a: subprocess.run(['git', *a], cwd=repo, check=True, capture_output=True,
+                                  text=True).stdout.strip()
+  git('init', '-q')
+  git('-c', 'user.name=t', '-c', 'user.email=t@t', 'add', 'metadrop_jax')
+  git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'x')
+  commit = git('rev-parse', '--short', 'HEAD')
+  legacy = gpu_check.fingerprint_at(commit, '0.11.2', str(repo), code_only=False)
+  smoke = {'rows': [{'pass': True}], 'jax': '0.11.2', 'pass_highest_by_conv_impl': {'im2col': True}}
+  job = lambda fp: {'device_kind': 'K', 'phases': {'info': {'result': {'commit': commit}},
+                                                    'smoke': {'result': {**smoke, 'fingerprint': fp}}}}
+  _record(repo, 'a_K.json', job(legacy))
+  _record(repo, 'b_K.json', job('0123456789abcdef'))       # not this commit's
+  changed = gpu_check.add_code_fingerprints(str(repo), log=lambda m: None)
+  assert [os.path.basename(p) for p in changed] == ['a_K.json']
+  code_fp = gpu_check.fingerprint_at(commit, '0.11.2', str(repo))
+  rec = json.loads((repo / 'docs' / 'bench' / 'windows' / 'a_K.json').read_text())
+  assert rec['phases']['smoke']['result']['code_fingerprint'] == code_fp != legacy
+  assert choices.smoke_on_record('K', code_fp, repo=str(repo))['on_record'].endswith('a_K.json')
+  assert gpu_check.add_code_fingerprints(str(repo), log=lambda m: None) == []   # done once
+
+
+def test_the_committed_code_fingerprints_are_those_of_their_commits():
+  """Every code_fingerprint in docs/bench/windows is that of the numerics code at its job's
+  commit (recomputed from git)."""
+  import pathlib
+  import shutil
+  import pytest
+  root = pathlib.Path(__file__).resolve().parents[1]
+  if shutil.which('git') is None or not (root / '.git').exists():
+    pytest.skip('no git history here')
+  checked = 0
+  for p in sorted((root / 'docs' / 'bench' / 'windows').glob('*.json')):
+    rec = json.loads(p.read_text())
+    sm = (rec.get('phases', {}).get('smoke', {}).get('result') or {}) if isinstance(rec, dict) \
+        else {}
+    if 'code_fingerprint' in sm:
+      commit = rec['phases']['info']['result']['commit']
+      assert gpu_check.fingerprint_at(commit, sm['jax'], str(root)) == sm['code_fingerprint'], p
+      checked += 1
+  assert checked >= 1

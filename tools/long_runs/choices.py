@@ -93,13 +93,14 @@ def _records(repo: str, suffix: str = '') -> list[tuple[str, dict]]:
 
 def smoke_on_record(device_kind: str, fingerprint: str, repo: str = ROOT) -> dict | None:
   """The newest committed smoke result of this kind of card whose numerics fingerprint
-  (gpu_check.numerics_fingerprint: the library's numerics files and the jax version) is this
-  one, or None: while neither changed, the check need not run again."""
+  (gpu_check.numerics_fingerprint: the code of the library's numerics files and the jax version;
+  records made before it read code only carry it as ``code_fingerprint``) is this one, or None:
+  while neither changed, the check need not run again."""
   found = None
   for p, s in _records(repo):
     sm = (s.get('phases', {}).get('smoke', {}).get('result') or {})
     if s.get('device_kind') == device_kind and sm.get('rows') and \
-        sm.get('fingerprint') == fingerprint:
+        fingerprint in (sm.get('fingerprint'), sm.get('code_fingerprint')):
       found = {**sm, 'on_record': os.path.relpath(p, repo)}
   return found
 
