@@ -58,8 +58,10 @@ NUMERICS_FILES = ('nets.py', 'meta.py', 'methods.py', 'episodes.py', 'keys.py')
 
 
 def code_digest_text(source: str) -> str:
-  """What a file's code is, without its comments, docstrings and layout: the dump of its syntax
-  tree with every docstring removed."""
+  """What a file's code is, without its comments, docstrings and layout: its syntax tree with
+  every docstring removed, written out field by field without the empty ones (``ast.dump``'s own
+  text differs between Python versions: 3.12 adds ``type_params=[]``), so that the GPU machine's
+  Python and this one agree."""
   import ast
   tree = ast.parse(source)
   for node in ast.walk(tree):
@@ -68,7 +70,16 @@ def code_digest_text(source: str) -> str:
         body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and
         isinstance(body[0].value.value, str)):
       node.body = body[1:] or [ast.Pass()]
-  return ast.dump(tree, include_attributes=False)
+
+  def canon(x) -> str:
+    if isinstance(x, ast.AST):
+      fields = ((f, getattr(x, f, None)) for f in x._fields)
+      inner = ', '.join(f'{f}={canon(v)}' for f, v in fields if v not in (None, []))
+      return f'{type(x).__name__}({inner})'
+    if isinstance(x, list):
+      return '[' + ', '.join(canon(v) for v in x) + ']'
+    return repr(x)
+  return canon(tree)
 
 
 def _fingerprint(jax_version: str, read, code_only: bool = True) -> str:
