@@ -223,6 +223,14 @@ def test_a_sitting_refuses_flags_it_does_not_run_under(tmp_path, monkeypatch, ca
   assert runs.recorded_formulation(runs.load_campaign(cdir), runs.device_kind()) == {}
 
 
+def test_the_code_digest_is_the_same_text_on_every_python():
+  """Field by field without the empty ones: Python 3.12's ``type_params=[]`` and the like do not
+  change it, so the GPU machine's Python computes the fingerprint this one does."""
+  assert gpu_check.code_digest_text('def f():\n  """Doc."""\n  # note\n  return 1\n') == (
+      "Module(body=[FunctionDef(name='f', args=arguments(), "
+      "body=[Return(value=Constant(value=1))])])")
+
+
 def test_records_from_before_code_fingerprints_get_theirs_verified_against_git(tmp_path):
   """A job record whose fingerprint is the bytes-digest of the numerics files at its commit gets
   the code fingerprint of that commit; a record that does not match its commit is left alone;
