@@ -158,7 +158,8 @@ def merge_campaign(here: dict | None, back: dict | None, force, continues: bool,
       f"{r.get('overrides')} with XLA_FLAGS {r['xla_flags']!r}"
   for kind, rec in (back.get('formulations') or {}).items():
     mine = kinds.get(kind)
-    if mine is None or what(mine) == what(rec):
+    if mine is None or (mine.get('overrides'), mine.get('xla_flags')) == \
+        (rec.get('overrides'), rec.get('xla_flags')):
       kinds[kind] = mine or rec
     elif 'formulations' in force or continues:
       kinds[kind] = rec
