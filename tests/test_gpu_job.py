@@ -7,7 +7,7 @@ import os
 import tarfile
 
 
-from tools.long_runs import choices, gpu_check, records
+from tools.long_runs import choices, fingerprint, records
 
 CELLS = {'baseline': ({'model.conv_impl': 'xla', 'model.pool_impl': 'reduce_window'}, True, ''),
          'select_im2col': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}, True, ''),
@@ -44,8 +44,8 @@ def test_auto_measures_only_new_formulations_beside_the_one_in_use(tmp_path):
 
 
 def test_the_smoke_test_is_on_record_only_for_the_same_card_and_numerics(tmp_path):
-  fp = gpu_check.numerics_fingerprint('0.11.2')
-  assert fp != gpu_check.numerics_fingerprint('0.11.3')     # the jax version is part of it
+  fp = fingerprint.numerics_fingerprint('0.11.2')
+  assert fp != fingerprint.numerics_fingerprint('0.11.3')     # the jax version is part of it
   smoke = {'rows': [{'pass': True}], 'fingerprint': fp,
            'pass_highest_by_conv_impl': {'im2col': True}}
   _record(tmp_path, '20261204T000000Z_K.json', {'device_kind': 'K',
@@ -55,7 +55,7 @@ def test_the_smoke_test_is_on_record_only_for_the_same_card_and_numerics(tmp_pat
   assert rec['pass_highest_by_conv_impl'] == {'im2col': True}
   assert rec['on_record'] == os.path.join('docs', 'bench', 'windows', '20261204T000000Z_K.json')
   assert choices.smoke_on_record('L', fp, repo=str(tmp_path)) is None
-  assert choices.smoke_on_record('K', gpu_check.numerics_fingerprint('0.12'),
+  assert choices.smoke_on_record('K', fingerprint.numerics_fingerprint('0.12'),
                                  repo=str(tmp_path)) is None
 
 
@@ -64,11 +64,11 @@ def test_numerics_fingerprint_follows_the_library_files(tmp_path, monkeypatch):
   import shutil
   fake = tmp_path / 'repo'
   (fake / 'tools' / 'long_runs').mkdir(parents=True)
-  shutil.copytree(os.path.join(os.path.dirname(gpu_check.__file__), '..', '..', 'metadrop_jax'),
+  shutil.copytree(os.path.join(os.path.dirname(fingerprint.__file__), '..', '..', 'metadrop_jax'),
                   fake / 'metadrop_jax')
-  shutil.copy(gpu_check.__file__, fake / 'tools' / 'long_runs' / 'gpu_check.py')
-  monkeypatch.setattr(gpu_check, '__file__', str(fake / 'tools' / 'long_runs' / 'gpu_check.py'))
-  before = gpu_check.numerics_fingerprint('0.11.2')
+  shutil.copy(fingerprint.__file__, fake / 'tools' / 'long_runs' / 'fingerprint.py')
+  monkeypatch.setattr(fingerprint, '__file__', str(fake / 'tools' / 'long_runs' / 'fingerprint.py'))
+  before = fingerprint.numerics_fingerprint('0.11.2')
   nets = fake / 'metadrop_jax' / 'nets.py'
   text = nets.read_text()
   # comments, docstrings and layout are not the code: the check on record stays valid
@@ -76,9 +76,9 @@ def test_numerics_fingerprint_follows_the_library_files(tmp_path, monkeypatch):
       'def max_pool(', '# a new comment\n\n\ndef max_pool(', 1)
   assert edited != text
   nets.write_text(edited)
-  assert gpu_check.numerics_fingerprint('0.11.2') == before
+  assert fingerprint.numerics_fingerprint('0.11.2') == before
   nets.write_text(edited.replace('jnp.where(m >= phase, m, phase)', 'jnp.where(m > phase, m, phase)'))
-  assert gpu_check.numerics_fingerprint('0.11.2') != before
+  assert fingerprint.numerics_fingerprint('0.11.2') != before
 
 
 def test_the_compile_cache_keeps_the_newest_entries_that_fit(tmp_path):
@@ -226,7 +226,7 @@ def test_a_sitting_refuses_flags_it_does_not_run_under(tmp_path, monkeypatch, ca
 def test_the_code_digest_is_the_same_text_on_every_python():
   """Field by field without the empty ones: Python 3.12's ``type_params=[]`` and the like do not
   change it, so the GPU machine's Python computes the fingerprint this one does."""
-  assert gpu_check.code_digest_text('def f():\n  """Doc."""\n  # note\n  return 1\n') == (
+  assert fingerprint.code_digest_text('def f():\n  """Doc."""\n  # note\n  return 1\n') == (
       "Module(body=[FunctionDef(name='f', args=arguments(), "
       "body=[Return(value=Constant(value=1))])])")
 
@@ -249,19 +249,19 @@ def test_records_from_before_code_fingerprints_get_theirs_verified_against_git(t
   git('-c', 'user.name=t', '-c', 'user.email=t@t', 'add', 'metadrop_jax')
   git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'x')
   commit = git('rev-parse', '--short', 'HEAD')
-  legacy = gpu_check.fingerprint_at(commit, '0.11.2', str(repo), code_only=False)
+  legacy = fingerprint.fingerprint_at(commit, '0.11.2', str(repo), code_only=False)
   smoke = {'rows': [{'pass': True}], 'jax': '0.11.2', 'pass_highest_by_conv_impl': {'im2col': True}}
   job = lambda fp: {'device_kind': 'K', 'phases': {'info': {'result': {'commit': commit}},
                                                     'smoke': {'result': {**smoke, 'fingerprint': fp}}}}
   _record(repo, 'a_K.json', job(legacy))
   _record(repo, 'b_K.json', job('0123456789abcdef'))       # not this commit's
-  changed = gpu_check.add_code_fingerprints(str(repo), log=lambda m: None)
+  changed = fingerprint.add_code_fingerprints(str(repo), log=lambda m: None)
   assert [os.path.basename(p) for p in changed] == ['a_K.json']
-  code_fp = gpu_check.fingerprint_at(commit, '0.11.2', str(repo))
+  code_fp = fingerprint.fingerprint_at(commit, '0.11.2', str(repo))
   rec = json.loads((repo / 'docs' / 'bench' / 'windows' / 'a_K.json').read_text())
   assert rec['phases']['smoke']['result']['code_fingerprint'] == code_fp != legacy
   assert choices.smoke_on_record('K', code_fp, repo=str(repo))['on_record'].endswith('a_K.json')
-  assert gpu_check.add_code_fingerprints(str(repo), log=lambda m: None) == []   # done once
+  assert fingerprint.add_code_fingerprints(str(repo), log=lambda m: None) == []   # done once
 
 
 def test_the_committed_code_fingerprints_are_those_of_their_commits():
@@ -280,6 +280,6 @@ def test_the_committed_code_fingerprints_are_those_of_their_commits():
         else {}
     if 'code_fingerprint' in sm:
       commit = rec['phases']['info']['result']['commit']
-      assert gpu_check.fingerprint_at(commit, sm['jax'], str(root)) == sm['code_fingerprint'], p
+      assert fingerprint.fingerprint_at(commit, sm['jax'], str(root)) == sm['code_fingerprint'], p
       checked += 1
   assert checked >= 1

@@ -93,7 +93,7 @@ def _records(repo: str, suffix: str = '') -> list[tuple[str, dict]]:
 
 def smoke_on_record(device_kind: str, fingerprint: str, repo: str = ROOT) -> dict | None:
   """The newest committed smoke result of this kind of card whose numerics fingerprint
-  (gpu_check.numerics_fingerprint: the code of the library's numerics files and the jax version;
+  (fingerprint.numerics_fingerprint: the code of the library's numerics files and the jax version;
   records made before it read code only carry it as ``code_fingerprint``) is this one, or None:
   while neither changed, the check need not run again."""
   found = None

@@ -141,14 +141,13 @@ def start_smoke(job: Job) -> None:
   it is not run when a committed result of this card kind and numerics fingerprint passed every
   formulation this job may train with."""
   a = job.a
-  from tools.long_runs import gpu_check
-  fingerprint = gpu_check.numerics_fingerprint(
-      job.result('info').get('versions', {}).get('jax', ''))
-  rec = choices.smoke_on_record(job.device_kind, fingerprint) if a.smoke == 'auto' else None
+  from tools.long_runs import fingerprint
+  digest = fingerprint.numerics_fingerprint(job.result('info').get('versions', {}).get('jax', ''))
+  rec = choices.smoke_on_record(job.device_kind, digest) if a.smoke == 'auto' else None
   needed = set(a.smoke_conv_impls.split(','))
   if rec and all((rec.get('pass_highest_by_conv_impl') or {}).get(k) for k in needed):
     job.smoke_record = rec
-    job.log(f"smoke test passed on record ({rec['on_record']}, fingerprint {fingerprint}): "
+    job.log(f"smoke test passed on record ({rec['on_record']}, fingerprint {digest}): "
             'not run again')
     return
   cmd = [job.py, '-m', 'tools.long_runs.gpu_check', f'--setting={a.smoke_setting}',
