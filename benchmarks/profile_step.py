@@ -220,8 +220,9 @@ def hlo_index(text: str) -> dict:
       if k.isdigit():
         tables[section][int(k)] = v
       continue
-    if comp is None or head == '}':
-      comp = None if head == '}' else comp
+    if head == '}':
+      comp = None
+    if comp is None:
       continue
     ins = _instruction(line)
     if ins:

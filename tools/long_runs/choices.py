@@ -161,13 +161,21 @@ def formulation_plan(mode: str, cells: list, measured: set, reference: str | Non
   return 'formulations', ([reference] if reference and reference not in todo else []) + todo
 
 
+DETERMINISTIC_OPS = '--xla_gpu_deterministic_ops=true'
+
+
+def cell_xla_flags(deterministic_ops: bool, extra: str) -> str:
+  """The XLA flags a formulations cell runs under: deterministic ops or not, and its extras."""
+  return ' '.join(x for x in (DETERMINISTIC_OPS if deterministic_ops else '', extra) if x)
+
+
 def reference_cell(overrides: dict, cells: dict, xla_flags: str | None = None) -> str | None:
   """The name of the cell of ``cells`` (formulations.CELLS) that sets exactly the formulation
   ``overrides`` with the XLA flags ``xla_flags`` (None: deterministic ops and nothing else, as
   formulations recorded before their flags were), not a second-process cell; or None."""
-  want = set((xla_flags if xla_flags is not None else '--xla_gpu_deterministic_ops=true').split())
+  want = set((xla_flags if xla_flags is not None else DETERMINISTIC_OPS).split())
   for name, (ov, det, extra) in cells.items():
-    flags = set(extra.split()) | ({'--xla_gpu_deterministic_ops=true'} if det else set())
+    flags = set(cell_xla_flags(det, extra).split())
     if ov == overrides and flags == want and not name.endswith('_again'):
       return name
   return None
@@ -200,9 +208,8 @@ def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
   if base is not None:
     why += (f" vs baseline {base['ms_per_iter_pipelined']:.2f} "
             f"({base['ms_per_iter_pipelined'] / best['ms_per_iter_pipelined']:.2f}x)")
-  flags = ' '.join(x for x in ('--xla_gpu_deterministic_ops=true' if best.get('deterministic_ops')
-                               else '', best.get('extra_flags', '')) if x)
-  return {'overrides': overrides, 'xla_flags': flags, 'cell': best['cell'], 'why': why}
+  return {'overrides': overrides, 'cell': best['cell'], 'why': why,
+          'xla_flags': cell_xla_flags(best.get('deterministic_ops'), best.get('extra_flags', ''))}
 
 
 def formulation_checked(smoke: dict | None, overrides: dict):
