@@ -44,6 +44,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import provenance  # noqa: E402  (benchmarks/provenance.py)
 
 DET = '--xla_gpu_deterministic_ops=true'
 NO_CMD_BUFFER = '--xla_gpu_enable_command_buffer='
@@ -538,7 +539,7 @@ def main(argv=None):
           'trace_steps': a.trace_steps}
   summary = {'config': a.config, 'method': a.method, 'gradient': a.gradient,
              'precision': a.precision, 'set': extra, 'iters': a.iters, 'warmup': a.warmup,
-             'commit': os.environ.get('METADROP_COMMIT', ''), 'base_flags': a.base_flags,
+             'commit': provenance.commit(), 'base_flags': a.base_flags,
              'start': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t0))}
 
   def save():

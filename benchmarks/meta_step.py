@@ -38,6 +38,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import provenance  # noqa: E402  (benchmarks/provenance.py)
 PAPER_CONFIGS = ('omniglot_20way1shot', 'omniglot_20way5shot', 'mimgnet_5way1shot',
                  'mimgnet_5way5shot')
 ALL_CONFIGS = PAPER_CONFIGS + ('tiny',)
@@ -240,18 +242,6 @@ def _run_subprocess(name, method, overrides, iters, warmup, xla_flags, timeout, 
   return {'config': name, 'method': method, 'overrides': overrides, **r} if 'error' in r else r
 
 
-def _commit() -> str:
-  """This checkout's commit (+ '-dirty' with local changes), '' outside git; no jax import."""
-  try:
-    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
-                          text=True, timeout=30).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
-                           capture_output=True, text=True, timeout=30).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return ''
-  return head + ('-dirty' if head and dirty else '')
-
-
 def _fmt(v, spec):
   if isinstance(v, (int, float)) and v == v:
     return format(v, spec)
@@ -396,7 +386,7 @@ def main(argv=None):
     candidates.append((cname, {**overrides, **parse_overrides(items)}))
 
   rows = []
-  commit = _commit()
+  commit = provenance.commit()
 
   def save():   # after every row: a window that runs out of time keeps what it measured
     if args.out:

@@ -40,6 +40,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import provenance  # noqa: E402  (benchmarks/provenance.py)
 
 # (category, pattern on the kernel name or its hlo_op), first match wins.
 CATEGORIES = (
@@ -59,7 +61,16 @@ SKIP_NAMES = re.compile(r'^end: |^ThunkExecutor|^ThreadpoolListener|^Wait for|'
                         r'^(while|call|conditional)(\.\d+)?$')
 
 
-def category(name: str, hlo_op: str = '') -> str:
+def category(name: str, hlo_op: str = '', fused_ops=()) -> str:
+  """The category of a kernel: from the ops of the HLO it runs where those are known (XLA:CPU
+  names its library fusions 'ynn_fusion', 'onednn...' whatever they compute), else from its
+  name."""
+  ops = set(fused_ops)
+  for cat, present in (('sort', {'sort'}), ('scatter', {'scatter', 'select-and-scatter'}),
+                       ('conv', {'convolution'}), ('dot', {'dot'}),
+                       ('reduce', {'reduce', 'reduce-window'})):
+    if ops & present:
+      return cat
   text = f'{name} {hlo_op}'.lower()
   for cat, pat in CATEGORIES:
     if re.search(pat.lower(), text):
@@ -114,9 +125,18 @@ def _union(intervals) -> float:
 
 
 def summarise(events: list[dict], steps: int, wall_s_per_step: float | None = None,
-              top: int = 20) -> dict:
-  """The tables of the module docstring from the device events of ``steps`` traced steps."""
+              top: int = 20, hlo: dict | None = None) -> dict:
+  """The tables of the module docstring from the device events of ``steps`` traced steps;
+  ``hlo`` (:func:`hlo_index`) categorises each kernel by the ops it runs."""
   steps = max(1, steps)
+  cats: dict[tuple[str, str], str] = {}
+
+  def cat_of(name, hlo_op):
+    if (name, hlo_op) not in cats:
+      d = describe(hlo, name, hlo_op) if hlo else None
+      cats[name, hlo_op] = category(name, hlo_op, d['all_ops'] if d else ())
+    return cats[name, hlo_op]
+
   by_name: dict[str, list] = collections.defaultdict(lambda: [0, 0.0, ''])
   by_cat = collections.Counter()
   for e in events:
@@ -126,7 +146,7 @@ def summarise(events: list[dict], steps: int, wall_s_per_step: float | None = No
     k[0] += 1
     k[1] += d
     k[2] = args.get('hlo_op', k[2])
-    by_cat[category(e['name'], args.get('hlo_op', ''))] += d
+    by_cat[cat_of(e['name'], args.get('hlo_op', ''))] += d
   kernel_us = sum(v[1] for v in by_name.values())
   busy_us = _union((float(e['ts']), float(e['ts']) + float(e.get('dur', 0.0))) for e in events)
   span_us = (max(float(e['ts']) + float(e.get('dur', 0.0)) for e in events) -
@@ -139,7 +159,7 @@ def summarise(events: list[dict], steps: int, wall_s_per_step: float | None = No
       'wall_ms_per_step': None if wall_s_per_step is None else 1e3 * wall_s_per_step,
       'top': [{'name': n, 'hlo_op': v[2], 'calls': v[0], 'total_us': v[1],
                'mean_us': v[1] / v[0], 'share': v[1] / kernel_us if kernel_us else 0.0,
-               'us_per_step': v[1] / steps, 'category': category(n, v[2])} for n, v in rows],
+               'us_per_step': v[1] / steps, 'category': cat_of(n, v[2])} for n, v in rows],
       'categories': {c: {'ms_per_step': us / steps / 1e3,
                          'share': us / kernel_us if kernel_us else 0.0}
                      for c, us in by_cat.most_common()},
@@ -274,7 +294,8 @@ def describe(hlo: dict, name: str, hlo_op: str = '', repo_dirs=('metadrop_jax',)
   return {'instruction': ins['name'], 'op': ins['op'], 'kind': ins['kind'],
           'shape': ins['shape'],
           'operands': [shapes[o] for o in ins['operands'] if o in shapes],
-          'ops': dict(ops.most_common(8)), 'jax_ops': [n for n, _ in names.most_common(4)],
+          'ops': dict(ops.most_common(8)), 'all_ops': sorted(ops),
+          'jax_ops': [n for n, _ in names.most_common(4)],
           'source': [s for s, _ in source.most_common(3)]}
 
 
@@ -282,12 +303,14 @@ def parse(path: str, steps: int, wall_s_per_step: float | None = None, top: int 
   trace_path = find_trace(path)
   with gzip.open(trace_path, 'rt') as f:
     trace = json.load(f)
-  out = summarise(device_events(trace), steps, wall_s_per_step, top)
-  out['trace'] = trace_path
+  hlo = None
   hlo_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), HLO_FILE)
   if os.path.exists(hlo_path):
     with gzip.open(hlo_path, 'rt') as f:
       hlo = hlo_index(f.read())
+  out = summarise(device_events(trace), steps, wall_s_per_step, top, hlo)
+  out['trace'] = trace_path
+  if hlo:
     for r in out['top']:
       d = describe(hlo, r['name'], r['hlo_op'])
       if d:
@@ -384,7 +407,8 @@ def main(argv=None):
     dev = jax.devices()[0]
     p.update(config=a.config, method=a.method, overrides=parse_overrides(a.set),
              device=f'{dev.platform}:{dev.device_kind}', jax=jax.__version__,
-             precision=a.precision, xla_flags=os.environ.get('XLA_FLAGS', ''))
+             precision=a.precision, xla_flags=os.environ.get('XLA_FLAGS', ''),
+             commit=provenance.commit())
   print(format_profile(p))
   if a.out:
     tmp = a.out + '.tmp'

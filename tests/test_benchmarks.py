@@ -109,3 +109,17 @@ def test_a_candidate_formulation_gets_its_ratio_column(capsys):
     with pytest.raises(SystemExit):
       ms.main(['--configs=tiny', f'--candidate={bad}'])
     assert '--candidate' in capsys.readouterr().err
+
+
+def test_every_benchmark_record_names_its_commit(monkeypatch):
+  """A record says which code measured it: the job's METADROP_COMMIT (a copy without .git), else
+  this checkout's commit; benchmark modules import no jax for it."""
+  import subprocess
+  _meta_step()     # puts benchmarks/ on sys.path, as running a benchmark does
+  import provenance
+  head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                        text=True).stdout.strip()
+  monkeypatch.delenv('METADROP_COMMIT', raising=False)
+  assert provenance.commit().split('-')[0] == head and head
+  monkeypatch.setenv('METADROP_COMMIT', 'abc1234')
+  assert provenance.commit() == 'abc1234'

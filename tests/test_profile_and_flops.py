@@ -82,6 +82,8 @@ def test_parser_on_a_real_cpu_trace(tmp_path):
   assert dots and all(len(d['operands']) == 2 for d in dots)
   assert any(s.startswith('nets.py:') and 'conv3x3' in s for d in dots for s in d['source'])
   assert ps.format_hlo(dots[0]) in ps.format_profile(p)
+  # every op that runs a GEMM counts as one, whatever XLA:CPU named its fusion
+  assert all(r['category'] == 'dot' for r in described if r['hlo']['ops'].get('dot'))
 
 
 GPU_HLO = """HloModule jit_train_step
@@ -136,6 +138,44 @@ def test_kernels_are_named_by_the_optimised_hlo(tmp_path):
   assert d['jax_ops'][0] == 'jvp(batch_norm)/reduce_sum'
   assert d['source'] == ['nets.py:196 batch_norm']
   assert 'hlo' not in top['sm80_xmma_gemm_f32f32']
+
+
+CPU_HLO = """HloModule jit_train_step
+
+%fused_dot.3 (p0: f32[4,58800,128], p1: f32[4,576,128]) -> f32[4,58800,576] {
+  %p0 = f32[4,58800,128]{2,1,0} parameter(0)
+  %p1 = f32[4,576,128]{2,1,0} parameter(1)
+  ROOT %dot.1 = f32[4,58800,576]{2,1,0} dot(%p0, %p1), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={2}
+}
+
+ENTRY %main.9 (a: f32[4,58800,128], b: f32[4,576,128]) -> f32[4,58800,576] {
+  %a = f32[4,58800,128]{2,1,0} parameter(0)
+  %b = f32[4,576,128]{2,1,0} parameter(1)
+  ROOT %ynn_fusion.3 = f32[4,58800,576]{2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot.3
+}
+"""
+
+
+def test_categories_follow_what_a_kernel_computes(tmp_path):
+  """XLA:CPU runs its GEMMs as library fusions named like 'ynn_fusion.3': with the optimised
+  HLO beside the trace they count as dot, not as the elementwise work their name suggests."""
+  ps = _module('profile_step')
+  ev = [{'ph': 'X', 'pid': 1, 'tid': 1, 'ts': 0.0, 'dur': 90.0, 'name': 'ynn_fusion.3',
+         'args': {'hlo_op': 'ynn_fusion.3'}},
+        {'ph': 'X', 'pid': 1, 'tid': 1, 'ts': 90.0, 'dur': 10.0, 'name': 'add_select_fusion.4',
+         'args': {'hlo_op': 'add_select_fusion.4'}}]
+  with gzip.open(tmp_path / 'x.trace.json.gz', 'wt') as f:
+    json.dump({'traceEvents': ev}, f)
+  by_name = {r['name']: r['category'] for r in ps.parse(str(tmp_path), steps=1)['top']}
+  assert by_name == {'ynn_fusion.3': 'elementwise', 'add_select_fusion.4': 'elementwise'}
+  with gzip.open(tmp_path / ps.HLO_FILE, 'wt') as f:
+    f.write(CPU_HLO)
+  p = ps.parse(str(tmp_path), steps=1)
+  assert {r['name']: r['category'] for r in p['top']} == {
+      'ynn_fusion.3': 'dot', 'add_select_fusion.4': 'elementwise'}
+  assert p['categories']['dot']['share'] == pytest.approx(0.9)
+  assert ps.category('input_reduce_fusion_7', '', ('multiply', 'reduce')) == 'reduce'
+  assert ps.category('loop_fusion', '', ('scatter', 'add')) == 'scatter'
 
 
 def test_parser_says_what_is_missing(tmp_path):
