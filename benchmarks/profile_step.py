@@ -61,16 +61,26 @@ SKIP_NAMES = re.compile(r'^end: |^ThunkExecutor|^ThreadpoolListener|^Wait for|'
                         r'^(while|call|conditional)(\.\d+)?$')
 
 
+# A fusion of only these moves data (im2col patches, their gradients: slices, pads and sums).
+_MOVE_OPS = {'pad', 'slice', 'concatenate', 'copy', 'transpose', 'dynamic-slice',
+             'dynamic-update-slice', 'gather', 'reverse', 'add'}
+_NOT_ARITHMETIC = {'custom-call', 'fusion', 'call', 'while', 'conditional'}
+
+
 def category(name: str, hlo_op: str = '', fused_ops=()) -> str:
-  """The category of a kernel: from the ops of the HLO it runs where those are known (XLA:CPU
-  names its library fusions 'ynn_fusion', 'onednn...' whatever they compute), else from its
-  name."""
+  """The category of a kernel: from the ops of the HLO it runs where those are known, else from
+  its name. Names mislead: XLA:CPU runs its GEMMs as 'ynn_fusion's, and XLA names a fusion after
+  a few of its ops ('pad_add_fusion' may be a batch-norm backward with its output padded)."""
   ops = set(fused_ops)
   for cat, present in (('sort', {'sort'}), ('scatter', {'scatter', 'select-and-scatter'}),
                        ('conv', {'convolution'}), ('dot', {'dot'}),
                        ('reduce', {'reduce', 'reduce-window'})):
     if ops & present:
       return cat
+  if ops and ops <= _MOVE_OPS:
+    return 'copy'
+  if ops - _MOVE_OPS - _NOT_ARITHMETIC:
+    return 'elementwise'      # arithmetic, with or without the pads and slices fused into it
   text = f'{name} {hlo_op}'.lower()
   for cat, pat in CATEGORIES:
     if re.search(pat.lower(), text):

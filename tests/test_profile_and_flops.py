@@ -176,6 +176,9 @@ def test_categories_follow_what_a_kernel_computes(tmp_path):
   assert p['categories']['dot']['share'] == pytest.approx(0.9)
   assert ps.category('input_reduce_fusion_7', '', ('multiply', 'reduce')) == 'reduce'
   assert ps.category('loop_fusion', '', ('scatter', 'add')) == 'scatter'
+  assert ps.category('pad_add_fusion.5', '', ('add', 'multiply', 'pad', 'slice')) == 'elementwise'
+  assert ps.category('add_slice_fusion.2', '', ('add', 'pad', 'slice')) == 'copy'
+  assert ps.category('wrapped_iota.3', '', ()) == 'copy'
 
 
 def test_parser_says_what_is_missing(tmp_path):
