@@ -20,7 +20,7 @@ stderr and exit with code 2. ``--verbose`` (or METADROP_VERBOSE=1) prints the tr
 
 from __future__ import annotations
 
-import errno
+import copy
 import json
 import os
 import re
@@ -29,6 +29,8 @@ import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from metadrop_jax import cli     # light: no jax
 
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (configs/*.py). Fields override with --config.x=y.',
@@ -44,7 +46,7 @@ flags.DEFINE_bool('verbose', False, 'On an error, print the full traceback as we
                   '(same as METADROP_VERBOSE=1).')
 FLAGS = flags.FLAGS
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = cli.EXIT_USER_ERROR
 # Fields that fix the shapes of the parameters in a checkpoint: evaluating a workdir with other
 # values cannot restore it.
 _SHAPE_FIELDS = ('method', 'way', 'model.channels', 'model.num_layers', 'data.name',
@@ -68,15 +70,6 @@ def verbose(argv=None) -> bool:
   argv = sys.argv if argv is None else argv
   return any(a in ('--verbose', '-verbose', '--verbose=true', '--verbose=True', '--verbose=1')
              for a in argv)
-
-
-def _chain(e: BaseException):
-  """e, its cause / context, and so on."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    yield e
-    e = e.__cause__ or e.__context__
 
 
 def _one_line(text) -> str:
@@ -112,7 +105,7 @@ def _config_file_error(e: BaseException, path: str | None) -> str | None:
   except OSError as o:
     return f'config file {path}: cannot read it ({o.strerror or o}): check its permissions'
   target = os.path.abspath(path)
-  for x in _chain(e):
+  for x in cli.exception_chain(e):
     if isinstance(x, AttributeError) and 'get_config' in str(x):
       return (f'config file {path} has no get_config(): define get_config() returning an '
               'ml_collections.ConfigDict (see configs/tiny.py)')
@@ -131,7 +124,7 @@ def _override_error(e: BaseException, argv) -> str | None:
   """--config.<field> names no field: one line, with ml_collections' "did you mean"."""
   overrides = [a.lstrip('-').split('=', 1)[0].split('.', 1)[1] for a in argv or []
                if re.match(r'^--?(no)?config\.', a)]
-  for x in _chain(e):
+  for x in cli.exception_chain(e):
     if not isinstance(x, (AttributeError, KeyError)):
       continue
     text = str(x.args[0]) if x.args else str(x)
@@ -159,7 +152,7 @@ def error_line(e: BaseException, argv=None, workdir: str | None = None) -> str |
   the traceback is the useful report)."""
   config_path = _config_arg(argv)
   config_failed = any(isinstance(x, OSError) and 'Configuration is not available' in str(x)
-                      for x in _chain(e))
+                      for x in cli.exception_chain(e))
   if isinstance(e, flags.Error) or config_failed or getattr(e, '_metadrop_flags', False):
     line = _config_file_error(e, config_path) or _override_error(e, argv)
     if line:
@@ -169,36 +162,9 @@ def error_line(e: BaseException, argv=None, workdir: str | None = None) -> str |
       if text.startswith('flag --config.'):
         return f'{text}: give the field a value of its type (see metadrop_jax/config.py)'
       return f'{text} (python launch.py --helpshort lists the flags)'
-  from metadrop_jax import config as config_lib   # light: no jax
-  if isinstance(e, (UserError, app.UsageError)):
+  if isinstance(e, (UserError, app.UsageError, FloatingPointError)):
     return str(e)
-  for x in _chain(e):
-    # An OSError with its errno, or (tensorstore, under orbax) only the OS's words in a message.
-    if ((isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT)) or
-        any(t in str(x) for t in ('No space left on device', 'Disk quota exceeded'))):
-      where = getattr(x, 'filename', None) or workdir or os.getcwd()
-      return f'disk full at {where}: free space or choose another --workdir'
-    if isinstance(x, OSError) and x.errno == errno.EROFS:
-      where = x.filename or workdir
-      return f'read-only file system at {where}: choose a writable --workdir'
-  if isinstance(e, config_lib.ConfigError):
-    return str(e)
-  from metadrop_jax.data.cache import DataError   # light: numpy only
-  if isinstance(e, DataError):
-    return str(e)
-  if isinstance(e, PermissionError):
-    return (f'permission denied: {e.filename}: make it accessible to this user, or choose '
-            'another --workdir / --config.data.path / --config.data.cache_dir')
-  if isinstance(e, FileNotFoundError):
-    if e.filename is None:     # ours: the message names the file and the fix
-      return str(e)
-    return f'{e.filename}: no such file or directory: check the path'
-  if isinstance(e, FloatingPointError):
-    return str(e)
-  workdir_mod = sys.modules.get('metadrop_jax.workdir')   # a WorkdirError exists only once loaded
-  if workdir_mod is not None and isinstance(e, workdir_mod.WorkdirError):
-    return str(e)
-  return None
+  return cli.error_line(e, workdir)
 
 
 def report(e: BaseException, argv=None, workdir: str | None = None):
@@ -221,7 +187,6 @@ _WORKDIR_OVERRIDES: dict = {}
 def parse_flags(argv):
   """app.run's flag parser: a bad flag, config file or override is one line, exit code 2."""
   global _WORKDIR_OVERRIDES
-  from metadrop_jax import cli
   try:
     argv, _WORKDIR_OVERRIDES = cli.split_workdir_overrides(argv)
   except ValueError as e:
@@ -286,20 +251,20 @@ def eval_config(stored, overrides: dict, workdir: str):
   from metadrop_jax import config as config_lib
   from metadrop_jax import workdir as workdir_lib
   allowed = lambda k: any(k == f or k.startswith(f + '.') for f in workdir_lib.LOOP_FIELDS)
+  for k in overrides:     # a field the config lacks: say so, whether or not it would be allowed
+    try:
+      config_lib.override(copy.deepcopy(stored), {k: overrides[k]})
+    except KeyError as e:
+      raise UserError(f'--config.{e.args[0]} (every field and its default is in '
+                      'metadrop_jax/config.py)') from e
+    except TypeError as e:
+      raise UserError(f'--config.{e}') from e
   bad = [k for k in overrides if not allowed(k)]
   if bad:
     raise UserError(f'--config.{bad[0]}: evaluating {workdir} takes only eval.* and loop fields '
                     f'({", ".join(workdir_lib.LOOP_FIELDS)}) from the command line; a change of '
                     f'{bad[0]} needs a new training run (--config=... --workdir=<new>)')
-  try:
-    config_lib.override(stored, {'progress_bar': True, **overrides})
-  except KeyError as e:
-    raise UserError(f'--config.{e.args[0]} (every field and its default is in '
-                    'metadrop_jax/config.py)') from e
-  except (TypeError, ValueError) as e:
-    raise UserError(f'{_one_line(e)}: give the field a value of its type (see '
-                    'metadrop_jax/config.py)') from e
-  return stored
+  return config_lib.override(stored, {'progress_bar': True, **overrides})
 
 
 def check_eval_config(config, workdir: str, train) -> None:
@@ -367,7 +332,8 @@ def campaign_alias(argv) -> int | None:
     return None
   from tools.long_runs import campaign
   if not any(a in campaign.COMMANDS or a in campaign.COMMAND_FLAGS for a in rest):
-    rest = ['sitting'] + rest
+    # no command: a sitting, except that --help alone asks for the overview of all of them
+    rest = rest if rest and all(a in ('-h', '--help') for a in rest) else ['sitting'] + rest
   return campaign.main(rest)
 
 

@@ -3,7 +3,7 @@
   python benchmarks/episode_sampler.py [--iters 50] [--out sampler.json]
 
 For each paper setting it draws meta-batches of 4 episodes from a split array of the real shape
-(the prepared cache when --data_dir has it, else random uint8 of the same shape) and reports
+(random uint8: what an episode costs does not depend on the pixels) and reports
 episodes/s of (a) ``episodes.sample_batch`` jitted with the split resident on the device and (b)
 ``episodes.sample_batch_host`` plus the transfer to the device, and their ratio, measured in the
 same run. (Absolute numbers depend on the machine's load; the ratio is the result.)

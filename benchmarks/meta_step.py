@@ -1,4 +1,4 @@
-"""Benchmark of one meta-training iteration (the real jitted ``meta.make_train_step``).
+r"""Benchmark of one meta-training iteration (the real jitted ``meta.make_train_step``).
 
 For each config x method it measures the default ("fast") formulation and the NAIVE one
 (``conv_impl='xla'``, vmap over tasks, unrolled inner loop, theta/phi convs unfused) and reports:

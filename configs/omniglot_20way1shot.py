@@ -1,4 +1,4 @@
-"""Omniglot 20-way 1-shot (paper Table 1: MAML 95.23±0.17, Meta-dropout 96.63±0.13).
+r"""Omniglot 20-way 1-shot (paper Table 1: MAML 95.23±0.17, Meta-dropout 96.63±0.13).
 
   python launch.py --config=configs/omniglot_20way1shot.py --workdir=workdirs/omni1_metadrop
   python launch.py --config=configs/omniglot_20way1shot.py --config.method=maml \

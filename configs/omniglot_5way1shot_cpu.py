@@ -1,4 +1,4 @@
-"""Reduced-budget Omniglot experiment for a 2-core CPU (about 35 minutes for both methods).
+r"""Reduced-budget Omniglot experiment for a 2-core CPU (about 35 minutes for both methods).
 
 It asks the paper's question (does meta-dropout's learned perturbation of the support
 features improve MAML's few-shot generalisation?) with identical budgets for both methods:

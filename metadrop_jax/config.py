@@ -147,7 +147,8 @@ def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collectio
   """Sets dotted fields in place (``{'model.channels': 8}``), as ``--config.model.channels=8``.
 
   An unknown field raises a KeyError naming it (as the locked ``--config`` flag refuses one),
-  instead of adding a field nothing reads.
+  instead of adding a field nothing reads; a value the field's type refuses, a TypeError saying
+  which type it takes.
   """
   for k, v in overrides.items():
     node = config
@@ -157,7 +158,12 @@ def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collectio
         raise KeyError(f'{k}: the config has no field {".".join(path[:i] + [p])!r}')
       if i < len(path):
         node = node[p]
-    node[leaf] = v
+    try:
+      node[leaf] = v
+    except (TypeError, ValueError) as e:
+      old = node[leaf]
+      raise TypeError(f'{k}={v!r}: the field takes {type(old).__name__} values (default '
+                      f'{old!r})') from e
   return config
 
 

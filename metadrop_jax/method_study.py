@@ -1,4 +1,4 @@
-"""The method study side by side in several meta-gradient computations: accuracy ± 95% CI of every
+r"""The method study side by side in several meta-gradient computations: accuracy ± 95% CI of every
 run, and its paired difference to MAML on the same test episodes, per computation.
 
 A column is a folder of published runs (``results/method_study/<computation>/<run>/``, each with

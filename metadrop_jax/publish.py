@@ -1,4 +1,4 @@
-"""Copies what a finished training workdir's results rest on into a small folder that can be
+r"""Copies what a finished training workdir's results rest on into a small folder that can be
 committed: config, metrics, sittings log, results, per-episode accuracies and the latest
 checkpoint (with its SHA-256), nothing else (no TensorBoard events, older checkpoints, lock).
 

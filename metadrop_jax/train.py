@@ -71,10 +71,15 @@ def train(config, workdir: str) -> dict[str, Any]:
   the status says 'interrupted'). One run at a time holds the workdir.
   """
   config_lib.validate(config)
-  workdir_lib.prepare(workdir)
-  with workdir_lib.locked(workdir), StopOnSignal(
-      'stopping after this step, checkpointed (send it again to stop at once)') as stop:
-    return _train(config, workdir, stop)
+  created = workdir_lib.prepare(workdir)
+  try:
+    with workdir_lib.locked(workdir), StopOnSignal(
+        'stopping after this step, checkpointed (send it again to stop at once)') as stop:
+      return _train(config, workdir, stop)
+  except BaseException:
+    if created:
+      workdir_lib.remove_if_unused(workdir)
+    raise
 
 
 def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:

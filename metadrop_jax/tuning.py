@@ -1,4 +1,4 @@
-"""Choosing one hyperparameter on validation classes only.
+r"""Choosing one hyperparameter on validation classes only.
 
 Each candidate is a training workdir that differs from the others in one config field (e.g.
 ``methods.vib_beta``), trained with a validation split held out of the meta-train classes

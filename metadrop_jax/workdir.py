@@ -12,6 +12,7 @@ the last checkpoint), ``runs.jsonl`` (one line per sitting), ``metrics.jsonl`` +
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -49,11 +50,33 @@ class WorkdirError(RuntimeError):
   """A workdir that cannot be used as asked; the message says why and what to do."""
 
 
-def prepare(workdir: str) -> None:
-  """Creates ``workdir``; refuses a path that is a file."""
+def prepare(workdir: str) -> bool:
+  """Creates ``workdir``; refuses a path that is a file or cannot be made. Returns whether it was
+  created now (:func:`remove_if_unused` takes it away again after a run that did not start)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f'--workdir={workdir} is a file, not a folder: choose another path')
-  os.makedirs(workdir, exist_ok=True)
+  existed = os.path.isdir(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM):
+      raise      # the launcher names these (read-only, disk full, permission)
+    raise WorkdirError(f'--workdir={workdir} cannot be created ({e.strerror}: {e.filename}): '
+                       'choose a path under an existing folder') from e
+  return not existed
+
+
+def remove_if_unused(workdir: str) -> None:
+  """Removes a workdir that a run created and left with nothing but its (empty) lock file: a run
+  that stopped before it started (missing data, a bad config) leaves no trace."""
+  try:
+    names = os.listdir(workdir)
+    if names == ['.lock'] and os.path.getsize(os.path.join(workdir, '.lock')) == 0:
+      os.remove(os.path.join(workdir, '.lock'))
+    if not os.listdir(workdir):
+      os.rmdir(workdir)
+  except OSError:
+    pass       # in use, or already gone: leave it
 
 
 @contextlib.contextmanager
@@ -148,11 +171,12 @@ def check_run_config(workdir: str, config, doing: str = 'resuming') -> None:
   ignore = lambda k: any(k == f or k.startswith(f + '.') for f in LOOP_FIELDS)
   diff = sorted(k for k in set(a) | set(b) if not ignore(k) and a.get(k) != b.get(k))
   if diff:
-    lines = [f'    {k}: workdir has {a.get(k)!r}, now {b.get(k)!r}' for k in diff]
+    shown = '; '.join(f'{k}: workdir has {a.get(k)!r}, now {b.get(k)!r}' for k in diff[:4])
+    more = f'; and {len(diff) - 4} more' if len(diff) > 4 else ''
     raise config_lib.ConfigError(
-        f'{workdir} holds a run with a different config; {doing} would mix two experiments:\n'
-        + '\n'.join(lines) + '\n  Use a new --workdir, or the workdir\'s config (leave out '
-        '--config to use its config.json).')
+        f'{workdir} holds a run with a different config ({shown}{more}); {doing} would mix two '
+        'experiments: use a new --workdir, or the workdir\'s config (leave out --config to use '
+        'its config.json)')
 
 
 def write_run_config(workdir: str, config) -> None:
@@ -312,9 +336,9 @@ def restore_latest(mgr: ocp.CheckpointManager, template: meta.TrainState,
                     f'checkpoint {step}.', RuntimeWarning)
     return restored
   raise WorkdirError(
-      f'no checkpoint in {mgr.directory} can be restored:\n  ' + '\n  '.join(problems) +
-      '\n  If every one fails to fit, the workdir was written by another config or version: '
-      'use a fresh --workdir, or the config and commit that wrote it (config.json, runs.jsonl).')
+      f'no checkpoint in {mgr.directory} can be restored ({"; ".join(problems)}): if every one '
+      'fails to fit, the workdir was written by another config or version; use a fresh '
+      '--workdir, or the config and commit that wrote it (config.json, runs.jsonl)')
 
 
 def restore(workdir: str, config=None) -> tuple[Any, meta.TrainState]:
@@ -330,7 +354,9 @@ def restore(workdir: str, config=None) -> tuple[Any, meta.TrainState]:
   config_lib.validate(config)
   init_key, _ = keys_lib.run_keys(config)
   template, _ = meta.create_state(init_key, config)
-  state = restore_latest(checkpoint_manager(workdir, config), template, workdir)
+  state = None
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):   # (a manager would make the folder)
+    state = restore_latest(checkpoint_manager(workdir, config), template, workdir)
   if state is None:
     raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first '
                             f'(launch.py --config=... --workdir={workdir})')

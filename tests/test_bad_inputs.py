@@ -578,3 +578,103 @@ def test_tfds_with_zips_in_its_manual_dir_is_not_called_offline(tmp_path):
   for f in omniglot.TFDS_FILES:
     (manual / f).write_bytes(b'zip')
   assert omniglot.tfds_has_local_copy(tmp_path / 'tfds')
+
+
+# ==== the other command lines, and what a failed start leaves behind ==============================
+
+@pytest.mark.parametrize('module,args', [
+    ('export', ['--workdir={none}', '--out={tmp}/x.npz']),
+    ('robustness', ['--workdirs={none}']),
+    ('visualize', ['boundaries', '--npz={none}.npz', '--out_dir={tmp}/figs']),
+    ('tuning', ['--workdirs={none}', '--field=inner_lr']),
+    ('method_study', ['--columns=a={none}']),
+    ('publish', ['--workdir={none}', '--out={tmp}/pub']),
+    ('report', ['--workdirs={none}']),
+])
+def test_every_cli_says_a_missing_input_in_one_line(module, args, tmp_path, capsys):
+  """Each metadrop_jax.cli module ends a missing workdir / file with one line and exit code 2
+  (export, robustness and visualize used to show a traceback) and writes nothing."""
+  import importlib
+  main = importlib.import_module(f'metadrop_jax.cli.{module}').main
+  argv = [a.format(none=tmp_path / 'none', tmp=tmp_path) for a in args]
+  with pytest.raises(SystemExit) as e:
+    main(argv)
+  err = capsys.readouterr().err
+  assert_user_error(e.value.code, err, str(tmp_path / 'none'))
+  assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_workdir_under_a_file_is_one_line(monkeypatch, capsys, tmp_path):
+  (tmp_path / 'f').write_text('')
+  rc, _, err = run_launch(monkeypatch, capsys, '--config=configs/tiny.py', '--mode=train',
+                          f'--workdir={tmp_path / "f" / "w"}')
+  assert_user_error(rc, err, f'--workdir={tmp_path / "f" / "w"} cannot be created',
+                    'Not a directory')
+
+
+def test_a_run_that_cannot_start_leaves_no_workdir(monkeypatch, capsys, tmp_path):
+  """Missing data used to leave a workdir holding only its lock file; an existing workdir stays."""
+  monkeypatch.setenv('METADROP_DATA_DIR', str(tmp_path / 'nothing'))
+  from metadrop_jax import data as data_lib
+  monkeypatch.setattr(data_lib, 'default_search_dirs', lambda name: [str(tmp_path / 'none')])
+  wd = tmp_path / 'a' / 'w'
+  rc, _, err = run_launch(monkeypatch, capsys, '--config=configs/mimgnet_5way1shot.py',
+                          '--mode=train', f'--workdir={wd}')
+  line = assert_user_error(rc, err, 'miniImageNet: data.path is empty and nothing is in',
+                           str(tmp_path / 'none'), '--config.data.path=')
+  assert 'prepare --help' in line and not wd.exists()
+  (tmp_path / 'kept').mkdir()
+  rc, _, err = run_launch(monkeypatch, capsys, '--config=configs/mimgnet_5way1shot.py',
+                          '--mode=train', f'--workdir={tmp_path / "kept"}')
+  assert rc == 2 and (tmp_path / 'kept').is_dir()
+
+
+def test_eval_without_a_checkpoint_makes_no_checkpoint_folder(monkeypatch, capsys, tmp_path):
+  wd = tmp_path / 'w'
+  wd.mkdir()
+  (wd / 'config.json').write_text(tiny_config().to_json_best_effort())
+  rc, _, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={wd}')
+  assert_user_error(rc, err, f'no checkpoint in {wd}/checkpoints', 'train first')
+  assert sorted(os.listdir(wd)) == ['config.json']
+
+
+def test_eval_shortcut_names_an_unknown_field_and_a_wrong_type(monkeypatch, capsys, tmp_path):
+  wd = tmp_path / 'w'
+  wd.mkdir()
+  (wd / 'config.json').write_text(tiny_config().to_json_best_effort())
+  rc, _, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={wd}', '--config.foo=1')
+  assert_user_error(rc, err, "--config.foo: the config has no field 'foo'")
+  rc, _, err = run_launch(monkeypatch, capsys, '--mode=eval', f'--workdir={wd}',
+                          '--config.eval.num_episodes=abc')
+  assert_user_error(rc, err, "--config.eval.num_episodes='abc': the field takes int values")
+
+
+def test_campaign_help_is_the_overview(capsys):
+  import launch
+  with pytest.raises(SystemExit) as e:
+    launch.campaign_alias(['--mode=campaign', '--help'])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert 'python -m tools.long_runs.campaign' in out and '{plan,sitting,report}' in out
+
+
+def test_data_errors_are_one_line_and_the_whole_help_is_in_prepare(tmp_path, capsys,
+                                                                    monkeypatch):
+  """Missing data: one line with the fix; the full instructions are prepare's --help, whose own
+  errors name its flags (--path, not --config.data.path)."""
+  from metadrop_jax import data as data_lib
+  monkeypatch.setattr(data_lib, 'default_search_dirs', lambda name: [str(tmp_path / 'none')])
+  for name, path in (('omniglot', tmp_path / 'none'), ('miniimagenet', tmp_path / 'none'),
+                     ('miniimagenet', '')):
+    with pytest.raises(DataError) as e:
+      data_lib.load_split(H.data_config(name, path=str(path) if path else '',
+                                        cache_dir=tmp_path / 'c'), 'train')
+    assert '\n' not in str(e.value) and '--config.data.path=' in str(e.value), str(e.value)
+  from metadrop_jax.data import prepare
+  assert prepare.main(['--dataset=omniglot', '--source=local', f'--path={tmp_path / "none"}']) == 2
+  err = capsys.readouterr().err
+  assert ' --path=<that folder>' in err and '--config.data' not in err
+  with pytest.raises(SystemExit):
+    prepare.main(['--help'])
+  out = capsys.readouterr().out
+  assert 'images_background.zip' in out and 'cannot be downloaded automatically' in out

@@ -82,8 +82,13 @@ def test_eval_takes_eval_overrides_and_the_workdirs_config(trained, tmp_path):
 
 def test_resume_refuses_the_other_sampler(tmp_path):
   train.train(small(num_steps=2), str(tmp_path))
-  with pytest.raises(config_lib.ConfigError, match='data.sampler'):
+  with pytest.raises(config_lib.ConfigError, match='data.sampler') as e:
     train.train(small(num_steps=3, **{'data.sampler': 'host'}), str(tmp_path))
+  assert '\n' not in str(e.value) and 'use a new --workdir' in str(e.value)   # one line
+  many = {'inner_lr': 0.5, 'shot': 2, 'query': 3, 'way': 3, 'seed': 7, 'data.sampler': 'host'}
+  with pytest.raises(config_lib.ConfigError, match=r'; and \d+ more\)') as e:
+    train.train(small(num_steps=3, **many), str(tmp_path))
+  assert '\n' not in str(e.value)
 
 
 def test_resume_refuses_another_omniglot_split(tmp_path):

@@ -204,7 +204,7 @@ def test_omniglot_missing_archive(tmp_path):
     omni_load(root, tmp_path / 'c', 'train')
   msg = str(e.value)
   assert 'images_evaluation.zip' in msg and 'brendenlake/omniglot' in msg
-  assert 'python -m metadrop_jax.data.prepare --dataset=omniglot' in msg
+  assert 'python -m metadrop_jax.data.prepare --help' in msg and '\n' not in msg
   with pytest.raises(DataError, match='does not exist'):
     omni_load(tmp_path / 'nowhere', tmp_path / 'c', 'train')
 
@@ -347,9 +347,9 @@ def test_miniimagenet_missing_data_gives_manual_instructions(tmp_path):
   for path in ('', tmp_path / 'absent', tmp_path):
     with pytest.raises(DataError) as e:
       mini_load(path, tmp_path / 'c', 'train')
-    msg = str(e.value)
-    assert 'cannot be downloaded automatically' in msg and 'miniimagenet_84x84.zip' in msg
-    assert 'python -m metadrop_jax.data.prepare --dataset=miniimagenet' in msg
+    msg = str(e.value)     # one line; the whole instructions are prepare's --help
+    assert 'miniimagenet_84x84.zip' in msg and '--config.data.path=' in msg and '\n' not in msg
+    assert 'python -m metadrop_jax.data.prepare --help' in msg
 
 
 def test_miniimagenet_corrupt_zip(tmp_path):
@@ -478,7 +478,8 @@ def test_dispatcher_and_cli(tmp_path, capsys):
   root = H.write_omniglot(tmp_path / 'o', 'zip')
   assert prepare.main(['--dataset=miniimagenet', f'--path={tmp_path / "nothing"}',
                        f'--cache_dir={tmp_path / "c"}']) == 2
-  assert 'cannot be downloaded automatically' in capsys.readouterr().err
+  err = capsys.readouterr().err     # prepare's own flag, not training's --config.data.path
+  assert 'miniImageNet: ' in err and '--path=<it>' in err and '--config.data' not in err
   assert prepare.main(['--dataset=omniglot', f'--path={root}', f'--cache_dir={tmp_path / "c"}']) == 2
   assert 'found 9 characters' in capsys.readouterr().err
 

@@ -4,6 +4,8 @@ checkpoint only, and is itself a workdir that evaluates."""
 import json
 import os
 
+import pytest
+
 from metadrop_jax import evaluation
 from metadrop_jax import publish
 from metadrop_jax.cli import publish as publish_cli
@@ -56,5 +58,6 @@ def test_kept_files():
 
 
 def test_publish_without_checkpoint_is_an_error(tmp_path, capsys):
-  assert publish_cli.main([f'--workdir={tmp_path}', f'--out={tmp_path / "o"}']) == 2
-  assert 'no finished checkpoint' in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    publish_cli.main([f'--workdir={tmp_path}', f'--out={tmp_path / "o"}'])
+  assert e.value.code == 2 and 'no finished checkpoint' in capsys.readouterr().err

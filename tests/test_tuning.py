@@ -46,8 +46,9 @@ def test_choice_skips_a_diverging_inner_loop_and_ignores_test(tmp_path, capsys):
 def test_a_candidate_without_validation_result_is_named(tmp_path, capsys):
   wd = _workdir(tmp_path, 1e-4, 80.0, [(1.7, 0.3)])
   (tmp_path / 'beta0.0001' / 'results_val.json').unlink()
-  assert tuning_cli.main([f'--workdirs={wd}', '--field=methods.vib_beta']) == 2
-  assert '--split=val' in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    tuning_cli.main([f'--workdirs={wd}', '--field=methods.vib_beta'])
+  assert e.value.code == 2 and '--split=val' in capsys.readouterr().err
 
 
 @hypothesis.given(st.lists(st.tuples(st.floats(0, 100), st.booleans()), min_size=1, max_size=8))

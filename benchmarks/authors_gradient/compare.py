@@ -1,4 +1,4 @@
-"""Our meta-gradients vs the authors' TF graph on identical weights, episodes and noise draws
+r"""Our meta-gradients vs the authors' TF graph on identical weights, episodes and noise draws
 (docs/authors_gradient.md). Runs the TF side (tf_graph.py) in a subprocess.
 
   # one measurement: Omniglot 5-way 1-shot, 5 queries, 32 channels, 4 tasks, 5 inner steps

@@ -14,9 +14,24 @@ recomputation) and once with the TF 1.x registration's formulation (tf.gradients
 recomputation). Last, a probe shows what the v1 loop gradient does to the inputs of the
 recomputation.
 """
+import argparse
 import os
 import subprocess
 import sys
+
+
+def _args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog='python benchmarks/authors_gradient/mechanism.py',
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  # one process per registration of the gradient (the registry is global): set by main itself
+  p.add_argument('which', nargs='?', choices=('current', 'tf1_style', 'probe'),
+                 help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+if __name__ == '__main__':
+  ARGS = _args()     # before TensorFlow loads: --help needs none of it
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np  # noqa: E402
@@ -91,8 +106,7 @@ def second_derivative(structure):
       return s.run(da)
 
 
-def main():
-  which = sys.argv[1] if len(sys.argv) > 1 else None
+def main(which=None):
   if which is None:    # one process per registration (the registry is global)
     print('TensorFlow', tf2.__version__)
     for w in ('current', 'tf1_style', 'probe'):
@@ -111,4 +125,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  main(ARGS.which)

@@ -3,7 +3,79 @@
 Each runs as ``python -m metadrop_jax.cli.<module>`` or, once the project is installed, as
 ``metadrop-<module>`` (``[project.scripts]`` in pyproject.toml): report, export, visualize,
 robustness, method_study, publish, tuning. The library modules import nothing from here.
+
+A mistake a user can fix (a path that is not there, a workdir without a run, bad data) ends every
+one of them, and launch.py, the same way: one line ``error: <problem>: <fix>``, exit code 2
+(:func:`user_errors`); anything else is a bug, and its traceback is the report.
 """
+
+import contextlib
+import errno
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message) -> None:
+  """Prints one line, ``error: <problem>: <fix>``, and exits with code 2."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  raise SystemExit(EXIT_USER_ERROR)
+
+
+def _loaded(module: str, name: str):
+  """``module.name`` if that module is loaded (none of these errors can come from one that is
+  not), else None: a light command never imports jax to name an error."""
+  return getattr(sys.modules.get(module), name, None)
+
+
+def exception_chain(e: BaseException):
+  """e, its cause / context, and so on."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def error_line(e: BaseException, workdir: str | None = None) -> str | None:
+  """The one line for an error a user can fix; None for anything else."""
+  import os
+  for x in exception_chain(e):
+    # An OSError with its errno, or (tensorstore, under orbax) only the OS's words in a message.
+    if ((isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT)) or
+        any(t in str(x) for t in ('No space left on device', 'Disk quota exceeded'))):
+      where = getattr(x, 'filename', None) or workdir or os.getcwd()
+      return f'disk full at {where}: free space or choose another --workdir'
+    if isinstance(x, OSError) and x.errno == errno.EROFS:
+      return f'read-only file system at {x.filename or workdir}: choose a writable --workdir'
+  ours = [c for c in (_loaded('metadrop_jax.config', 'ConfigError'),
+                      _loaded('metadrop_jax.data.cache', 'DataError'),
+                      _loaded('metadrop_jax.workdir', 'WorkdirError'),
+                      _loaded('metadrop_jax.report', 'ResultsError')) if c is not None]
+  if ours and isinstance(e, tuple(ours)):
+    return str(e)
+  if isinstance(e, PermissionError):
+    return (f'permission denied: {e.filename}: make it accessible to this user, or choose '
+            'another --workdir / --config.data.path / --config.data.cache_dir')
+  if isinstance(e, FileNotFoundError):
+    if e.filename is None:     # ours: the message names the file and the fix
+      return str(e)
+    return f'{e.filename}: no such file or directory: check the path'
+  if isinstance(e, (NotADirectoryError, IsADirectoryError)):
+    return f'{e.filename}: {e.strerror.lower()}: check the path'
+  return None
+
+
+@contextlib.contextmanager
+def user_errors(workdir: str | None = None):
+  """Runs the body; a user's mistake ends it as :func:`fail` does, anything else propagates."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    line = error_line(e, workdir)
+    if line is None:
+      raise
+    fail(line)
 
 
 def parse_overrides(items) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from metadrop_jax import cli
 from metadrop_jax import export
 from metadrop_jax import visualize
 
@@ -42,6 +43,11 @@ def _parser():
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  with cli.user_errors(args.workdir):
+    return _main(args)
+
+
+def _main(args) -> int:
   arrays = export.export_workdir(
       args.workdir, split=args.split, data_path=args.data_path or None,
       cache_dir=args.cache_dir or None, num_tasks=args.num_tasks,

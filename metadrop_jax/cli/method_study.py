@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from metadrop_jax import cli
 from metadrop_jax import method_study
 from metadrop_jax import report
 
@@ -18,11 +19,11 @@ def main(argv=None) -> int:
   p.add_argument('--title', default=None)
   a = p.parse_args(argv)
   try:
-    dirs = method_study.parse_columns(a.columns)
-    columns = {l: method_study.load_column(d) for l, d in dirs.items()}
-  except (ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    with cli.user_errors():
+      dirs = method_study.parse_columns(a.columns)
+      columns = {l: method_study.load_column(d) for l, d in dirs.items()}
+  except ValueError as e:         # a --columns spec it cannot read: the message says which
+    cli.fail(e)
   rows = method_study.compare_columns(columns)
   text = method_study.markdown(rows, list(columns))
   if a.out:

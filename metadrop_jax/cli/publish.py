@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from metadrop_jax import cli
 from metadrop_jax import publish
 
 
@@ -15,10 +16,12 @@ def main(argv=None) -> int:
   p.add_argument('--out', required=True, help='the folder to write (replaced if it exists)')
   a = p.parse_args(argv)
   try:
-    r = publish.publish(a.workdir, a.out)
-  except (FileNotFoundError, OSError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    with cli.user_errors(a.workdir):
+      r = publish.publish(a.workdir, a.out)
+  except OSError as e:            # writing --out
+    cli.fail(f'--out={a.out}: cannot write it ({e.strerror or e}): choose a writable place')
+  except ValueError as e:         # the workdir holds no publishable run: the message says why
+    cli.fail(e)
   print(f'{a.out}: step {r["step"]}, {len(r["files"])} files + checkpoint, '
         f'{r["bytes"] / 1e6:.2f} MB')
   return 0

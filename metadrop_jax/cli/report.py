@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from metadrop_jax import report
+from metadrop_jax import cli, report
 
 
 def _parser():
@@ -37,23 +37,17 @@ def _parser():
   return p
 
 
-def fail(message: str):
-  """One line, ``error: <problem>: <fix>``, and exit code 2."""
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-  raise SystemExit(2)
-
-
 def _write(kind: str, path: str, write) -> None:
   try:
     write()
   except OSError as e:
     if e.filename is None and not e.errno:     # ours (no metrics rows): the message says it
-      fail(f'{kind}: {e}')
+      cli.fail(f'{kind}: {e}')
     why = ('a part of the path is a file, not a folder' if isinstance(
         e, (FileExistsError, NotADirectoryError)) else e.strerror or e)
-    fail(f'{kind}={path}: cannot write it ({why}): choose a writable place')
+    cli.fail(f'{kind}={path}: cannot write it ({why}): choose a writable place')
   except ValueError as e:                       # no results to plot
-    fail(f'{kind}: {e}')
+    cli.fail(f'{kind}: {e}')
   print(f'wrote {path}', file=sys.stderr)
 
 
@@ -62,17 +56,17 @@ def main(argv=None) -> int:
   workdirs = [w for w in args.workdirs.split(',') if w]
   missing = [w for w in workdirs if not os.path.isdir(w)]
   if not workdirs or missing:
-    fail(f'--workdirs: {", ".join(missing) or "none given"}: no such folder: pass training '
+    cli.fail(f'--workdirs: {", ".join(missing) or "none given"}: no such folder: pass training '
          'workdirs, comma-separated')
   try:
     runs = report.load_results(workdirs)
   except report.ResultsError as e:
-    fail(e)
+    cli.fail(e)
   table = report.build_table(runs)
   print(table)
   if args.out:
     if not runs and os.path.exists(args.out) and not args.force:
-      fail(f'--out={args.out}: none of the workdirs has a results.json, and an empty table does '
+      cli.fail(f'--out={args.out}: none of the workdirs has a results.json, and an empty table does '
            'not replace an existing file: meta-test them first, or pass --force')
     _write('--out', args.out, lambda: report.write_atomic(args.out, table))
   if args.curves:

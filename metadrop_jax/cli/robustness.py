@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from metadrop_jax import cli
 from metadrop_jax import attacks
 from metadrop_jax import robustness
 
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
   args = build_parser().parse_args(argv)
+  with cli.user_errors():
+    return _main(args)
+
+
+def _main(args):
   workdirs = [w for w in args.workdirs.split(',') if w]
   norms = [n for n in args.norms.split(',') if n]
   for n in norms:

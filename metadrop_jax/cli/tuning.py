@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from metadrop_jax import cli
 from metadrop_jax import report
 from metadrop_jax import tuning
 
@@ -19,10 +20,10 @@ def main(argv=None) -> int:
                  help='print only the chosen value (for scripts); exit 1 if none qualifies')
   a = p.parse_args(argv)
   try:
-    cands = [tuning.candidate(w, a.field) for w in a.workdirs.split(',') if w]
-  except (FileNotFoundError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    with cli.user_errors():
+      cands = [tuning.candidate(w, a.field) for w in a.workdirs.split(',') if w]
+  except KeyError as e:
+    cli.fail(e.args[0] if e.args else e)
   best = tuning.choose(cands)
   if a.print_choice:
     if best is None:

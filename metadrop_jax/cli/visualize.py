@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from metadrop_jax import cli
 from metadrop_jax import export
 from metadrop_jax import methods
 from metadrop_jax import visualize
@@ -60,6 +61,11 @@ def _parser():
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  with cli.user_errors():
+    return _main(args)
+
+
+def _main(args) -> int:
   if args.cmd == 'boundaries':
     arrays = export.load_npz(args.npz)
     paths = visualize.plot_all_boundaries(arrays, args.out_dir, tasks=_ints(args.tasks),

@@ -5,7 +5,7 @@ of a class are in the order of the split's CSV file. Counts are checked against 
 
 Sources (``data.source``); miniImageNet cannot be downloaded automatically (ImageNet's terms
 forbid redistribution), so like TFDS's manual-download data sets a missing copy raises
-:class:`DataError` with :data:`MANUAL_DOWNLOAD_INSTRUCTIONS`:
+:class:`DataError` that points to :data:`MANUAL_DOWNLOAD_INSTRUCTIONS` (``prepare --help``):
 
 * ``'local'``: ``data.path`` is ``miniimagenet_84x84.zip`` (read in place with zipfile, never
   extracted), a folder holding it, or the same tree unzipped. Layout: ``<root>/{train,val,test}.csv``
@@ -71,7 +71,10 @@ Then train with --config.data.path=<the same path> (and --config.data.cache_dir 
 
 
 def _missing(what: str) -> DataError:
-  return DataError(f'miniImageNet: {what}.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}')
+  """One line: what is missing, and the fix (the whole instructions: prepare's --help)."""
+  return DataError(f'miniImageNet: {what}: provide {ZIP_NAME}, the authors\' train.npy and '
+                   'test.npy, or ILSVRC-2012 with the Ravi & Larochelle CSVs, and pass '
+                   '--config.data.path=<it> (python -m metadrop_jax.data.prepare --help says how)')
 
 
 # ---- CSVs -----------------------------------------------------------------------------------------
@@ -128,8 +131,8 @@ class _Tree:
       except PermissionError as e:
         raise cache.read_error(e, path) from e
       except (zipfile.BadZipFile, OSError) as e:
-        raise DataError(f'{path}: not a readable zip file ({e}); get a fresh copy.\n'
-                        f'{MANUAL_DOWNLOAD_INSTRUCTIONS}') from e
+        raise DataError(f'{path}: not a readable zip file ({e}); get a fresh copy '
+                        '(python -m metadrop_jax.data.prepare --help says how)') from e
       csvs = sorted((n for n in names if n.rsplit('/', 1)[-1] == 'train.csv'
                      and not n.startswith('__MACOSX')), key=len)
       if not csvs:
@@ -313,7 +316,9 @@ def resolve_source(data_config) -> tuple[str, Path]:
     raise DataError(f"data.source={source!r}: miniImageNet sources are 'local', 'npy', 'ilsvrc' "
                     "or 'auto'")
   if not data_config.path:
-    raise _missing('data.path is not set')
+    from metadrop_jax.data import default_search_dirs
+    raise _missing('data.path is empty and nothing is in '
+                   + ' or '.join(default_search_dirs('miniimagenet')))
   path = cache.expand(data_config.path)
   if not path.exists():
     raise _missing(f'data.path={str(path)!r} does not exist')

@@ -82,13 +82,17 @@ LAKE_PREPROCESSING = (
     'images by file name; class 4*i+k = np.rot90(image, k), k=0..3; val = the fewest whole '
     'alphabets from the end of the train order with at least val_classes characters.')
 
-_DOWNLOAD_HELP = (
+DOWNLOAD_INSTRUCTIONS = (
     'Omniglot: get images_background.zip and images_evaluation.zip from '
     'https://github.com/brendenlake/omniglot/tree/master/python and put them (or the unzipped '
     'folders) in one folder, then run\n'
     '  python -m metadrop_jax.data.prepare --dataset=omniglot --source=local --path=/that/folder\n'
     'and train with --config.data.path=/that/folder. Alternatively --source=tfds downloads them '
     'with tensorflow-datasets (pip install tensorflow-cpu tensorflow-datasets).')
+# what an error says (one line): the fix, and where the whole instructions are
+_DOWNLOAD_HELP = ('put images_background.zip and images_evaluation.zip (github.com/brendenlake/'
+                  'omniglot, folder python/) in one folder and pass --config.data.path=<that '
+                  'folder> (python -m metadrop_jax.data.prepare --help says more)')
 
 
 # ---- image processing ---------------------------------------------------------------------------
@@ -156,7 +160,7 @@ def lake_val_characters(alphabet_counts, val_classes: int) -> int:
 
 def _find_archives(path: Path, archives=ARCHIVES) -> dict[str, Path]:
   if not path.exists():
-    raise DataError(f'Omniglot: data.path={str(path)!r} does not exist.\n{_DOWNLOAD_HELP}')
+    raise DataError(f'Omniglot: data.path={str(path)!r} does not exist: {_DOWNLOAD_HELP}')
   found, missing = {}, []
   for name in archives:
     folder, zf = path / name, path / f'{name}.zip'
@@ -168,7 +172,7 @@ def _find_archives(path: Path, archives=ARCHIVES) -> dict[str, Path]:
     else:
       missing.append(f'{name}.zip (or folder {name}/)')
   if missing:
-    raise DataError(f'Omniglot: {path} lacks {", ".join(missing)}.\n{_DOWNLOAD_HELP}')
+    raise DataError(f'Omniglot: {path} lacks {", ".join(missing)}: {_DOWNLOAD_HELP}')
   return found
 
 
@@ -192,7 +196,7 @@ def _list_archive(name: str, src: Path):
     except PermissionError as e:
       raise cache.read_error(e, src) from e
     except (zipfile.BadZipFile, OSError) as e:
-      raise DataError(f'{src}: not a readable zip file ({e}); download {src.name} again.\n'
+      raise DataError(f'{src}: not a readable zip file ({e}); download {src.name} again: '
                       f'{_DOWNLOAD_HELP}') from e
     for m in members:
       parts = m.filename.split('/')
@@ -225,7 +229,7 @@ def _list_archive(name: str, src: Path):
         add(parts, str(p), p.read_bytes)
   if not chars:
     raise DataError(f'{src}: holds no Omniglot PNGs (expected {name}/<alphabet>/<character>/'
-                    f'*.png).\n{_DOWNLOAD_HELP}')
+                    f'*.png): {_DOWNLOAD_HELP}')
   return chars
 
 
@@ -246,7 +250,7 @@ def read_local(path, n_characters: int = NUM_CHARACTERS,
   if len(chars) != n_characters:
     raise DataError(f'Omniglot in {path}: found {len(chars)} characters ({", ".join(counts)}), '
                     f'expected {n_characters} (964 in images_background, 659 in '
-                    f'images_evaluation). Is an archive incomplete?\n{_DOWNLOAD_HELP}')
+                    f'images_evaluation); is an archive incomplete? {_DOWNLOAD_HELP}')
   names = sorted(chars)
   base = np.zeros((len(names), images_per_character, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
   for i, key in enumerate(names):
@@ -354,14 +358,15 @@ def read_tfds(data_dir=None, n_characters: int = NUM_CHARACTERS,
     import tensorflow_datasets as tfds
   except ImportError as e:
     raise DataError('Omniglot source=tfds needs tensorflow and tensorflow-datasets '
-                    f'(pip install tensorflow-cpu tensorflow-datasets): {e}.\n'
+                    f'(pip install tensorflow-cpu tensorflow-datasets): {e}; or '
                     f'{_DOWNLOAD_HELP}') from e
   try:
     builder = tfds.builder('omniglot:3.*.*', data_dir=data_dir)
     builder.download_and_prepare(download_config=download_config)
   except Exception as e:  # network, checksum, extraction: TFDS raises many types
-    raise DataError(f'Omniglot via TFDS (data_dir={data_dir}) failed: {type(e).__name__}: {e}\n'
-                    'Without internet use the local source instead.\n' + _DOWNLOAD_HELP) from e
+    raise DataError(f'Omniglot via TFDS (data_dir={data_dir}) failed: {type(e).__name__}: '
+                    f'{" ".join(str(e).split())}; without internet use the local source instead: '
+                    + _DOWNLOAD_HELP) from e
   alphabets = builder.info.features['alphabet'].names
   per_char: dict[tuple[str, str], list] = {}
   tfds_split = {'images_background': 'train', 'images_evaluation': 'test'}
@@ -424,7 +429,7 @@ def resolve_source(data_config) -> str:
   if source not in ('local', 'tfds'):
     raise DataError(f"data.source={source!r}: Omniglot sources are 'local', 'tfds' or 'auto'")
   if source == 'local' and not data_config.path:
-    raise DataError(f'Omniglot source=local needs data.path.\n{_DOWNLOAD_HELP}')
+    raise DataError(f'Omniglot source=local needs data.path: {_DOWNLOAD_HELP}')
   return source
 
 

@@ -15,8 +15,12 @@ import sys
 import time
 
 from metadrop_jax.config import base_config
-from metadrop_jax.data import SPLITS, cache, load_split
+from metadrop_jax.data import SPLITS, cache, load_split, miniimagenet, omniglot
 from metadrop_jax.data.cache import DataError
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """Defaults in the options' help; the epilog (how to get the data) as written."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
       description='Decode Omniglot or miniImageNet once into uint8 arrays '
                   '<cache_dir>/<dataset>-<hash>/<split>.npy plus manifest.json. '
                   'Training with the same data.* settings reuses them.',
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      epilog=f'{omniglot.DOWNLOAD_INSTRUCTIONS}\n\n{miniimagenet.MANUAL_DOWNLOAD_INSTRUCTIONS}',
+      formatter_class=_Formatter)
   p.add_argument('--dataset', required=True, choices=('omniglot', 'miniimagenet'))
   p.add_argument('--source', default='auto',
                  help="omniglot: local | tfds | auto (local if --path is set, else tfds). "
@@ -51,10 +56,7 @@ def main(argv=None) -> int:
   c = base_config().data
   c.name, c.source, c.path = args.dataset, args.source, args.path
   c.ilsvrc_path, c.cache_dir, c.val_classes = args.ilsvrc_path, args.cache_dir, args.val_classes
-  if args.dataset == 'omniglot':
-    from metadrop_jax.data import omniglot as module
-  else:
-    from metadrop_jax.data import miniimagenet as module
+  module = omniglot if args.dataset == 'omniglot' else miniimagenet
   messages = []
 
   def log(msg):
@@ -67,7 +69,8 @@ def main(argv=None) -> int:
     t1 = time.time()
     arrays = {s: load_split(c, s) for s in SPLITS}
   except DataError as e:
-    print(f'error: {e}', file=sys.stderr)
+    # the library's messages name training's flags (--config.data.path); here they are --path
+    print(f'error: {str(e).replace("--config.data.", "--")}', file=sys.stderr)
     return 2
   t2 = time.time()
   print(f'{args.dataset}: source={manifest["key"]["source"]} -> {directory}')
