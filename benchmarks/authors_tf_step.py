@@ -27,12 +27,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'authors_gradient'))
-import tf_graph  # noqa: E402  (sets up tf.compat.v1 graph mode)
-
-tf = tf_graph.tf
 
 
 def measure(repo, a):
+  import tf_graph   # TensorFlow loads here, not for --help (sets up tf.compat.v1 graph mode)
+  tf = tf_graph.tf
   their_model = tf_graph.import_authors(repo, fed_noise=False)
   import layers as their_layers   # noqa: E402  the module their model imported (already loaded)
   tf.disable_control_flow_v2()     # their TF 1.12 graph: v1 control flow

@@ -466,6 +466,18 @@ def test_disk_full_while_writing_the_cache(tmp_path, monkeypatch):
   assert not [p for p in d.iterdir()]              # nothing half-written left behind
 
 
+def test_a_failed_build_leaves_no_cache_folder(tmp_path):
+  """A preparation that fails (missing data, no network) used to leave an empty
+  <cache_dir>/<dataset>-<hash> folder; a cache_dir that existed before stays."""
+  def fails():
+    raise DataError('no data')
+  for cache_dir in (tmp_path / 'new' / 'cache', tmp_path):
+    with pytest.raises(DataError, match='no data'):
+      cache.prepare(dataset='fake', cache_dir=cache_dir, key={'v': 1}, source_files=lambda: [],
+                    build=fails, description='', log=H.quiet)
+  assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_unwritable_cache_dir(tmp_path, monkeypatch):
   def denied(path, a):
     raise PermissionError(errno.EACCES, 'Permission denied', str(path))

@@ -195,8 +195,9 @@ def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[],
   manifest = read_manifest(directory)
   if not force and manifest_matches(manifest, key, files, directory):
     return directory, manifest
+  created = [d for d in (directory, *directory.parents) if not d.exists()]   # leaf first
   try:
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)   # now, so an unwritable cache_dir fails fast
     if (directory / MANIFEST).exists():
       (directory / MANIFEST).unlink()   # a rebuild in progress is never mistaken for a valid cache
   except OSError as e:
@@ -208,8 +209,13 @@ def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[],
     files = fingerprint([f['path'] for f in files if f['kind'] == 'file'], sha256=True) + [
         f for f in files if f['kind'] != 'file']
     arrays, extra = build()
-  except OSError as e:   # unreadable source files (permissions, I/O errors): name the file
-    raise read_error(e) from e
+  except BaseException as e:
+    for d in created:            # a build that failed leaves no folder it made behind
+      if d.is_dir() and not any(d.iterdir()):
+        d.rmdir()
+    if isinstance(e, OSError):   # unreadable source files (permissions, I/O errors): name the file
+      raise read_error(e) from e
+    raise
   seconds = time.time() - t0
   for split, a in arrays.items():
     if a.dtype != np.uint8 or a.ndim != 5:
