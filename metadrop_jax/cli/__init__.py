@@ -11,6 +11,7 @@ one of them, and launch.py, the same way: one line ``error: <problem>: <fix>``, 
 
 import contextlib
 import errno
+import os
 import sys
 
 EXIT_USER_ERROR = 2
@@ -39,7 +40,6 @@ def exception_chain(e: BaseException):
 
 def error_line(e: BaseException, workdir: str | None = None) -> str | None:
   """The one line for an error a user can fix; None for anything else."""
-  import os
   for x in exception_chain(e):
     # An OSError with its errno, or (tensorstore, under orbax) only the OS's words in a message.
     if ((isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT)) or
@@ -62,7 +62,7 @@ def error_line(e: BaseException, workdir: str | None = None) -> str | None:
       return str(e)
     return f'{e.filename}: no such file or directory: check the path'
   if isinstance(e, (NotADirectoryError, IsADirectoryError)):
-    return f'{e.filename}: {e.strerror.lower()}: check the path'
+    return f'{e.filename}: {(e.strerror or str(e)).lower()}: check the path'
   return None
 
 
