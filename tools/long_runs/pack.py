@@ -17,7 +17,7 @@ import os
 import shutil
 import tarfile
 
-from tools.long_runs.procs import read_json
+from tools.long_runs.procs import read_json, write_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 2**20
@@ -45,8 +45,7 @@ def tail_copy(src, dst, limit):
   with open(src, 'rb') as f:
     f.seek(max(0, os.path.getsize(src) - limit))
     data = f.read()
-  with open(dst, 'wb') as f:
-    f.write(b'[... log truncated ...]\n' + data)
+  write_atomic(dst, b'[... log truncated ...]\n' + data)
 
 
 SKIP_PARTS = ('tb', '__pycache__', '.lock')   # .lock: held by a running train() only
@@ -65,7 +64,8 @@ def campaign_members(cdir: str, since: float) -> list[str]:
   for name in sorted(os.listdir(cdir)):
     p = os.path.join(cdir, name)
     if os.path.isfile(p):
-      out.append(name)
+      if not _skip(name):        # not a temp file a cut write left behind
+        out.append(name)
       continue
     files = []
     newest = 0.0

@@ -105,3 +105,24 @@ def read_jsonl_tail(path):
   from metadrop_jax import metrics as metrics_lib
   rows = metrics_lib.read_jsonl(path)
   return rows[-1] if rows else None
+
+
+def write_atomic(path: str, data) -> None:
+  """Writes ``data`` (bytes or text) to ``path`` through a temp file beside it and os.replace:
+  a write cut at any point leaves the old file or none, never half of the new one."""
+  tmp = f'{path}.tmp.{os.getpid()}'
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def copy_atomic(src: str, dst: str) -> None:
+  """``shutil.copy`` that a cut cannot leave half done (:func:`write_atomic`)."""
+  with open(src, 'rb') as f:
+    write_atomic(dst, f.read())

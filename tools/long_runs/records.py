@@ -7,10 +7,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tarfile
 
-from tools.long_runs.procs import ROOT, read_json
+from tools.long_runs.procs import ROOT, copy_atomic, read_json, write_atomic
 
 
 def pack_cache(cache_dir: str, dest: str, limit: int) -> int:
@@ -23,8 +22,7 @@ def pack_cache(cache_dir: str, dest: str, limit: int) -> int:
   while n > 0:
     data = _tgz_bytes(cache_dir, names[:n])
     if len(data) <= limit:
-      with open(dest, 'wb') as f:
-        f.write(data)
+      write_atomic(dest, data)
       return n
     n = min(n - 1, int(n * limit / len(data)))
   return 0
@@ -48,7 +46,7 @@ def store_measurements(src: str, base: str) -> list[str]:
   out = []
   form = read_json(os.path.join(src, 'formulations.json'))
   if form is not None:
-    shutil.copy(os.path.join(src, 'formulations.json'), base + '_formulations.json')
+    copy_atomic(os.path.join(src, 'formulations.json'), base + '_formulations.json')
     out.append(base + '_formulations.json')
   traces = os.path.join(src, 'traces.tgz')
   if form is None or not os.path.exists(traces):
@@ -69,9 +67,8 @@ def store_measurements(src: str, base: str) -> list[str]:
         profiles[cell]['trace'] = f'traces.tgz: traces/{cell}'
       except (OSError, ValueError) as e:
         profiles[cell] = {'error': repr(e)}
-  with open(base + '_profiles.json', 'w') as f:
-    json.dump({'config': form.get('config'), 'method': form.get('method'),
-               'device': form.get('device'), 'jax': form.get('jax'), 'profiles': profiles}, f,
-              indent=1)
+  write_atomic(base + '_profiles.json', json.dumps(
+      {'config': form.get('config'), 'method': form.get('method'), 'device': form.get('device'),
+       'jax': form.get('jax'), 'profiles': profiles}, indent=1))
   out.append(base + '_profiles.json')
   return out

@@ -22,6 +22,7 @@ import time
 
 from tools.long_runs import reports
 from tools.long_runs import runs as runs_lib
+from tools.long_runs import swap
 
 # A run is not started with less than this (an accelerator's first step includes a compile of
 # up to a minute; the time limit is checked after each step).
@@ -47,6 +48,9 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   if not (math.isfinite(budget_s) and budget_s > 0):
     raise runs_lib.CampaignError(f'a sitting of {budget_s:.0f} s: give a positive '
                                  '--budget_minutes or a --deadline in the future')
+  unfinished = swap.unfinished(cdir)
+  if unfinished:
+    raise runs_lib.CampaignError(unfinished)
   t_start = time.time()
   deadline = t_start + budget_s
   camp = runs_lib.load_campaign(cdir)

@@ -131,12 +131,13 @@ def _key(row: dict) -> str:
 
 def merge_rows(here: list[dict], back: list[dict]) -> tuple[list[dict], int, bool]:
   """(every row of both, in order of 'start'; how many came from ``back`` only; whether ``back``
-  holds every row of ``here``, i.e. it continues this copy)."""
+  continues this copy: it holds every row of ``here`` and at least one more. Two copies with the
+  same rows continue neither each other: which decision is newer is then not known.)"""
   seen = {_key(r) for r in here}
   new = [r for r in back if _key(r) not in seen]
   back_keys = {_key(r) for r in back}
   rows = sorted(here + new, key=lambda r: str(r.get('start', '')))
-  return rows, len(new), all(_key(r) in back_keys for r in here)
+  return rows, len(new), bool(new) and all(_key(r) in back_keys for r in here)
 
 
 def merge_campaign(here: dict | None, back: dict | None, force, continues: bool,
@@ -168,8 +169,9 @@ def merge_campaign(here: dict | None, back: dict | None, force, continues: bool,
       raise CampaignError(
           f'{path} records the formulation {what(mine)} for {kind} ({mine.get("date")}), '
           f'the returned copy {what(rec)} ({rec.get("date")}), and the returned copy '
-          'does not continue this one (sittings.jsonl): --force=formulations takes the returned '
-          'one; without it nothing is changed')
+          'does not continue this one (its sittings.jsonl adds no row to this one\'s): '
+          '--force=formulations takes the returned one, right only if it is the newer decision '
+          '(compare the dates); without it nothing is changed')
   if kinds:
     merged['formulations'] = kinds
   return merged, notes

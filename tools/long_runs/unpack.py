@@ -15,10 +15,11 @@ verify, decide, then swap.
    ``sittings.jsonl``; ``campaign.json`` merged, its matmul precision lock and per-device
    formulations never lost or changed unless ``--force`` names them (a run named by ``--force``
    takes the returned state even when it is older);
-5. swap: campaign.json and sittings.jsonl replaced atomically, then each run taken renamed into
-   place (the old folder moved aside first, removed at the end). An unpack cut inside the swap is
-   rolled back run by run when it fails, or by the next unpack when it was killed; unpacking the
-   same files again completes it.
+5. swap (:mod:`tools.long_runs.swap`): campaign.json and sittings.jsonl replaced atomically, then
+   each run taken renamed into place (the old folder moved aside first, removed at the end); no
+   run is replaced while a process trains it. A swap that fails puts back the runs and the two
+   files; one killed is finished by the next unpack, which never deletes a state it did not
+   replace (unpacking the same files again completes it), and until then no sitting starts.
 
 Nothing in the campaign folder changes before 1-4 have passed; every failure is one
 :class:`CampaignError` naming the file and the fix.
@@ -38,7 +39,9 @@ import zlib
 from metadrop_jax import metrics as metrics_lib
 from tools.long_runs import reports
 from tools.long_runs import state
+from tools.long_runs import swap
 from tools.long_runs.pack import tail_copy
+from tools.long_runs.procs import copy_atomic, write_atomic
 from tools.long_runs.state import FORCE_FIELDS, CampaignError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,10 +131,6 @@ def read_archive(parts: list[str], summary: dict) -> tarfile.TarFile | None:
 # 2-4. stage, verify, decide
 # ------------------------------------------------------------------------------------------------
 
-def staging_dir(cdir: str) -> str:
-  return os.path.join(os.path.dirname(cdir), f'.{os.path.basename(cdir)}.unpack')
-
-
 def verify_run(wd: str) -> tuple[dict, str | None]:
   """(what the returned run folder holds, why it cannot be trusted or None)."""
   from metadrop_jax import workdir as workdir_lib
@@ -172,6 +171,12 @@ def decide_runs(cdir: str, new: str, force, skip, log) -> tuple[list[str], list[
       how = 'the same' if state.rank(back) == here else 'older'
       log(f'{name}: kept this folder\'s state (step {here[0]}); the returned one (step '
           f"{back['step']}) is {how} (--force={name} takes it)")
+  busy = [n for n in take if swap.in_use(os.path.join(cdir, n))]
+  if busy:
+    raise CampaignError(
+        f'{", ".join(busy)} {"is" if len(busy) == 1 else "are"} training here now (a process '
+        'holds the run folder\'s .lock): let it finish or stop it (Ctrl-C saves it), then unpack '
+        'again; ' + UNCHANGED)
   if damaged:
     raise CampaignError(
         'returned runs fail verification: ' + '; '.join(f'{n}: {p}' for n, p in damaged) +
@@ -186,7 +191,13 @@ def decide_state(cdir: str, new: str, force, log) -> tuple[dict | None, list[dic
   cut = []
   rows_here = metrics_lib.read_jsonl(os.path.join(cdir, 'sittings.jsonl'), skipped=cut,
                                      warn=False)
-  rows_back = metrics_lib.read_jsonl(os.path.join(new, 'sittings.jsonl'), warn=False)
+  cut_back = []
+  rows_back = metrics_lib.read_jsonl(os.path.join(new, 'sittings.jsonl'), skipped=cut_back,
+                                     warn=False)
+  if cut_back:
+    log(f'the returned sittings.jsonl has {len(cut_back)} unreadable line(s): kept in '
+        'sittings.jsonl.skipped, not as rows')
+  cut = cut + cut_back
   rows, added, continues = state.merge_rows(rows_here, rows_back)
   here_path, back_path = (os.path.join(d, 'campaign.json') for d in (cdir, new))
   here = state.read_campaign_file(here_path) if os.path.exists(here_path) else None
@@ -203,27 +214,19 @@ def decide_state(cdir: str, new: str, force, log) -> tuple[dict | None, list[dic
   return camp, rows, cut
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. swap
-# ------------------------------------------------------------------------------------------------
-
-def finish_cut_swap(cdir: str, stage: str, log) -> None:
-  """Puts back every run folder a swap moved aside without replacing it; removes the staging."""
-  old = os.path.join(stage, 'old')
-  for name in sorted(os.listdir(old)) if os.path.isdir(old) else []:
-    if not os.path.exists(os.path.join(cdir, name)):
-      os.rename(os.path.join(old, name), os.path.join(cdir, name))
-      log(f'{name}: put back (an unpack was cut while replacing it)')
-  shutil.rmtree(stage, ignore_errors=True)
-
-
 def write_state(cdir: str, new: str, camp: dict | None, rows: list[dict], cut: list) -> None:
   if camp is not None:
     metrics_lib.write_json_atomic(os.path.join(cdir, 'campaign.json'), camp)
   path = os.path.join(cdir, 'sittings.jsonl')
-  if cut:
+  if cut:                           # kept aside once (a retried unpack does not add them again)
+    lines = [raw if raw.endswith(b'\n') else raw + b'\n' for _, raw in cut]
+    try:
+      with open(path + '.skipped', 'rb') as f:
+        have = set(f.readlines())
+    except FileNotFoundError:
+      have = set()
     with open(path + '.skipped', 'ab') as f:
-      f.writelines(raw if raw.endswith(b'\n') else raw + b'\n' for _, raw in cut)
+      f.writelines(l for l in lines if l not in have)
   if rows or os.path.exists(path):
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
@@ -233,35 +236,44 @@ def write_state(cdir: str, new: str, camp: dict | None, rows: list[dict], cut: l
     os.replace(tmp, path)
   for name in os.listdir(new):       # other files (README, tables) only where this copy has none
     src = os.path.join(new, name)
-    if os.path.isfile(src) and name not in STATE_FILES and not os.path.exists(
-        os.path.join(cdir, name)):
-      shutil.copy(src, os.path.join(cdir, name))
-
-
-def swap_runs(cdir: str, stage: str, take: list[str]) -> None:
-  old = os.path.join(stage, 'old')
-  os.makedirs(old, exist_ok=True)
-  for name in take:
-    dst = os.path.join(cdir, name)
-    if os.path.exists(dst):
-      os.rename(dst, os.path.join(old, name))
-    os.rename(os.path.join(stage, 'new', name), dst)
+    if (os.path.isfile(src) and name not in STATE_FILES and '.tmp' not in name and
+        not os.path.exists(os.path.join(cdir, name))):
+      copy_atomic(src, os.path.join(cdir, name))
 
 
 def unpack_campaign(tar, cdir: str, force, skip, log) -> dict:
-  """Stages, verifies and decides (nothing changed if any of it fails), then swaps."""
-  stage = staging_dir(cdir)
-  finish_cut_swap(cdir, stage, log)
-  new = os.path.join(stage, 'new')
+  """Stages, verifies and decides (nothing changed if any of it fails), then swaps; a swap that
+  fails puts back the campaign files it had written as well as the runs."""
+  stage = swap.staging_dir(cdir)
+  swap.finish_cut_swap(cdir, stage, log)
+  new, before = os.path.join(stage, 'new'), os.path.join(stage, 'state_before')
+  swapped = []
   try:
     safe = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
     tar.extractall(new, **safe)
     take, kept = decide_runs(cdir, new, force, skip, log)
     camp, rows, cut = decide_state(cdir, new, force, log)
-    write_state(cdir, new, camp, rows, cut)
-    swap_runs(cdir, stage, take)
+    os.makedirs(before)
+    for name in STATE_FILES:
+      if os.path.exists(os.path.join(cdir, name)):
+        shutil.copy2(os.path.join(cdir, name), os.path.join(before, name))
+    try:
+      write_state(cdir, new, camp, rows, cut)
+      swap.swap_runs(cdir, stage, take, swapped)
+    except BaseException:            # back to what was here: runs first, then the state files
+      for name in reversed(swapped):
+        os.rename(os.path.join(cdir, name), os.path.join(new, name))
+        if os.path.exists(os.path.join(stage, 'old', name)):
+          os.rename(os.path.join(stage, 'old', name), os.path.join(cdir, name))
+      swapped.clear()
+      for name in STATE_FILES:
+        if os.path.exists(os.path.join(before, name)):
+          os.replace(os.path.join(before, name), os.path.join(cdir, name))
+        elif os.path.exists(os.path.join(cdir, name)):
+          os.remove(os.path.join(cdir, name))
+      raise
   finally:
-    finish_cut_swap(cdir, stage, log)
+    swap.finish_cut_swap(cdir, stage, log, replaced=swapped)
   return {'replaced': take, 'kept': kept}
 
 
@@ -277,13 +289,13 @@ def record_window(summary: dict, src: str, repo: str) -> str:
   os.makedirs(bench_dir, exist_ok=True)
   base = os.path.join(bench_dir, f"{summary['start'].replace(':', '').replace('-', '')}_{kind}")
   summary['device_kind'] = info.get('device_kind')
-  with open(base + '.json', 'w') as f:
-    json.dump(summary, f, indent=1, default=str)
+  write_atomic(base + '.json', json.dumps(summary, indent=1, default=str))
   if os.path.exists(os.path.join(src, 'window.log')):
     tail_copy(os.path.join(src, 'window.log'), base + '.log', limit=512 * 1024)
   if os.path.exists(os.path.join(src, 'jax_cache.tgz')):
     os.makedirs(os.path.join(repo, '.gpu_cache'), exist_ok=True)
-    shutil.copy(os.path.join(src, 'jax_cache.tgz'), os.path.join(repo, '.gpu_cache'))
+    copy_atomic(os.path.join(src, 'jax_cache.tgz'),
+                os.path.join(repo, '.gpu_cache', 'jax_cache.tgz'))
   return base
 
 
