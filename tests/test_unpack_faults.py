@@ -141,3 +141,15 @@ def test_temp_files_are_neither_packed_nor_unpacked(tmp_path):
   runs.init_campaign(str(cdir), ['tiny'])
   (cdir / f'campaign.json.tmp.{os.getpid()}').write_text('{"cut')
   assert not [m for m in pack.campaign_members(str(cdir), since=0) if '.tmp' in m]
+
+
+def test_a_damaged_checkpoint_here_does_not_outrank_a_sound_returned_one(tmp_path, repo):
+  do_unpack(fake_job(tmp_path, 'here', {A: 200}), repo)
+  data = next((repo / 'camp' / A / 'checkpoints').glob('200/*data*'), None) or next(
+      p for p in (repo / 'camp' / A / 'checkpoints' / '200').rglob('*') if p.is_file())
+  data.write_bytes(data.read_bytes()[:-10] + b'0123456789')
+  said = []
+  unpack.unpack(str(fake_job(tmp_path, 'back', {A: 150})), repo=str(repo), campaign_dir='camp',
+                log=said.append)
+  assert steps_of(repo / 'camp', A) == [150]
+  assert any('checkpoint 200 fails its check' in s for s in said)

@@ -145,6 +145,18 @@ def verify_run(wd: str) -> tuple[dict, str | None]:
   return r, '; '.join(problems) or None
 
 
+def intact_state(wd: str, log) -> dict:
+  """What this folder holds of a run, at its newest checkpoint that matches its SHA-256 (a newer
+  damaged one would otherwise outrank a sound returned state)."""
+  from metadrop_jax import workdir as workdir_lib
+  r = state.read_run(wd)
+  intact = next((s for s in reversed(r['steps']) if not workdir_lib.checkpoint_problem(wd, s)), 0)
+  if intact != r['step']:
+    log(f"{os.path.basename(wd)}: this folder's checkpoint {r['step']} fails its check; its "
+        f'state counts as step {intact}')
+  return {**r, 'step': intact}
+
+
 def decide_runs(cdir: str, new: str, force, skip, log) -> tuple[list[str], list[str]]:
   """(runs whose returned state replaces this folder's, runs kept as they are here)."""
   names = sorted(n for n in os.listdir(new) if os.path.isdir(os.path.join(new, n)))
@@ -163,7 +175,7 @@ def decide_runs(cdir: str, new: str, force, skip, log) -> tuple[list[str], list[
       damaged.append((name, problem))
       continue
     here_wd = os.path.join(cdir, name)
-    here = state.rank(state.read_run(here_wd))
+    here = state.rank(intact_state(here_wd, log))
     if not os.path.exists(here_wd) or state.rank(back) > here or name in force:
       take.append(name)
     else:
