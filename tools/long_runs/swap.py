@@ -95,3 +95,13 @@ def swap_runs(cdir: str, stage: str, take: list[str], swapped: list[str]) -> Non
       os.rename(dst, os.path.join(old, name))
     os.rename(os.path.join(stage, 'new', name), dst)
     swapped.append(name)
+
+
+def undo_swaps(cdir: str, stage: str, swapped: list[str]) -> None:
+  """Takes back the swaps that completed (``swapped``, emptied): each returned run goes back to
+  the staging, the folder it replaced back into place."""
+  for name in reversed(swapped):
+    os.rename(os.path.join(cdir, name), os.path.join(stage, 'new', name))
+    if os.path.exists(os.path.join(stage, 'old', name)):
+      os.rename(os.path.join(stage, 'old', name), os.path.join(cdir, name))
+  swapped.clear()

@@ -273,11 +273,7 @@ def unpack_campaign(tar, cdir: str, force, skip, log) -> dict:
       write_state(cdir, new, camp, rows, cut)
       swap.swap_runs(cdir, stage, take, swapped)
     except BaseException:            # back to what was here: runs first, then the state files
-      for name in reversed(swapped):
-        os.rename(os.path.join(cdir, name), os.path.join(new, name))
-        if os.path.exists(os.path.join(stage, 'old', name)):
-          os.rename(os.path.join(stage, 'old', name), os.path.join(cdir, name))
-      swapped.clear()
+      swap.undo_swaps(cdir, stage, swapped)
       for name in STATE_FILES:
         if os.path.exists(os.path.join(before, name)):
           os.replace(os.path.join(before, name), os.path.join(cdir, name))
