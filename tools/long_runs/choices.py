@@ -34,13 +34,13 @@ def next_run_cell(cdir: str):
 
 def cell_key(cell, window_flags=''):
   prec, cfg, method, xflags, seeds = cell[:5]
-  det = 'xla_gpu_deterministic_ops=true' in (window_flags if xflags is None else xflags)
+  det = runs_lib.DETERMINISTIC_OPS in (window_flags if xflags is None else xflags)
   return (cfg, method, prec, det, seeds)
 
 
 def row_key(r):
   return (r.get('config'), r.get('method'), r.get('precision'),
-          'xla_gpu_deterministic_ops=true' in r.get('xla_flags', ''), r.get('seeds', 1))
+          runs_lib.DETERMINISTIC_OPS in r.get('xla_flags', ''), r.get('seeds', 1))
 
 
 def measured_cells(device_kind: str, repo: str = ROOT) -> set:
@@ -161,19 +161,16 @@ def formulation_plan(mode: str, cells: list, measured: set, reference: str | Non
   return 'formulations', ([reference] if reference and reference not in todo else []) + todo
 
 
-DETERMINISTIC_OPS = '--xla_gpu_deterministic_ops=true'
-
-
 def cell_xla_flags(deterministic_ops: bool, extra: str) -> str:
   """The XLA flags a formulations cell runs under: deterministic ops or not, and its extras."""
-  return ' '.join(x for x in (DETERMINISTIC_OPS if deterministic_ops else '', extra) if x)
+  return ' '.join(x for x in (runs_lib.DETERMINISTIC_OPS if deterministic_ops else '', extra) if x)
 
 
 def reference_cell(overrides: dict, cells: dict, xla_flags: str | None = None) -> str | None:
   """The name of the cell of ``cells`` (formulations.CELLS) that sets exactly the formulation
   ``overrides`` with the XLA flags ``xla_flags`` (None: deterministic ops and nothing else, as
   formulations recorded before their flags were), not a second-process cell; or None."""
-  want = set((xla_flags if xla_flags is not None else DETERMINISTIC_OPS).split())
+  want = set((xla_flags if xla_flags is not None else runs_lib.DETERMINISTIC_OPS).split())
   for name, (ov, det, extra) in cells.items():
     flags = set(cell_xla_flags(det, extra).split())
     if ov == overrides and flags == want and not name.endswith('_again'):

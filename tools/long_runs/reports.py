@@ -90,9 +90,10 @@ def perf_table(repo: str = ROOT) -> str:
         continue
       t = next((x for x in torch_rows if x['config'] == r['config'] and
                 x['method'] == r['method'] and x['precision'] == r.get('precision')), None)
-      if r.get('seeds', 1) > 1 or 'xla_gpu_deterministic_ops=true' not in r.get('xla_flags', ''):
+      det_ops = runs_lib.DETERMINISTIC_OPS in r.get('xla_flags', '')
+      if r.get('seeds', 1) > 1 or not det_ops:
         t = None
-      det = 'yes' if 'xla_gpu_deterministic_ops=true' in r.get('xla_flags', '') else 'no'
+      det = 'yes' if det_ops else 'no'
       frac = r.get('peak_fraction')
       lines.append(' | '.join([
           f"| {s.get('start', '')[:16]}", str(inf.get('device_kind')), str(r.get('jax')),
@@ -148,8 +149,7 @@ def format_window(s: dict) -> str:
     if 'error' in r:
       lines.append(f"form  {r['cell']:<22} {str(r['error'])[:60]}")
     else:
-      det = ('det' if r['deterministic_ops'] else
-             'excl' if 'exclude_nondeterministic_ops=true' in r.get('extra_flags', '') else 'nondet')
+      det = runs_lib.determinism_label(r['deterministic_ops'], r.get('extra_flags', ''))
       lines.append(f"form  {r['cell']:<22} {det:<7}"
                    f"{r['ms_per_iter']:7.2f} ms/it {r['ms_per_iter_pipelined']:7.2f} pipelined  "
                    f"compile {r['compile_s']:5.1f} s  {r['state_sha256'][:8]}")

@@ -257,7 +257,18 @@ def recorded_xla_flags(camp: dict, kind: str) -> str | None:
   return (camp.get('formulations') or {}).get(kind, {}).get('xla_flags')
 
 
-FLAG_FAMILIES = ('xla_gpu_deterministic_ops', 'xla_gpu_exclude_nondeterministic_ops')
+# The XLA flags that decide whether a GPU computes deterministically: all of them only
+# deterministic kernels, the first also the first autotuning candidate (benchmarks/formulations.py
+# measures both).
+DETERMINISTIC_OPS = '--xla_gpu_deterministic_ops=true'
+EXCLUDE_NONDET = '--xla_gpu_exclude_nondeterministic_ops=true'
+FLAG_FAMILIES = tuple(f[2:].split('=')[0] for f in (DETERMINISTIC_OPS, EXCLUDE_NONDET))
+
+
+def determinism_label(deterministic_ops: bool, extra_flags: str = '') -> str:
+  """How a formulations cell keeps determinism: 'det' (deterministic ops), 'excl' (only
+  deterministic kernels, autotuned) or 'nondet'."""
+  return 'det' if deterministic_ops else 'excl' if EXCLUDE_NONDET in extra_flags else 'nondet'
 
 
 def formulation_xla_flags(base: str, flags: str | None) -> str:

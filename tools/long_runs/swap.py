@@ -5,9 +5,9 @@ Each run taken is renamed into place after the folder it replaces was moved asid
 staging folder (``.<campaign>.unpack/old``). An unpack that fails puts everything back; one that
 is killed leaves folders aside, and the next unpack finishes it (:func:`finish_cut_swap`): a
 folder aside goes back, or, if a folder of that run was started here again meanwhile, the newer of
-the two stays and the other is kept beside the campaign folder (``.<campaign>.superseded``). A sitting refuses to start
-while folders are aside (:func:`unfinished`), and no run is replaced while a process trains it
-(:func:`in_use`).
+the two stays and the other is kept beside the campaign folder (``.<campaign>.superseded``). A
+sitting refuses to start while folders are aside (:func:`unfinished`), and no run is replaced
+while a process trains it (:func:`in_use`).
 """
 
 from __future__ import annotations
