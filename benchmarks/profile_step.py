@@ -137,15 +137,19 @@ def _union(intervals) -> float:
 def summarise(events: list[dict], steps: int, wall_s_per_step: float | None = None,
               top: int = 20, hlo: dict | None = None) -> dict:
   """The tables of the module docstring from the device events of ``steps`` traced steps;
-  ``hlo`` (:func:`hlo_index`) categorises each kernel by the ops it runs."""
+  with ``hlo`` (:func:`hlo_index`) each kernel is categorised by the ops it runs and each top
+  kernel says what it computes (:func:`describe`)."""
   steps = max(1, steps)
-  cats: dict[tuple[str, str], str] = {}
+  descs: dict[tuple[str, str], dict | None] = {}
+
+  def desc_of(name, hlo_op):
+    if (name, hlo_op) not in descs:
+      descs[name, hlo_op] = describe(hlo, name, hlo_op) if hlo else None
+    return descs[name, hlo_op]
 
   def cat_of(name, hlo_op):
-    if (name, hlo_op) not in cats:
-      d = describe(hlo, name, hlo_op) if hlo else None
-      cats[name, hlo_op] = category(name, hlo_op, d['all_ops'] if d else ())
-    return cats[name, hlo_op]
+    d = desc_of(name, hlo_op)
+    return category(name, hlo_op, d['all_ops'] if d else ())
 
   by_name: dict[str, list] = collections.defaultdict(lambda: [0, 0.0, ''])
   by_cat = collections.Counter()
@@ -169,7 +173,8 @@ def summarise(events: list[dict], steps: int, wall_s_per_step: float | None = No
       'wall_ms_per_step': None if wall_s_per_step is None else 1e3 * wall_s_per_step,
       'top': [{'name': n, 'hlo_op': v[2], 'calls': v[0], 'total_us': v[1],
                'mean_us': v[1] / v[0], 'share': v[1] / kernel_us if kernel_us else 0.0,
-               'us_per_step': v[1] / steps, 'category': cat_of(n, v[2])} for n, v in rows],
+               'us_per_step': v[1] / steps, 'category': cat_of(n, v[2]),
+               **({'hlo': desc_of(n, v[2])} if desc_of(n, v[2]) else {})} for n, v in rows],
       'categories': {c: {'ms_per_step': us / steps / 1e3,
                          'share': us / kernel_us if kernel_us else 0.0}
                      for c, us in by_cat.most_common()},
@@ -320,11 +325,6 @@ def parse(path: str, steps: int, wall_s_per_step: float | None = None, top: int 
       hlo = hlo_index(f.read())
   out = summarise(device_events(trace), steps, wall_s_per_step, top, hlo)
   out['trace'] = trace_path
-  if hlo:
-    for r in out['top']:
-      d = describe(hlo, r['name'], r['hlo_op'])
-      if d:
-        r['hlo'] = d
   return out
 
 
