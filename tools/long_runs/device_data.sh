@@ -1,55 +1,52 @@
 #!/usr/bin/env bash
-# Data on the GPU machine (docs/gpu_window.md).
+# Data on the GPU machine (docs/gpu_window.md); miniImageNet arrives in parts
+# (tools/long_runs/data_parts.py: each part's SHA-256 checked where it lands and again where the
+# zip is assembled).
 #
-#   bash tools/long_runs/device_data.sh stash     # after copying one miniImageNet part there: move
-#                                                 # it out of the checkout into /tmp/metadrop_parts
-#                                                 # (sha256 checked), where the next copy of the
-#                                                 # checkout cannot touch it
+#   bash tools/long_runs/device_data.sh stash     # after a copy that brought miniImageNet parts:
+#                                                 # move the verified ones out of the checkout into
+#                                                 # $METADROP_PARTS_DIR (/tmp/metadrop_parts), where
+#                                                 # the next copy cannot touch them; prints which
+#                                                 # parts are still needed
+#   bash tools/long_runs/device_data.sh status    # which parts are here, which are still needed
 #   bash tools/long_runs/device_data.sh assemble  # at the job's start (device_window.sh): the
-#                                                 # Omniglot zips and, when every part is there,
-#                                                 # the miniImageNet zip into $METADROP_DATA_DIR
+#                                                 # Omniglot zips and, when every part is here and
+#                                                 # verified, the miniImageNet zip into
+#                                                 # $METADROP_DATA_DIR; never a partial one
 set -u
 cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}
 PARTS=${METADROP_PARTS_DIR:-/tmp/metadrop_parts}
 DATA=${METADROP_DATA_DIR:-/tmp/metadrop_data}
-SUMS=.gpu_data/mimg/SHA256SUMS
-mkdir -p "$PARTS" "$DATA"
-stash() {
-  [ -f "$SUMS" ] || { echo "no $SUMS"; return 0; }
-  cp "$SUMS" "$PARTS/SHA256SUMS"
-  for p in .gpu_data/mimg/part.*; do
-    [ -f "$p" ] || continue
-    n=$(basename "$p")
-    want=$(grep " $n\$" "$SUMS" | cut -d' ' -f1)
-    got=$(sha256sum "$p" | cut -d' ' -f1)
-    if [ "$want" = "$got" ]; then cp "$p" "$PARTS/$n"; echo "stashed $n ($(stat -c %s "$PARTS/$n") bytes)";
-    else echo "BAD $n: sha256 $got, expected $want"; fi
-  done
-  ls "$PARTS"
-}
+ARRIVE=.gpu_data/mimg
+parts() { $PY -m tools.long_runs.data_parts "$@"; }
+have_parts() { [ -f "$ARRIVE/parts.json" ] || [ -f "$PARTS/parts.json" ]; }
 case "${1:-}" in
-  stash) stash ;;
+  stash)
+    if [ -f "$ARRIVE/parts.json" ]; then parts stash "$ARRIVE" "$PARTS"
+    else echo "no $ARRIVE/parts.json here: nothing to stash"; fi ;;
+  status)
+    if have_parts; then parts status "$ARRIVE" "$PARTS"
+    else echo "no miniImageNet parts here"; fi ;;
   assemble)
     if ls .gpu_data/omniglot/*.zip >/dev/null 2>&1; then
       mkdir -p "$DATA/omniglot" && cp .gpu_data/omniglot/*.zip "$DATA/omniglot/"
       echo "omniglot: $(ls "$DATA/omniglot" | tr '\n' ' ')"
     fi
-    stash >/dev/null
     z="$DATA/miniimagenet/miniimagenet_84x84.zip"
-    if [ -f "$PARTS/SHA256SUMS" ] && [ ! -f "$z" ]; then
-      need=$(grep -c ' part\.' "$PARTS/SHA256SUMS")
-      have=$(ls "$PARTS"/part.* 2>/dev/null | wc -l)
-      if [ "$need" = "$have" ]; then
-        mkdir -p "$DATA/miniimagenet"
-        cat "$PARTS"/part.* > "$z.tmp"
-        want=$(grep ' miniimagenet_84x84.zip$' "$PARTS/SHA256SUMS" | cut -d' ' -f1)
-        if [ "$(sha256sum "$z.tmp" | cut -d' ' -f1)" = "$want" ]; then mv "$z.tmp" "$z"; echo "miniimagenet: zip assembled";
-        else rm -f "$z.tmp"; echo "miniimagenet: assembled zip has the wrong sha256"; fi
+    if [ -f "$z" ]; then
+      echo "miniimagenet: $z (assembled earlier)"
+    elif have_parts; then
+      [ -f "$ARRIVE/parts.json" ] && parts stash "$ARRIVE" "$PARTS" >/dev/null
+      # the folder appears only with the whole, verified zip in it: a run never sees a partial one
+      tmpdir="$DATA/.miniimagenet.assembling"
+      if parts assemble "$PARTS" "$tmpdir/miniimagenet_84x84.zip" --arrive="$ARRIVE"; then
+        rm -rf "$DATA/miniimagenet" && mv "$tmpdir" "$DATA/miniimagenet"
       else
-        echo "miniimagenet: $have of $need parts here (machine restarted since they were copied?): not used"
+        rm -rf "$tmpdir"
+        echo "miniimagenet: not here this job (the runs that need it are skipped)"
       fi
     fi
-    [ -f "$z" ] && echo "miniimagenet: $z" || true
     ;;
-  *) echo "usage: $0 stash|assemble"; exit 2 ;;
+  *) echo "usage: $0 stash|status|assemble"; exit 2 ;;
 esac

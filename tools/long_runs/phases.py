@@ -114,6 +114,12 @@ def info() -> dict:
       out['versions'][pkg] = md.version(pkg)
     except md.PackageNotFoundError:
       pass
+  from tools.long_runs import data_parts
+  data_dir = os.environ.get('METADROP_DATA_DIR', '')
+  if data_dir:   # what device_data.sh laid out: miniImageNet whole, or which parts are missing
+    out['data'] = {'miniimagenet': data_parts.machine_status(
+        os.path.join(ROOT, '.gpu_data', 'mimg'), data_parts.stash_dir(),
+        os.path.join(data_dir, 'miniimagenet', 'miniimagenet_84x84.zip'))}
   import jax
   out['devices'] = [str(d) for d in jax.devices()]
   out['backend'] = jax.default_backend()

@@ -119,6 +119,8 @@ def format_window(s: dict) -> str:
   inf = s['phases'].get('info', {}).get('result', {})
   lines.append(f"device {inf.get('device_kind')}  jax {inf.get('versions', {}).get('jax')}  "
                f"torch {inf.get('versions', {}).get('torch')}")
+  for name, state in (inf.get('data') or {}).items():
+    lines.append(f'data {name}: {state}')
   sm = s['phases'].get('smoke', {}).get('result') or {}
   for r in sm.get('rows', []):
     lines.append(f"smoke {r['meta_gradient']:<7} {r.get('conv_impl', 'xla'):<7} {r['precision']:<8} rel err {r['rel_err']:.1e} "
