@@ -6,6 +6,7 @@ Episodes and adaptation noise depend on ``config.eval.seed`` and the split only
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -24,14 +25,18 @@ from metadrop_jax import workdir as workdir_lib
 
 def evaluate(params, images, config, *, split: str = 'test', num_episodes: int | None = None,
              mc_samples: int | None = None, eval_step=None,
-             should_stop=None, on_batch=None) -> dict[str, Any] | None:
+             should_stop=None, on_batch=None, partial: dict | None = None,
+             on_stop=None) -> dict[str, Any] | None:
   """The paper's meta-test protocol: adapt on each episode's support set with ``mc_samples``
   MC samples of the perturbed inner loss, score the query set; mean and 95% CI over episodes.
 
   ``eval_step``: a step built by :func:`meta.make_eval_step` for these settings (default: built,
   or reused from an earlier call with an equivalent config).
   Returns ``{'mean', 'ci95', 'n'}`` in percent plus ``'loss'`` and the per-episode ``'accs'``;
-  None when ``should_stop()`` (asked before each batch of episodes) said to stop.
+  None when ``should_stop()`` (asked before each batch of episodes) said to stop, after
+  ``on_stop(progress)`` got what was done: ``{'batches', 'accs', 'losses'}``. Given back as
+  ``partial``, that progress is continued from its next batch: each batch's episodes and noise
+  depend on its index only, so a meta-test cut and continued equals an uninterrupted one.
   ``on_batch(k)``: called after each batch with the number ``k`` of episodes it finished.
   """
   n = num_episodes or config.eval.num_episodes
@@ -41,9 +46,14 @@ def evaluate(params, images, config, *, split: str = 'test', num_episodes: int |
                                     mc, bt)
   ep_key, noise_key = keys_lib.eval_keys(config, split)
   images = jnp.asarray(images)
-  accs, losses = [], []
-  for i in range(math.ceil(n / bt)):
+  start = int(partial['batches']) if partial else 0
+  accs = [np.asarray(partial['accs'])] if partial else []
+  losses = [np.asarray(partial['losses'])] if partial else []
+  for i in range(start, math.ceil(n / bt)):
     if should_stop is not None and should_stop():
+      if on_stop is not None:
+        on_stop({'batches': i, 'accs': np.concatenate(jax.device_get(accs) or [np.zeros(0)]),
+                 'losses': np.concatenate(jax.device_get(losses) or [np.zeros(0)])})
       return None
     a, l = step(params, images, *keys_lib.eval_batch_keys(ep_key, noise_key, i))
     accs.append(a)
@@ -84,7 +94,40 @@ def result_name(split: str, tag: str = '') -> str:
   return ('results' if split == 'test' else f'results_{split}') + tag + '.json'
 
 
-def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, Any]:
+def _partial_path(workdir: str, split: str, tag: str) -> str:
+  return os.path.join(workdir, f'eval_partial_{split}{tag}.npz')
+
+
+def _partial_meta(config, step: int, split: str) -> dict:
+  """What a cut meta-test's progress is only valid for: the checkpoint and the protocol."""
+  ev = config.eval
+  return {'step': step, 'split': split, 'num_episodes': ev.num_episodes,
+          'mc_samples': ev.mc_samples, 'batch_tasks': ev.batch_tasks, 'seed': ev.seed}
+
+
+def load_partial(workdir: str, config, step: int, split: str = 'test',
+                 tag: str = '') -> dict | None:
+  """The progress of a meta-test of this checkpoint and protocol that was cut, or None (none
+  kept, unreadable, or of another checkpoint or protocol)."""
+  try:
+    with np.load(_partial_path(workdir, split, tag)) as z:
+      if json.loads(str(z['meta'])) != _partial_meta(config, step, split):
+        return None
+      return {'batches': int(z['batches']), 'accs': z['accs'], 'losses': z['losses']}
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def _save_partial(workdir: str, config, step: int, split: str, tag: str, progress: dict):
+  path = _partial_path(workdir, split, tag)
+  tmp = f'{path}.tmp.{os.getpid()}.npz'
+  np.savez(tmp, meta=json.dumps(_partial_meta(config, step, split)),
+           batches=progress['batches'], accs=progress['accs'], losses=progress['losses'])
+  os.replace(tmp, path)
+
+
+def evaluate_checkpoint(config, workdir: str, split: str = 'test',
+                        should_stop=None) -> dict[str, Any] | None:
   """Restores the latest checkpoint and writes ``workdir/results.json`` (the run's own protocol;
   another episode count, MC samples or seed: :func:`protocol_tag` names the file), with a
   progress bar over episodes when ``config.progress_bar``.
@@ -93,6 +136,11 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, 
   that changes results (only ``eval.*``, data locations and loop fields may). Refuses, before
   evaluating, a workdir it cannot write and a checkpoint with non-finite parameters; refuses to
   write a result whose loss is not finite.
+
+  ``should_stop()``, asked before each batch of episodes (a deadline, a signal): when it says
+  stop, the episodes done so far are kept in ``eval_partial_<split>.npz`` and None is returned;
+  the next call with the same checkpoint and protocol continues from there, and its result
+  equals an uninterrupted meta-test's.
   """
   config, state = workdir_lib.restore(workdir, config)
   workdir_lib.ensure_writable(workdir)
@@ -101,13 +149,21 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, 
                              'parameters (the run diverged): nothing to evaluate')
   images = workdir_lib.load_eval_split(config, split)
   t0 = time.time()
+  step, tag = int(state.step), protocol_tag(config, workdir)
+  partial = load_partial(workdir, config, step, split, tag)
   bar = _progress_bar(config.progress_bar, config.eval.num_episodes, split)
+  if bar is not None and partial:
+    bar.update(min(partial['batches'] * config.eval.batch_tasks, config.eval.num_episodes))
   try:
     r = evaluate(state.params, images, config, split=split,
-                 on_batch=None if bar is None else bar.update)
+                 on_batch=None if bar is None else bar.update, should_stop=should_stop,
+                 partial=partial,
+                 on_stop=lambda p: _save_partial(workdir, config, step, split, tag, p))
   finally:
     if bar is not None:
       bar.close()
+  if r is None:
+    return None
   if not np.isfinite(r['loss']):
     raise FloatingPointError(f'the query loss of checkpoint {int(state.step)} is not finite on '
                              f'{split} episodes (the inner loop diverges at meta-test: lower '
@@ -123,11 +179,15 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, 
       **({'omniglot_split': config.data.omniglot_split} if config.data.name == 'omniglot' else {}),
       'eval_minutes': (time.time() - t0) / 60.0, **workdir_lib.provenance(),
   }
-  tag = protocol_tag(config, workdir)
+  if partial:   # continued from a meta-test cut earlier: eval_minutes counts this call only
+    result['continued_from_episode'] = min(partial['batches'] * config.eval.batch_tasks,
+                                           config.eval.num_episodes)
   result['file'] = result_name(split, tag)
   metrics_lib.write_json_atomic(os.path.join(workdir, result['file']), result)
   path = metrics_lib.episode_accs_path(workdir, split + tag)
   with open(path + '.tmp', 'wb') as f:
     np.save(f, r['accs'])
   os.replace(path + '.tmp', path)
+  if os.path.exists(_partial_path(workdir, split, tag)):
+    os.remove(_partial_path(workdir, split, tag))
   return result

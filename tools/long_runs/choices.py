@@ -80,7 +80,7 @@ def bench_plan(mode: str, cells: list, measured: set, window_flags: str, next_ce
   return mode, []
 
 
-def _records(repo: str, suffix: str = '') -> list[tuple[str, dict]]:
+def job_records(repo: str, suffix: str = '') -> list[tuple[str, dict]]:
   """(path, content) of the committed job records (docs/bench/windows/*<suffix>.json), oldest
   first; without a suffix, the jobs' own summaries only."""
   out = []
@@ -97,7 +97,7 @@ def smoke_on_record(device_kind: str, fingerprint: str, repo: str = ROOT) -> dic
   records made before it read code only carry it as ``code_fingerprint``) is this one, or None:
   while neither changed, the check need not run again."""
   found = None
-  for p, s in _records(repo):
+  for p, s in job_records(repo):
     sm = (s.get('phases', {}).get('smoke', {}).get('result') or {})
     if s.get('device_kind') == device_kind and sm.get('rows') and \
         fingerprint in (sm.get('fingerprint'), sm.get('code_fingerprint')):
@@ -108,7 +108,7 @@ def smoke_on_record(device_kind: str, fingerprint: str, repo: str = ROOT) -> dic
 def measured_formulations(device_kind: str, config: str, method: str, repo: str = ROOT) -> set:
   """The formulation cells with a committed timing for this card kind, config and method."""
   out = set()
-  for _, rec in _records(repo, '_formulations'):
+  for _, rec in job_records(repo, '_formulations'):
     for d in [rec] + list(rec.get('also', [])):
       if (d.get('device', '').split(':', 1)[-1] == device_kind and d.get('config') == config and
           d.get('method') == method):

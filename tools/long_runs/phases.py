@@ -25,6 +25,9 @@ ROOT = procs.ROOT
 # Fractions of the budget the phases may use at most (the campaign gets the rest).
 SMOKE_FRACTION = 0.4     # runs beside the benchmark
 BENCH_FRACTION = {'full': 0.55, 'quick': 0.4, 'skip': 0.0, 'formulations': 0.45}
+# Of the measuring cap (window run --measure_cap_s), what the torch.func peer keeps after the
+# benchmark (H200, 2026-12-04: its timing with the check took 19 s).
+TORCH_RESERVE_S = 40.0
 
 
 @dataclasses.dataclass
@@ -43,6 +46,7 @@ class Job:
   bench_mode: str = 'skip'
   bench_cells: list = dataclasses.field(default_factory=list)   # meta_step, or formulation runs
   bench_end: float = 0.0
+  measure_end: float = float('inf')    # benchmark and torch peer together end by then
   bench_rows: list = dataclasses.field(default_factory=list)
 
   @classmethod
@@ -185,6 +189,7 @@ def plan_bench(job: Job) -> None:
   by the sitting through the cache), TF32 (decides the campaign's precision), the cost of
   deterministic ops, seeds as a batch axis, the rest."""
   a = job.a
+  job.measure_end = time.time() + a.measure_cap_s
   if a.bench in ('auto', 'formulations'):
     plan_formulations(job)
     return
@@ -204,7 +209,7 @@ def plan_bench(job: Job) -> None:
   job.bench_mode, job.bench_cells = choices.bench_plan(
       a.bench, cells, choices.measured_cells(job.device_kind), flags,
       lambda: choices.next_run_cell(os.path.abspath(a.campaign_dir)))
-  job.bench_end = time.time() + BENCH_FRACTION.get(job.bench_mode, 0.0) * a.budget_s
+  job.bench_end = _bench_end(job)
 
 
 def plan_formulations(job: Job) -> None:
@@ -224,9 +229,17 @@ def plan_formulations(job: Job) -> None:
       lambda c, m: choices.measured_formulations(job.device_kind, c, m),
       choices.pending_pairs(cdir))
   job.bench_mode = 'formulations' if job.bench_cells else 'skip'
-  job.bench_end = time.time() + BENCH_FRACTION.get(job.bench_mode, 0.0) * a.budget_s
+  job.bench_end = _bench_end(job)
   job.log('benchmark: ' + ('; '.join(f"{c} {m}: {','.join(cells)}" for c, m, cells in
                                      job.bench_cells) or 'none (every cell has a timing)'))
+
+
+def _bench_end(job: Job) -> float:
+  """The benchmark's deadline: its fraction of the budget, within the measuring cap less the
+  torch peer's share of it when the peer runs after it."""
+  torch_after = job.bench_mode not in ('skip', 'quick') and job.a.torch != 'skip'
+  return min(time.time() + BENCH_FRACTION.get(job.bench_mode, 0.0) * job.a.budget_s,
+             job.measure_end - (TORCH_RESERVE_S if torch_after else 0.0))
 
 
 def formulations_phase(job: Job) -> dict:
@@ -287,6 +300,9 @@ def torch_phase(job: Job) -> dict:
   a = job.a
   if job.bench_mode in ('skip', 'quick') or a.torch == 'skip':
     return {'skipped': 'not asked'}
+  torch_end = min(max(job.bench_end, time.time()) + a.torch_share * a.budget_s, job.measure_end)
+  if torch_end - time.time() < 10:
+    return {'skipped': f'the measuring cap (--measure_cap_s={a.measure_cap_s:.0f}) is spent'}
   try:
     import importlib.util
     if importlib.util.find_spec('torch') is None:
@@ -302,7 +318,6 @@ def torch_phase(job: Job) -> dict:
     cells = [(cfg, m) for cfg, m, _ in job.bench_cells[:1]]
   else:
     cells = missing or cells
-  torch_end = max(job.bench_end, time.time()) + a.torch_share * a.budget_s
   cmd = [job.py, 'benchmarks/torch_peer.py', f"--cells={','.join(f'{c}:{m}' for c, m in cells)}",
          '--precision=highest', f'--iters={a.bench_iters}', f'--deadline={torch_end - 10}',
          f'--out={out}'] + (['--check'] if not done else [])

@@ -327,6 +327,9 @@ def format_plan(rows: list[dict]) -> str:
   nxt = [r for r in rows if r['action'] not in ('done', 'skip')]
   if nxt:
     lines.append(f"next: {nxt[0]['name']} ({nxt[0]['action']}); needs {nxt[0]['data']} data")
+    if nxt[0]['data'] == 'miniimagenet':
+      lines.append('  on a GPU machine without it: bash scripts/pack_device_data.sh --mimg (the '
+                   'zip in parts that fit one copy; it lists them in order)')
   else:
     lines.append('campaign complete')
   return '\n'.join(lines)

@@ -5,7 +5,9 @@ the end but not yet meta-tested first; then group by group (a setting in one met
 the two runs of a group sharing the time left equally, the one with fewer steps first (when the
 time left is too short to split, that one alone gets it, so both methods advance in turn). A run
 that reaches ``num_steps`` is meta-tested at once if the time left allows (else first thing in
-the next sitting), and a run whose data is not on this machine is skipped.
+the next sitting); a meta-test cut by the deadline or a signal keeps the episodes it finished
+and the next sitting continues it first, with the same result as an uninterrupted one. A run
+whose data is not on this machine is skipped.
 
 Every run is ``train.train`` with ``max_minutes_per_run``: checkpointed atomically, so a sitting
 cut at any point loses at most the steps since the run's last checkpoint. Ctrl-C or SIGTERM stops
@@ -27,7 +29,9 @@ from tools.long_runs import swap
 # A run is not started with less than this (an accelerator's first step includes a compile of
 # up to a minute; the time limit is checked after each step).
 MIN_SHARE_S = {'accelerator': 60.0, 'cpu': 20.0}
-EVAL_MIN_S = {'accelerator': 60.0, 'cpu': 10.0}   # 1000 episodes x 30 MC samples, compile included
+# A finished run's meta-test starts with at least this much left (1000 episodes x 30 MC samples,
+# compile included); what does not fit is continued by the next sitting.
+EVAL_MIN_S = {'accelerator': 60.0, 'cpu': 10.0}
 # eval.batch_tasks stays the config's on every machine: the test episodes of evaluate() are drawn
 # per compiled call of batch_tasks episodes, so the same value is what lets a CPU meta-test of a
 # committed checkpoint see the very episodes (and noise) the GPU's did.
@@ -105,15 +109,27 @@ def _minimum_times(on_accelerator: bool, budget_s: float, eval_min_s: float | No
   return eval_min_s, min_share_s
 
 
-def meta_test(cdir: str, run: dict, cfg, entry: dict, log) -> dict:
-  """Meta-tests ``run`` with the paper's protocol; its accuracy goes into ``entry``."""
+def meta_test(ctx, run: dict, cfg, entry: dict) -> dict:
+  """Meta-tests ``run`` with the paper's protocol until the sitting's deadline or a stop signal;
+  its accuracy goes into ``entry``. A meta-test cut there keeps the episodes it finished and the
+  next sitting continues it first (evaluation.evaluate_checkpoint), so a finished run is always
+  meta-tested, however little time the sitting that finished it had left."""
   from metadrop_jax import evaluation
   t0 = time.time()
-  r = evaluation.evaluate_checkpoint(cfg, runs_lib.workdir_of(cdir, run))
-  entry.update(evaluated=True, accuracy=r['accuracy'], ci95=r['ci95'],
-               eval_s=round(time.time() - t0, 1))
-  log(f"[campaign] {run['name']}: meta-test {r['accuracy']:.2f} ± {r['ci95']:.2f} "
-      f"({entry['eval_s']} s)")
+  wd = runs_lib.workdir_of(ctx['cdir'], run)
+  r = evaluation.evaluate_checkpoint(
+      cfg, wd, should_stop=lambda: bool(ctx['stop'].requested) or time.time() > ctx['deadline'])
+  entry['eval_s'] = round(time.time() - t0, 1)
+  if r is None:
+    done = evaluation.load_partial(wd, cfg, entry['to']) or {'accs': ()}
+    entry.update(evaluated=False, eval_episodes_done=len(done['accs']))
+    ctx['log'](f"[campaign] {run['name']}: meta-test cut at {len(done['accs'])}/"
+               f"{cfg.eval.num_episodes} episodes ({entry['eval_s']} s): the next sitting "
+               'continues it first')
+    return entry
+  entry.update(evaluated=True, accuracy=r['accuracy'], ci95=r['ci95'])
+  ctx['log'](f"[campaign] {run['name']}: meta-test {r['accuracy']:.2f} ± {r['ci95']:.2f} "
+             f"({entry['eval_s']} s)")
   return entry
 
 
@@ -144,7 +160,7 @@ def meta_test_finished(ctx, rows) -> list[dict]:
     entry = {'name': run['name'], 'from': row['step'], 'to': row['step'], 'minutes': 0.0}
     cfg = runs_lib.run_config(run, ctx['camp'])
     if _guarded(ctx, run['name'], 'meta-test',
-                lambda: meta_test(ctx['cdir'], run, cfg, entry, ctx['log'])) is not None:
+                lambda: meta_test(ctx, run, cfg, entry)) is not None:
       out.append(entry)
   return out
 
@@ -205,6 +221,6 @@ def train_group(ctx, members) -> tuple[list[dict], bool]:
     log(f"[campaign] {run['name']}: now at {status['step']}/{status['num_steps']} "
         f"({status['minutes_this_run'] * 60:.0f} s, {status['stopped']})")
     if status['done'] and not stop.requested and left() > ctx['eval_min_s']:
-      _guarded(ctx, run['name'], 'meta-test', lambda: meta_test(ctx['cdir'], run, cfg, entry, log))
+      _guarded(ctx, run['name'], 'meta-test', lambda: meta_test(ctx, run, cfg, entry))
     out.append(entry)
   return out, False

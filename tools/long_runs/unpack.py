@@ -30,6 +30,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -308,12 +309,18 @@ def record_window(summary: dict, src: str, repo: str) -> str:
 
 
 def unpack(src: str, repo: str = ROOT, campaign_dir: str | None = None, log=print, *,
-           force=(), skip=()) -> dict:
+           force=(), skip=(), machine_minutes: float | None = None) -> dict:
   """Puts a job's returned files in place (module docstring), then stores ``window.json`` and
   the log under ``docs/bench/windows/``, regenerates the tables and blocks, and keeps the compile
-  cache in ``.gpu_cache/`` (git-ignored) for the next job. Returns a summary."""
+  cache in ``.gpu_cache/`` (git-ignored) for the next job. ``machine_minutes``: the host's count
+  of the job's machine time, kept in the record's accounting. Returns a summary."""
   cdir = os.path.abspath(os.path.join(repo, campaign_dir or os.path.join('results', 'table1')))
   summary = read_window(src)
+  if machine_minutes is not None:
+    if not (machine_minutes > 0 and math.isfinite(machine_minutes)):
+      raise CampaignError(f'--machine_minutes={machine_minutes}: give the positive minutes the '
+                          'host counted for this job')
+    summary.setdefault('accounting', {})['machine_min'] = round(machine_minutes, 2)
   tar = read_archive(archive_parts(src, summary), summary)
   done = {'replaced': [], 'kept': []}
   if tar is not None:

@@ -57,6 +57,8 @@ def run_window(a) -> dict:
   job = Job.start(a)
   run_phase(job, 'info', phases.info_phase)
   job.log(f"devices {job.result('info').get('devices')}")
+  for name, state in (job.result('info').get('data') or {}).items():
+    job.log(f'data {name}: {state}')   # e.g. which miniImageNet parts are still needed
   phases.plan_bench(job)
   phases.start_smoke(job)
   run_phase(job, 'bench', phases.bench_phase)
@@ -202,6 +204,8 @@ def accounting(job: Job) -> dict:
   minutes = sum(float(r.get('minutes') or 0.0) for r in runs)
   wall = time.time() - job.t0
   out = {'job_s': round(wall, 1), 'training_min': round(minutes, 2), 'steps_trained': steps,
+         'steps_by_run': {r['name']: max(0, (r.get('to') or 0) - (r.get('from') or 0))
+                          for r in runs},
          'steps_per_job_minute': round(steps / (wall / 60.0), 1) if wall > 0 else None,
          'training_started_s': job.summary.get('campaign_started_s')}
   job.log(f"job {out['job_s']:.0f} s: training {minutes:.2f} min (started at "
@@ -265,6 +269,9 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument('--bench_warmup', type=int, default=3)
   r.add_argument('--bench_seeds', type=int, default=4,
                  help='full benchmark: the first cell with this many seeds vmapped in one step')
+  r.add_argument('--measure_cap_s', type=float, default=180.0,
+                 help='the benchmark and the torch.func peer together end within this many '
+                      'seconds of the benchmark\'s start (one wave; the rest of the job trains)')
   r.add_argument('--torch', default='auto', choices=['auto', 'skip'])
   r.add_argument('--torch_share', type=float, default=0.15,
                  help='fraction of the budget for the torch peer, after the benchmark')
@@ -287,6 +294,9 @@ def _parser() -> argparse.ArgumentParser:
                  "returned campaign.json's decision replaces this one's")
   u.add_argument('--skip', default='', help="comma-separated runs whose returned state is left "
                  "out (this folder's kept), e.g. one damaged in transfer")
+  u.add_argument('--machine_minutes', type=float, default=None,
+                 help="the host's count of this job's machine time in minutes (start-up, copies "
+                      "and idle included), kept in its record beside the job's own wall time")
   return ap
 
 
@@ -305,7 +315,7 @@ def main(argv=None) -> int:
     from tools.long_runs import unpack as unpack_lib
     try:
       done = unpack_lib.unpack(a.src, a.repo, a.campaign_dir, force=_names(a.force),
-                               skip=_names(a.skip))
+                               skip=_names(a.skip), machine_minutes=a.machine_minutes)
     except unpack_lib.CampaignError as e:
       print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
       return 2
