@@ -206,8 +206,9 @@ def _cell(c: dict | None, method: str, setting) -> str:
   return '<br>'.join(lines)
 
 
-def build_table(runs: Sequence[dict]) -> str:
-  """The markdown report: Table-1 layout, a gain row, and a per-run detail table."""
+def build_table(runs: Sequence[dict], detail: bool = True) -> str:
+  """The markdown report: Table-1 layout, a gain row, and a per-run detail table (``detail``
+  False: the Table-1 layout and its gain row only, as the README shows them)."""
   comps = [compare(r) for r in runs]
   base = list(PAPER_COLUMNS)
   for c in comps:
@@ -267,6 +268,8 @@ def build_table(runs: Sequence[dict]) -> str:
       parts.append(f're-run {ra[0] - rb[0]:+.2f}')
     gains.append('<br>'.join(parts))
   lines.append('| Gain (Meta-dropout − MAML) | ' + ' | '.join(gains) + ' |')
+  if not detail:
+    return '\n'.join(lines[lines.index('| ' + ' | '.join(header) + ' |'):]) + '\n'
   lines += ['', '### Runs', '',
             '| Method | Setting | Workdir | Accuracy | Paper | Δ paper | Paper in CI | Re-run | '
             'Δ re-run | Steps | Budget | Episodes | MC | Commit | Device |',

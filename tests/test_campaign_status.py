@@ -1,18 +1,21 @@
-"""What the campaign has cost and what is left (tools/long_runs/projection.py, status.md), and
-the GPU job's measuring cap (window run --measure_cap_s): pure functions, no training."""
+"""What the campaign has cost and what is left (tools/long_runs/projection.py, status.md), the
+README's Table 1 with a learning-curve figure per finished cell, and the GPU job's measuring cap
+(window run --measure_cap_s): no training."""
 
 from __future__ import annotations
 
 import json
 import time
 
+import numpy as np
 import pytest
 
 from tools.long_runs import phases
 from tools.long_runs import projection
 from tools.long_runs import reports
+from tools.long_runs import runs
 from tools.long_runs import window
-from tests.test_long_runs_state import A, do_unpack, fake_job, repo
+from tests.test_long_runs_state import A, do_unpack, fake_job, fake_run, repo
 
 assert repo    # (a fixture, used by name)
 
@@ -123,3 +126,37 @@ def test_unpack_keeps_the_hosts_machine_minutes_in_the_jobs_record(tmp_path, rep
   done = do_unpack(out, repo, machine_minutes=6.25)
   rec = json.loads(open(done['bench']).read())
   assert rec['accounting']['machine_min'] == 6.25
+
+
+def _finished(wd, method, acc, seed):
+  """A tiny run trained to its end and meta-tested (results, per-episode accuracies, curves)."""
+  fake_run(wd, 1000, evaluated=True)
+  (wd / 'results.json').write_text(json.dumps(
+      {'method': method, 'dataset': 'synthetic', 'way': 5, 'shot': 1, 'accuracy': acc,
+       'ci95': 1.0, 'step': 1000, 'num_steps': 1000, 'episodes': 4, 'split': 'test',
+       'eval_seed': 0, 'meta_gradient': 'authors', 'mc_samples': 1}))
+  np.save(wd / 'episode_accs_test.npy', np.random.default_rng(seed).uniform(0, 1, 4))
+  (wd / 'metrics.jsonl').write_text(''.join(
+      json.dumps({'step': s, 'train/acc': 0.2 + s / 2000, 'train/loss': 1.0}) + '\n'
+      for s in range(0, 1001, 100)))
+
+
+def test_the_readme_table_and_a_curve_per_finished_cell(tmp_path):
+  cdir = tmp_path / 'camp'
+  runs.init_campaign(str(cdir), ['tiny'])
+  _finished(cdir / 'tiny_metadrop_authors', 'metadrop', 60.0, 1)
+  _finished(cdir / 'tiny_maml_authors', 'maml', 55.0, 2)
+  fake_run(cdir / 'tiny_metadrop_exact', 500)          # a cell not finished: no figure
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'intro\n{reports.README_BEGIN}\nold table\n{reports.README_END}\nrest\n')
+  rows = runs.plan(str(cdir))
+  assert list(reports.finished_groups(rows)) == ['tiny/authors']
+  written = reports.write_readme_table(str(cdir), rows, str(readme), str(tmp_path))
+  text = readme.read_text()
+  assert 'old table' not in text and text.startswith('intro\n') and text.endswith('rest\n')
+  assert '| MAML |' in text and '**55.00 ± 1.00**' in text and '**60.00 ± 1.00**' in text
+  gain = next(line for line in text.splitlines() if line.startswith('| Gain'))
+  assert '**+5.00** (paired ±' in gain
+  fig = tmp_path / 'docs' / 'images' / 'table1_tiny_authors.png'
+  assert str(fig) in written and fig.stat().st_size > 5000
+  assert '![learning curves, tiny/authors](docs/images/table1_tiny_authors.png)' in text
