@@ -160,3 +160,14 @@ def test_the_readme_table_and_a_curve_per_finished_cell(tmp_path):
   fig = tmp_path / 'docs' / 'images' / 'table1_tiny_authors.png'
   assert str(fig) in written and fig.stat().st_size > 5000
   assert '![learning curves, tiny/authors](docs/images/table1_tiny_authors.png)' in text
+
+
+def test_the_torch_peer_times_both_methods_then_each_new_setting_beside_ours():
+  cells = [('omniglot_20way1shot', 'metadrop', ['select_im2col', 'select_pallas']),
+           ('mimgnet_5way1shot', 'metadrop', ['select_im2col']),
+           ('mimgnet_5way1shot', 'maml', ['select_im2col'])]
+  assert phases.torch_formulation_cells(cells) == [
+      ('omniglot_20way1shot', 'metadrop'), ('omniglot_20way1shot', 'maml'),
+      ('mimgnet_5way1shot', 'metadrop'), ('mimgnet_5way1shot', 'maml')]
+  assert phases.torch_formulation_cells(cells[1:2]) == [('mimgnet_5way1shot', 'metadrop'),
+                                                        ('mimgnet_5way1shot', 'maml')]

@@ -296,6 +296,18 @@ def bench_phase(job: Job) -> dict:
   return {'mode': job.bench_mode, 'rows': job.bench_rows}
 
 
+def torch_formulation_cells(bench_cells: list) -> list[tuple[str, str]]:
+  """The torch.func peer's cells after a formulations benchmark, each beside our timing of the
+  same job: both methods of the first (config, method) timed, then every other (config, method)
+  timed, in that order (the peer's deadline may end the list)."""
+  out = []
+  for i, (cfg, method, _) in enumerate(bench_cells):
+    for m in (method, 'maml' if method == 'metadrop' else 'metadrop') if i == 0 else (method,):
+      if (cfg, m) not in out:
+        out.append((cfg, m))
+  return out
+
+
 def torch_phase(job: Job) -> dict:
   a = job.a
   if job.bench_mode in ('skip', 'quick') or a.torch == 'skip':
@@ -315,7 +327,7 @@ def torch_phase(job: Job) -> dict:
   done = choices.measured_torch_cells(job.device_kind)
   missing = [c for c in cells if c not in done]
   if job.bench_mode == 'formulations':   # the peer beside the new timings: a ratio in one job
-    cells = [(cfg, m) for cfg, m, _ in job.bench_cells[:1]]
+    cells = torch_formulation_cells(job.bench_cells)
   else:
     cells = missing or cells
   cmd = [job.py, 'benchmarks/torch_peer.py', f"--cells={','.join(f'{c}:{m}' for c, m in cells)}",
