@@ -10,7 +10,8 @@
 # Environment: STEPS (default 2000), EPISODES (meta-test episodes, default 1000), MC (meta-test MC
 # samples, default 30), COMPUTATION (meta_gradient, default authors), ROOT (default
 # workdirs/lake_split), PUBLISH (a folder: each finished run is copied to PUBLISH/<computation>_<method>
-# by metadrop_jax.cli.publish; default: none), PYTHON (default python). Logs: ROOT/<run>.log.
+# by metadrop_jax.cli.publish; default: none), EXTRA (more overrides for every run, e.g.
+# --config.seed=1), PYTHON (default python). Logs: ROOT/<run>.log.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ for m in "${METHODS[@]}"; do
     "$PYTHON" launch.py --config=configs/omniglot_5way1shot_cpu.py --config.method="$m" \
         --config.meta_gradient="$COMPUTATION" --config.data.omniglot_split=lake \
         --config.num_steps="$STEPS" --config.eval.num_episodes="$EPISODES" \
-        --config.eval.mc_samples="$MC" --config.progress_bar=False --mode=train_eval \
+        --config.eval.mc_samples="$MC" --config.progress_bar=False --mode=train_eval ${EXTRA:-} \
         --workdir="$wd" >> "$ROOT/$name.log" 2>&1 || echo "$name failed: $ROOT/$name.log"
   fi
   if [[ -n "${PUBLISH:-}" && -f "$wd/results.json" ]]; then

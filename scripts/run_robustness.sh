@@ -8,8 +8,8 @@
 #   scripts/run_robustness.sh [WORKDIR ...]    # default: the four runs of results/fidelity
 #
 # Environment: EPISODES (test episodes per model, default 100), STEPS (PGD steps, default 20),
-# RESTARTS (random starts, default 1), OUT (figure, default docs/images/robustness.png; empty:
-# none), PYTHON (default python).
+# RESTARTS (random starts, default 1), NORMS (default l1,l2,linf), OUT (figure, default
+# docs/images/robustness.png; empty: none), PYTHON (default python).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -17,17 +17,18 @@ PYTHON=${PYTHON:-python}
 EPISODES=${EPISODES:-100}
 STEPS=${STEPS:-20}
 RESTARTS=${RESTARTS:-1}
+NORMS=${NORMS:-l1,l2,linf}
 OUT=${OUT-docs/images/robustness.png}
 WORKDIRS=("$@")
 [[ ${#WORKDIRS[@]} -gt 0 ]] || WORKDIRS=(results/fidelity/authors_maml results/fidelity/authors_metadrop
                                          results/fidelity/exact_maml results/fidelity/exact_metadrop)
 for wd in "${WORKDIRS[@]}"; do
   echo "$(date -u +%FT%TZ) robustness of $wd ($EPISODES episodes, $STEPS PGD steps, $RESTARTS start(s))"
-  "$PYTHON" -m metadrop_jax.cli.robustness --workdirs="$wd" --norms=l1,l2,linf --episodes="$EPISODES" \
+  "$PYTHON" -m metadrop_jax.cli.robustness --workdirs="$wd" --norms="$NORMS" --episodes="$EPISODES" \
       --steps="$STEPS" --restarts="$RESTARTS" --skip_existing --no_progress
 done
 if [[ -n "$OUT" ]]; then
   "$PYTHON" -m metadrop_jax.cli.robustness --workdirs="$(IFS=,; echo "${WORKDIRS[*]}")" \
-      --norms=l1,l2,linf --plot_only --out="$OUT" \
+      --norms="$NORMS" --plot_only --out="$OUT" \
       --title="PGD on the query set, $EPISODES test episodes, $STEPS steps"
 fi
