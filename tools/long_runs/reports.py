@@ -194,6 +194,15 @@ def perf_table(repo: str = ROOT) -> str:
 
 
 def write_performance_block(repo: str = ROOT) -> str:
+  """docs/performance.md's block of every job's rows, and the README's Performance table
+  (benchmarks/readme_table.py), from the records in ``repo``."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'readme_table', os.path.join(ROOT, 'benchmarks', 'readme_table.py'))
+  readme_table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(readme_table)
+  replace_block(os.path.join(repo, 'README.md'), readme_table.BEGIN, readme_table.END,
+                readme_table.table(repo))
   return replace_block(os.path.join(repo, 'docs', 'performance.md'), PERF_BEGIN, PERF_END,
                        perf_table(repo))
 
