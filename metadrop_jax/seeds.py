@@ -219,9 +219,14 @@ class Comparison:
   def seeds(self) -> list[int]:
     return [r['seed'] for r in self.rows]
 
-  @property
   def across(self) -> dict:
+    """:func:`across_seeds` of the per-seed differences."""
     return across_seeds([r['diff'] for r in self.rows], [r['ci95'] for r in self.rows])
+
+  def warn_unpaired(self) -> None:
+    if self.unpaired:
+      warnings.warn(f'{self.title}, {self.where}: seed(s) '
+                    f'{", ".join(map(str, self.unpaired))} on one side only; left out')
 
   def labels(self) -> tuple[str, str]:
     if self.field == 'method':
@@ -267,9 +272,7 @@ def comparisons(runs: Sequence[dict]) -> list[Comparison]:
       context = {f: first[f] for f in GROUP if f not in (field, 'mc_samples')}
       comp = Comparison(field, first[field], gb[common[0]][field], context, per,
                         sorted(set(ga) ^ set(gb)))
-      if comp.unpaired:
-        warnings.warn(f'{comp.title}, {comp.where}: seed(s) '
-                      f'{", ".join(map(str, comp.unpaired))} on one side only; left out')
+      comp.warn_unpaired()
       out.append(comp)
   return out
 
@@ -306,7 +309,7 @@ def markdown(comps: Sequence[Comparison]) -> list[str]:
                    f"{r['a']['accuracy']:.2f} / {r['b']['accuracy']:.2f}<br>"
                    f"{_signed(r['diff'], r['ci95'])}" + (' (not paired)' if r['ci95'] is None
                                                          else ''))
-    x = c.across
+    x = c.across()
     cells += [f"{_signed(x['mean'], x['half'])} ({x['n']} seeds)", x['words']]
     lines.append('| ' + ' | '.join(cells) + ' |')
   single = [c for c in comps if len(c.rows) < 2]
@@ -350,7 +353,7 @@ def plot(comps: Sequence[Comparison], out: str, *, title: str | None = None,
       ax.errorbar(r['diff'], yy, xerr=r['ci95'] if r['ci95'] is not None else None,
                   fmt='o' if r['ci95'] is not None else 'x', color=f'C{k % 10}', ms=5,
                   capsize=2, lw=1.0, label=f"seed {r['seed']} (episode CI)")
-    x = c.across
+    x = c.across()
     ax.errorbar(x['mean'], yi - 0.3, xerr=x['half'], fmt='D', color=MEAN_COLOR, ms=6,
                 capsize=4, lw=2.0, label='mean over seeds ± t-interval')
   handles, labels = ax.get_legend_handles_labels()
@@ -407,18 +410,9 @@ def load_robustness(workdirs: Sequence[str], norm: str, split: str = 'test') -> 
 
 
 @dataclasses.dataclass
-class RobustnessComparison:
-  """a − b (per radius) at each seed both have. ``rows``: per seed ``{'seed', 'a', 'b'
+class RobustnessComparison(Comparison):
+  """A method − MAML (per radius) at each seed both have. ``rows``: per seed ``{'seed', 'a', 'b'
   (robustness results), 'diff' [R] and 'ci95' [R] (points, paired over the attacked episodes)}``."""
-  a_value: str
-  b_value: str
-  context: dict
-  rows: list
-  unpaired: list
-
-  @property
-  def seeds(self) -> list[int]:
-    return [r['seed'] for r in self.rows]
 
   @property
   def radii(self) -> list[float]:
@@ -429,9 +423,6 @@ class RobustnessComparison:
     d = np.array([r['diff'] for r in self.rows])
     ci = np.array([r['ci95'] for r in self.rows])
     return [across_seeds(d[:, j], list(ci[:, j])) for j in range(d.shape[1])]
-
-  def labels(self) -> tuple[str, str]:
-    return report.method_label(self.a_value), report.method_label(self.b_value)
 
   @property
   def title(self) -> str:
@@ -470,11 +461,9 @@ def robustness_comparisons(results: Sequence[dict]) -> list[RobustnessComparison
       continue
     first = per[0]['a']
     context = {f: first[f] for f in ROBUSTNESS_GROUP if f not in ('method', 'mc_samples')}
-    comp = RobustnessComparison(first['method'], per[0]['b']['method'], context, per,
+    comp = RobustnessComparison('method', first['method'], per[0]['b']['method'], context, per,
                                 sorted(set(ga) ^ set(gb)))
-    if comp.unpaired:
-      warnings.warn(f'{comp.title}, {comp.where}: seed(s) '
-                    f'{", ".join(map(str, comp.unpaired))} on one side only; left out')
+    comp.warn_unpaired()
     out.append(comp)
   return out
 

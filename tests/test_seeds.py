@@ -129,15 +129,15 @@ def test_seeds_that_agree_hold_and_seeds_that_disagree_do_not(tmp_path):
   for r in c.rows:
     want = metrics.paired_difference(*accs[r['seed']])
     assert r['diff'] == pytest.approx(want['mean']) and r['ci95'] == pytest.approx(want['ci95'])
-  x = c.across
+  x = c.across()
   want = seeds.t_interval([r['diff'] for r in c.rows])
   assert (x['mean'], x['half']) == pytest.approx((want['mean'], want['half']))
   assert x['holds'] and x['words'].startswith('holds: above 0 at all 3 seeds')
 
   wds, _ = _study(tmp_path / 'disagree', [0.08, -0.06, 0.1])
   (c,) = [c for c in seeds.comparisons(report.load_results(wds)) if c.field == 'method']
-  assert c.across['positive'] == 2 and c.across['negative'] == 1
-  assert not c.across['holds']
+  assert c.across()['positive'] == 2 and c.across()['negative'] == 1
+  assert not c.across()['holds']
   table = '\n'.join(seeds.markdown([c]))
   row = _row(table, 'Meta-dropout − MAML')
   assert row[-1].startswith('does not hold: the sign changes across seeds (+ at 2, − at 1 of 3)')
