@@ -98,17 +98,21 @@ def load_results(workdirs: Sequence[str]) -> list[dict[str, Any]]:
       warnings.warn(f'{path} has no "accuracy" field; skipped')
       continue
     r['workdir'] = wd
-    cfg_path = os.path.join(wd, 'config.json')
-    if ('meta_gradient' not in r or 'seed' not in r) and os.path.exists(cfg_path):
-      try:
-        with open(cfg_path) as f:
-          cfg = json.load(f)
-        for k in ('meta_gradient', 'seed'):
-          r.setdefault(k, cfg.get(k))
-      except (OSError, json.JSONDecodeError):
-        pass
+    for k, v in config_fields(wd).items():
+      r.setdefault(k, v)
     runs.append(r)
   return runs
+
+
+def config_fields(workdir: str) -> dict:
+  """The training seed, meta-gradient and Omniglot split of ``workdir``'s config.json (for
+  result files written before they recorded them); {} without a readable config.json."""
+  cfg = metrics.read_json_object(os.path.join(workdir, 'config.json'))
+  if isinstance(cfg, str):
+    return {}
+  data = cfg.get('data')
+  return {'meta_gradient': cfg.get('meta_gradient'), 'seed': cfg.get('seed'),
+          'omniglot_split': data.get('omniglot_split') if isinstance(data, dict) else None}
 
 
 def setting_of(run: dict) -> tuple[str, int, int]:

@@ -296,3 +296,56 @@ def plot(workdirs: Sequence[str], norms: Sequence[str], out: str, *,
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=150)
   return fig
+
+
+def plot_seeds(comps, out: str, *, title: str | None = None, dpi: int = 100) -> str:
+  """Robustness across training seeds, one column per comparison
+  (:func:`metadrop_jax.seeds.robustness_comparisons`, two or more seeds each): on top each
+  method's accuracy vs radius at every seed (thin lines) and its mean over seeds (thick line);
+  below, the paired difference a − b at every seed (thin lines with their episode 95% CI as
+  error bars) and its mean over seeds with the t-interval as a band, zero line marked. Returns
+  ``out`` (written atomically)."""
+  from matplotlib.figure import Figure
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  import textwrap
+  from metadrop_jax import seeds as seeds_lib
+  from metadrop_jax import visualize
+  comps = seeds_lib.with_two_seeds(comps, 'robustness seeds figure')
+  fig = Figure(figsize=(5.5 * len(comps), 7.0), dpi=dpi)
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(2, len(comps), squeeze=False, sharex='col')
+  for col, c in enumerate(comps):
+    ax_acc, ax_diff = axes[0, col], axes[1, col]
+    x = np.array(c.radii)
+    for side, value in (('b', c.b_value), ('a', c.a_value)):
+      color = _STYLE.get(value, {}).get('color', 'tab:blue' if side == 'a' else 'tab:gray')
+      ys = np.array([r[side]['accuracy'] for r in c.rows])
+      for y in ys:
+        ax_acc.plot(x, y, color=color, lw=0.8, alpha=0.45)
+      ax_acc.plot(x, ys.mean(0), color=color, lw=2.4, marker='o', ms=3,
+                  label=f'{methods.label(value)}: mean of {len(ys)} seeds (thin: each seed)')
+    width = (x.max() - x.min()) or 1.0
+    for k, r in enumerate(c.rows):
+      ax_diff.errorbar(x + (k - (len(c.rows) - 1) / 2) * 0.008 * width, r['diff'],
+                       yerr=r['ci95'], color=f'C{k % 10}', lw=0.8, marker='o', ms=2.5,
+                       capsize=2, alpha=0.8, label=f"seed {r['seed']} (episode CI)")
+    across = c.across()
+    mean = np.array([a['mean'] for a in across])
+    half = np.array([a['half'] for a in across])
+    ax_diff.plot(x, mean, color=seeds_lib.MEAN_COLOR, lw=2.4, label='mean over seeds')
+    ax_diff.fill_between(x, mean - half, mean + half, color=seeds_lib.MEAN_COLOR, alpha=0.15,
+                         linewidth=0, label='95% t-interval over seeds')
+    ax_diff.axhline(0.0, color='k', lw=0.9, ls='--')
+    a_lab, b_lab = c.labels()
+    ax_acc.set_title('\n'.join(textwrap.wrap(f'{c.title}: {c.where}', 60)), fontsize=8)
+    ax_acc.set_ylabel('accuracy (%)')
+    ax_acc.set_ylim(0, 100)
+    ax_diff.set_ylabel(f'{a_lab} − {b_lab} (points)')
+    ax_diff.set_xlabel(r'radius $\epsilon$')
+    for ax in (ax_acc, ax_diff):
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  return visualize.save_figure(fig, out, dpi)

@@ -5,6 +5,9 @@ table of trained workdirs, the learning curves and the accuracy bar chart
   python -m metadrop_jax.cli.report --workdirs=workdirs/omni1_maml,workdirs/omni1_metadrop \\
       --out=table.md --curves=curves.png
 
+Given runs of the same comparison at several training seeds, the table ends with the section
+"Across training seeds" (:mod:`metadrop_jax.seeds`) and ``--seeds_figure`` draws it.
+
 A workdir that is not there, an unreadable results.json or an output that cannot be written is
 one line, ``error: <problem>: <fix>``, with exit code 2; a table without results never replaces
 an existing ``--out`` file unless ``--force``.
@@ -16,7 +19,7 @@ import argparse
 import os
 import sys
 
-from metadrop_jax import cli, report
+from metadrop_jax import cli, report, seeds
 
 
 def _parser():
@@ -34,6 +37,11 @@ def _parser():
   p.add_argument('--smooth', type=int, default=1, help='moving-average window, train curves')
   p.add_argument('--bars', default='', help='bar chart PNG of accuracy ± 95%% CI per run')
   p.add_argument('--title', default='', help='title of the bar chart')
+  p.add_argument('--seeds_figure', default='',
+                 help='PNG of the comparisons across training seeds: per comparison each '
+                 "seed's paired difference with its episode 95%% CI and the mean over seeds with "
+                 'its t-interval (needs the workdirs of both runs at 2 or more seeds)')
+  p.add_argument('--seeds_title', default='', help='title of the seeds figure')
   return p
 
 
@@ -62,7 +70,16 @@ def main(argv=None) -> int:
     runs = report.load_results(workdirs)
   except report.ResultsError as e:
     cli.fail(e)
+  comps = seeds.comparisons(runs)
+  if args.seeds_figure:
+    try:
+      seeds.with_two_seeds(comps, '--seeds_figure')
+    except seeds.SeedsError as e:
+      cli.fail(e)
   table = report.build_table(runs)
+  section = seeds.markdown(comps)
+  if section:
+    table += '\n'.join(section) + '\n'
   print(table)
   if args.out:
     if not runs and os.path.exists(args.out) and not args.force:
@@ -76,6 +93,9 @@ def main(argv=None) -> int:
   if args.bars:
     _write('--bars', args.bars,
            lambda: report.plot_accuracy_bars(runs, args.bars, title=args.title or None))
+  if args.seeds_figure:
+    _write('--seeds_figure', args.seeds_figure, lambda: seeds.plot(
+        comps, args.seeds_figure, title=args.seeds_title or None))
   return 0
 
 

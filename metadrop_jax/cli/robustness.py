@@ -4,16 +4,27 @@ accuracy-vs-radius figure.
 
   python -m metadrop_jax.cli.robustness --workdirs=wd/maml,wd/metadrop --norms=linf,l2 \\
       --episodes=100 --out=robustness.png
+
+Across training seeds (:mod:`metadrop_jax.seeds`): the workdirs of both methods at every seed,
+their robustness_<norm>.json already written, give per seed and radius the paired difference and
+across seeds its mean with a t-interval, as a table and a figure:
+
+  python -m metadrop_jax.cli.robustness --plot_only --norms=linf \\
+      --workdirs=s0/maml,s0/metadrop,s1/maml,s1/metadrop,s2/maml,s2/metadrop \\
+      --seeds_figure=robustness_seeds.png --seeds_table=robustness_seeds.md
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from metadrop_jax import cli
 from metadrop_jax import attacks
+from metadrop_jax import report
 from metadrop_jax import robustness
+from metadrop_jax import seeds
 
 def _floats(s: str):
   return tuple(float(v) for v in s.split(',') if v.strip())
@@ -63,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--skip_existing', action='store_true',
                  help='do not re-evaluate a workdir whose robustness_<norm>.json files exist')
   p.add_argument('--title', default=None, help='figure title')
+  p.add_argument('--seeds_figure', default='',
+                 help='figure across training seeds: for each pair (a method and MAML of the '
+                 'same setting, meta-gradient and attack) found at 2 or more seeds among '
+                 '--workdirs, accuracy vs radius per seed and its mean, and the paired '
+                 'difference per seed with its mean and t-interval (png/pdf); with --plot_only '
+                 'nothing is evaluated')
+  p.add_argument('--seeds_table', default='',
+                 help='markdown table across training seeds (per seed the paired difference at '
+                 'each radius, the mean over seeds ± t-interval); printed whenever '
+                 '--seeds_figure or --seeds_table is given')
   p.add_argument('--no_progress', action='store_true', help='no progress bar over episodes')
   return p
 
@@ -99,6 +120,36 @@ def _main(args):
     labels = [s for s in args.labels.split(',')] if args.labels else None
     robustness.plot(workdirs, norms, args.out, labels=labels, split=args.split, title=args.title)
     print(f'figure: {args.out}')
+  if args.seeds_figure or args.seeds_table:
+    _across_seeds(args, workdirs, norms)
+
+
+def _across_seeds(args, workdirs, norms):
+  """--seeds_figure / --seeds_table: every pair found at 2 or more seeds, every norm."""
+  missing = [w for w in workdirs if not os.path.isdir(w)]
+  if missing:
+    cli.fail(f'--workdirs: {", ".join(missing)}: no such folder: pass the workdirs of both '
+             'methods at every seed, comma-separated')
+  comps = []
+  for n in norms:
+    comps += seeds.robustness_comparisons(seeds.load_robustness(workdirs, n, args.split))
+  try:
+    comps = seeds.with_two_seeds(comps, '--seeds_figure/--seeds_table')
+  except seeds.SeedsError as e:
+    cli.fail(e)
+  text = seeds.robustness_markdown(comps)
+  print(text)
+  for flag, path, write in (
+      ('--seeds_table', args.seeds_table, lambda p: report.write_atomic(p, text)),
+      ('--seeds_figure', args.seeds_figure,
+       lambda p: robustness.plot_seeds(comps, p, title=args.title))):
+    if not path:
+      continue
+    try:
+      write(path)
+    except OSError as e:
+      cli.fail(f'{flag}={path}: cannot write it ({e.strerror or e}): choose a writable place')
+    print(f'{flag[2:].replace("_", " ")}: {path}')
 
 
 if __name__ == '__main__':
