@@ -29,8 +29,9 @@ def test_sbatch_array_covers_the_run_list():
     m = re.search(r'^#SBATCH --array=0-(\d+)%\d+$', f.read(), re.M)
   assert m and int(m.group(1)) + 1 == len(slurm.array_runs()) == len(runs_lib.default_runs())
   seeded = slurm.array_runs(['tiny'], ['authors'], ['0', '3'])
-  assert [r['name'] for r in seeded] == ['tiny_metadrop_authors_seed0', 'tiny_metadrop_authors_seed3',
-                                         'tiny_maml_authors_seed0', 'tiny_maml_authors_seed3']
+  assert [r['name'] for r in seeded] == [
+      'tiny_metadrop_authors_seed0', 'tiny_metadrop_authors_seed3', 'tiny_maml_authors_seed0',
+      'tiny_maml_authors_seed3']
   assert '--config.seed=3' in slurm.launch_command(seeded[1], '/w', [])
 
 
@@ -146,9 +147,15 @@ def cluster(tmp_path_factory):
                      check=False)
   if r.returncode != 0:
     pytest.skip((r.stderr.strip().splitlines() or [f'exit code {r.returncode}'])[-1])
+  env = {**os.environ, 'SLURM_CONF': str(d / 'slurm.conf')}
   try:
-    yield {'dir': d, 'env': {**os.environ, 'SLURM_CONF': str(d / 'slurm.conf')}}
-  finally:
+    yield {'dir': d, 'env': env}
+  finally:   # a job's processes outlive slurmd: end the jobs first
+    subprocess.run(['scancel', '--user=root'], env=env, check=False)
+    for _ in range(100):
+      if not _squeue(env):
+        break
+      time.sleep(0.2)
     subprocess.run(['bash', LOCAL_SLURM, 'stop', str(d)], check=False)
 
 
@@ -206,9 +213,12 @@ def test_table1_array_on_a_real_slurm(cluster, tmp_path):
          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
   runs = slurm.array_runs(['tiny'], ['authors'])
   overrides = OPTIONS[2].split('=', 1)[1].split(',')
+  (tmp_path / 'ref').mkdir()
+  ref_logs = [open(tmp_path / 'ref' / f"{r['name']}.log", 'w')
+              for r in runs]
   refs = [subprocess.Popen(slurm.launch_command(r, str(tmp_path / 'ref' / r['name']), overrides),
-                           env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-          for r in runs]
+                           env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+          for r, log in zip(runs, ref_logs)]
   cdir = tmp_path / 'table1'
   sub = subprocess.run(
       ['bash', os.path.join(ROOT, 'scripts', 'slurm', 'submit_table1.sh'), str(cdir),
@@ -218,8 +228,10 @@ def test_table1_array_on_a_real_slurm(cluster, tmp_path):
       cwd=str(tmp_path), capture_output=True, text=True, check=False)
   assert sub.returncode == 0, sub.stderr
   array = re.search(r'array job (\d+) \(2 runs\)', sub.stdout).group(1)
-  for p in refs:
-    assert p.wait() == 0, p.stderr.read().decode()[-2000:]
+  for p, r, log in zip(refs, runs, ref_logs):
+    rc = p.wait()
+    log.close()
+    assert rc == 0, (tmp_path / 'ref' / f"{r['name']}.log").read_text()[-2000:]
   _after_time_limit_check(cluster['dir'] / 'slurmctld.log')
   subprocess.run(['scontrol', 'release', array], env=env, check=True)
   t0 = time.time()

@@ -3,7 +3,7 @@ trained and meta-tested by ``launch.py`` in its own folder on the shared filesys
 
   scripts/slurm/submit_table1.sh DIR [sbatch options]   # the array, then the report job after it
   python -m tools.long_runs.slurm runs                  # the array's runs by task index
-  python -m tools.long_runs.slurm task --dir=DIR --index=I   # one task (scripts/slurm/table1.sbatch)
+  python -m tools.long_runs.slurm task --dir=DIR --index=I  # one task (scripts/slurm/table1.sbatch)
   python -m tools.long_runs.slurm report --dir=DIR      # Table 1 from DIR's run folders
 
 The runs are :func:`tools.long_runs.runs.default_runs` (setting x method x meta-gradient, in the
@@ -144,8 +144,8 @@ class Signals:
 
 
 def requeue(job: str, log) -> int:
-  """``scontrol requeue`` of this task: SLURM ends it and starts it again (exit code 0), or
-  says why it cannot (a task past its time limit: 1)."""
+  """``scontrol requeue`` of this task: SLURM ends it and starts it again later (0; this works
+  during the hard time limit's SIGTERM as well), or the task fails with SLURM's reason (1)."""
   r = subprocess.run(['scontrol', 'requeue', job], capture_output=True, text=True, check=False)
   if r.returncode == 0:
     log(f'requeued {job}: the next attempt resumes from the checkpoint')
@@ -196,7 +196,7 @@ def task(cdir: str, index: int, runs: list[dict], overrides: list[str],
   if not (sigs.seen or progressed):
     log('error: the trainer stopped without progress and without a stop signal: not requeued '
         '(the log above says why)')
-    return rc or 1
+    return rc if rc and rc > 0 else 1
   job = job_id()
   if job is None:
     log('not in a SLURM job: run the same command again to continue')
