@@ -151,14 +151,19 @@ def formulation_runs(mode: str, first: str, cells: list, reference: str | None,
 def formulation_plan(mode: str, cells: list, measured: set, reference: str | None) -> tuple:
   """(mode, cells) of the formulations benchmark. 'formulations': ``cells`` as given. 'auto':
   the cells not yet measured on this card kind, after the ``reference`` cell (the formulation
-  the campaign trains with now, timed again so that the new ones compare within one job); when
-  every cell has a committed timing, 'skip': the job only trains."""
+  the campaign trains with now, timed again so that the new ones compare within one job) and its
+  second process where ``cells`` has one (a cell judged reproducible by its pair is judged so
+  in this job only with it); when every cell has a committed timing, 'skip': the job only
+  trains."""
   if mode == 'formulations':
     return mode, list(cells)
   todo = [c for c in cells if c not in measured]
   if not todo:
     return 'skip', []
-  return 'formulations', ([reference] if reference and reference not in todo else []) + todo
+  first = [reference] if reference else []
+  if reference and f'{reference}_again' in cells:
+    first.append(f'{reference}_again')
+  return 'formulations', [c for c in first if c not in todo] + todo
 
 
 def cell_xla_flags(deterministic_ops: bool, extra: str) -> str:
