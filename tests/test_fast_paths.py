@@ -309,12 +309,17 @@ def test_pallas_conv_lowers_to_triton_for_cuda(monkeypatch):
   layer's one input channel; 64 -> 128 channels as theta|phi fused), vmapped over 4 tasks and
   differentiated twice, lower to Triton modules that pass MLIR's verifier. Compiling them to PTX
   needs a GPU (XLA does it when it compiles the program): not checked here."""
-  try:
+  from jax.experimental import pallas as pl
+
+  def copy(x_ref, o_ref):
+    o_ref[...] = x_ref[...]
+  try:    # a probe that is not ours: can this jaxlib lower any Triton kernel for CUDA?
     from jax._src.pallas.triton import lowering as triton_lowering
-    _lower_for_cuda(lambda v: pallas_conv._conv(v, v[0, :3, :3, :1, None] * jnp.ones((1, 16)),
-                                                 jnp.zeros(16), False, pallas_conv.Tiles()),
-                    jax.ShapeDtypeStruct((1, 4, 4, 1), jnp.float32))
-  except Exception as e:  # noqa: BLE001 - the probe: this jaxlib cannot lower Triton for CUDA
+    from jax.experimental.pallas import triton as pltriton
+    _lower_for_cuda(pl.pallas_call(copy, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
+                                   compiler_params=pltriton.CompilerParams()),
+                    jax.ShapeDtypeStruct((16,), jnp.float32))
+  except Exception as e:  # noqa: BLE001
     pytest.skip(f'this jaxlib cannot lower Pallas Triton kernels for CUDA: {e!r}'[:300])
   monkeypatch.setattr(pallas_conv, 'default_tiles', pallas_conv.Tiles)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
