@@ -59,6 +59,12 @@ EXCLUDE_NONDET = '--xla_gpu_exclude_nondeterministic_ops=true'
 # its operand's producers (the im2col patches) inside the GEMM instead of from memory
 TRITON_GEMM = '--xla_gpu_triton_gemm_any=true'
 AGAIN = '_again'
+# Conv formulations whose kernels no XLA flag governs: a Pallas kernel is compiled by Triton, not
+# chosen among XLA's kernels, so deterministic ops say nothing about it. It is deterministic by
+# construction (no atomics; partial sums added in a fixed order), which its cell shows only by
+# its two processes ('<cell>', '<cell>_again') ending in the same state: until then it is not
+# reproducible, deterministic ops or not.
+CUSTOM_KERNEL_CONV_IMPLS = ('pallas',)
 
 # name -> (config overrides, deterministic ops, extra XLA flags). Most likely winners first, so
 # that a short run still measures them. 'baseline' is the formulation trained before this table.
@@ -66,6 +72,10 @@ CELLS = {
     'baseline': ({'model.conv_impl': 'xla', 'model.pool_impl': 'reduce_window'}, True, ''),
     'select': ({'model.conv_impl': 'xla', 'model.pool_impl': 'select'}, True, ''),
     'select_im2col': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}, True, ''),
+    # the implicit-GEMM Pallas conv (metadrop_jax/kernels/conv3x3.py): no im2col patches in
+    # memory, batch-norm statistics in its epilogue, 3xTF32 products; with its second process
+    'select_pallas': ({'model.conv_impl': 'pallas', 'model.pool_impl': 'select'}, True, ''),
+    'select_pallas_again': ({'model.conv_impl': 'pallas', 'model.pool_impl': 'select'}, True, ''),
     'select_nondet': ({'model.conv_impl': 'xla', 'model.pool_impl': 'select'}, False, ''),
     'select_nondet_again': ({'model.conv_impl': 'xla', 'model.pool_impl': 'select'}, False, ''),
     'select_im2col_nondet': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'}, False,
@@ -417,11 +427,19 @@ def profiles(rows, a) -> dict:
   return out
 
 
+def flags_make_deterministic(row) -> bool:
+  """Whether the XLA flags alone make a row's cell deterministic: deterministic ops, and no
+  kernel outside XLA's (:data:`CUSTOM_KERNEL_CONV_IMPLS`)."""
+  return bool(row['deterministic_ops']) and (
+      row.get('overrides', {}).get('model.conv_impl') not in CUSTOM_KERNEL_CONV_IMPLS)
+
+
 def fastest(rows, reproducible=None):
-  """The fastest row (steps back to back) among those with deterministic ops or, when given,
-  those named in ``reproducible`` (:func:`determinism`); None if there is none."""
+  """The fastest row (steps back to back) among those named in ``reproducible``
+  (:func:`determinism`) or, without it, those the XLA flags make deterministic; None if there is
+  none."""
   ok = [r for r in rows if 'error' not in r and not r['cell'].endswith(AGAIN) and
-        (r['deterministic_ops'] or (reproducible is not None and r['cell'] in reproducible))]
+        (r['cell'] in reproducible if reproducible is not None else flags_make_deterministic(r))]
   return min(ok, key=lambda r: r['ms_per_iter_pipelined']) if ok else None
 
 
@@ -430,8 +448,9 @@ def determinism(rows) -> dict:
 
   * ``two_processes_identical``: for every measured pair '<cell>' / '<cell>_again' (two
     processes, each compiled on its own), whether both ended in the same state;
-  * ``reproducible``: the cells with deterministic ops, and those without whose pair agreed
-    (what a sitting may train with: a resumed run then computes what an uninterrupted one does);
+  * ``reproducible``: the cells that deterministic ops make deterministic
+    (:func:`flags_make_deterministic`), and the others whose pair agreed (what a sitting may
+    train with: a resumed run then computes what an uninterrupted one does);
   * ``same_state_as_baseline``: informative; a formulation with other rounding differs by design.
   """
   by = {r['cell']: r for r in rows if 'error' not in r}
@@ -439,7 +458,7 @@ def determinism(rows) -> dict:
            for c, r in by.items() if c.endswith(AGAIN) and c[:-len(AGAIN)] in by}
   out = {'two_processes_identical': pairs,
          'reproducible': sorted(c for c, r in by.items() if not c.endswith(AGAIN) and
-                                (r['deterministic_ops'] or pairs.get(c, False)))}
+                                (flags_make_deterministic(r) or pairs.get(c, False)))}
   if 'select_nondet' in pairs:    # the name earlier records use
     out['nondet_two_processes_identical'] = pairs['select_nondet']
   if 'baseline' in by:

@@ -16,7 +16,7 @@ from ml_collections import config_dict
 from metadrop_jax.methods import METHODS  # noqa: F401  (every method: one row of that table)
 
 DATASETS = ('omniglot', 'miniimagenet', 'synthetic')
-CONV_IMPLS = ('auto', 'xla', 'im2col')
+CONV_IMPLS = ('auto', 'xla', 'im2col', 'pallas')
 TASK_MAPS = ('auto', 'vmap', 'map')
 INNER_LOOPS = ('unroll', 'scan')
 POOL_IMPLS = ('auto', 'reduce_window', 'select')
@@ -82,8 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.channels = 32           # conv channels (64 Omniglot, 32 miniImageNet)
   c.model.num_layers = 4          # conv blocks
   c.model.bn_eps = 1e-3           # TF's batch_norm default
-  c.model.conv_impl = 'auto'      # 'xla' (lax.conv) | 'im2col' (patches @ kernel) | 'auto'
-                                  # (im2col: nets.resolve_conv_impl)
+  c.model.conv_impl = 'auto'      # 'xla' (lax.conv) | 'im2col' (patches @ kernel) | 'pallas'
+                                  # (one kernel, no patches in memory; float32 at 3xTF32 on a
+                                  # GPU: metadrop_jax/kernels/conv3x3.py) | 'auto' (im2col:
+                                  # nets.resolve_conv_impl)
   c.model.fuse_noise_conv = True  # compute theta and phi convs of a block as one conv
   c.model.pool_impl = 'auto'      # 2x2 max-pool: 'reduce_window' | 'select' (no scatter in its
                                   # derivative; the same numbers) | 'auto' (nets.resolve_pool_impl)
@@ -256,6 +258,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.model.dot_algorithm == 'default' or config.model.conv_impl in ('im2col', 'auto'),
        f"model.dot_algorithm={config.model.dot_algorithm!r} applies to the im2col GEMMs: set "
        "model.conv_impl='im2col' too")
+  need(config.model.conv_impl != 'pallas' or config.model.compute_dtype == 'float32',
+       "model.conv_impl='pallas' computes float32 only: set model.compute_dtype='float32' or "
+       "model.conv_impl='im2col'")
   need(config.model.task_map in TASK_MAPS,
        f'model.task_map={config.model.task_map!r}: choose one of {TASK_MAPS}')
   need(config.model.inner_loop in INNER_LOOPS,

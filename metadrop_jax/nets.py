@@ -44,7 +44,7 @@ class NetSpec:
   method: str = 'metadrop'
   bn_eps: float = 1e-3
   bn_backward: str = 'exact'      # 'exact' | 'constant'; set by meta.MetaSpec from meta_gradient
-  conv_impl: str = 'xla'          # resolved: 'xla' | 'im2col'
+  conv_impl: str = 'xla'          # resolved: 'xla' | 'im2col' | 'pallas'
   pool_impl: str = 'reduce_window'  # 'reduce_window' | 'select' (same values and derivatives)
   dot_algorithm: str = 'default'  # im2col GEMMs: 'default' | 'bf16_x3' | 'bf16_x6' | 'tf32_x3'
   fuse_noise_conv: bool = True
@@ -161,8 +161,14 @@ def conv3x3(x: jax.Array, w: jax.Array, b: jax.Array, impl: str, dtype: str = 'f
   'xla' uses lax.conv_general_dilated; 'im2col' builds the 9 shifted copies of the padded input
   and multiplies by the reshaped kernel (the same sums as one GEMM, which XLA:CPU and, vmapped
   over tasks, XLA:GPU run much faster). ``algorithm`` (a key of :data:`DOT_ALGORITHMS`) applies
-  to that GEMM.
+  to that GEMM. 'pallas' is one kernel that reads the 9 taps in place (no patches in memory;
+  float32 only: metadrop_jax/kernels/conv3x3.py).
   """
+  if impl == 'pallas':
+    if dtype != 'float32' or algorithm != 'default':
+      raise ValueError(f"conv impl 'pallas' computes float32 at 3xTF32 only, got dtype={dtype!r}, "
+                       f'algorithm={algorithm!r}')
+    return _pallas().conv3x3(x, w, b)
   out = jnp.promote_types(x.dtype, w.dtype)     # float32 (float64 in gradient checks)
   cdt = jnp.bfloat16 if dtype == 'bfloat16' else out
   xc, wc = x.astype(cdt), w.astype(cdt)
@@ -179,25 +185,39 @@ def conv3x3(x: jax.Array, w: jax.Array, b: jax.Array, impl: str, dtype: str = 'f
                 precision=DOT_ALGORITHMS[algorithm],
                 preferred_element_type=out).reshape(bsz, h, wd, -1)
   else:
-    raise ValueError(f'conv impl {impl!r}: use xla or im2col')
+    raise ValueError(f'conv impl {impl!r}: use xla, im2col or pallas')
   return y + b
 
 
-def batch_norm(x: jax.Array, beta: jax.Array, eps: float, backward: str = 'exact') -> jax.Array:
+def _pallas():
+  """The Pallas kernels, imported when a spec asks for them."""
+  from metadrop_jax.kernels import conv3x3 as kernel
+  return kernel
+
+
+def batch_norm(x: jax.Array, beta: jax.Array, eps: float, backward: str = 'exact',
+               stats=None) -> jax.Array:
   """Transductive batch norm: statistics of this batch over N, H, W; offset only, no scale.
 
   Matches ``tf.contrib.layers.batch_norm(is_training=True, scale=False, epsilon=1e-3)`` in value
   and first derivative. ``backward='exact'`` differentiates it exactly to every order;
   ``backward='constant'`` keeps the exact first derivative but makes that backward pass a
   constant to any further differentiation, which is what the authors' TF graph computes for the
-  meta-gradient (docs/authors_gradient.md).
+  meta-gradient (docs/authors_gradient.md). ``stats``: ``(mean, var)`` of ``x`` computed with it
+  (the Pallas conv's epilogue: :func:`metadrop_jax.kernels.conv3x3.conv3x3_stats`, whose
+  derivatives w.r.t. its output are exact); 'exact' only.
   """
+  if stats is not None and backward != 'exact':
+    raise ValueError(f"batch_norm stats are for backward='exact' only, got {backward!r}")
   if backward == 'constant':
     return _batch_norm_constant_backward(x, beta, eps)
   if backward != 'exact':
     raise ValueError(f"batch_norm backward={backward!r}: use 'exact' or 'constant'")
-  mean = jnp.mean(x, axis=(0, 1, 2))
-  var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+  if stats is None:
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+  else:
+    mean, var = stats
   return (x - mean) * jax.lax.rsqrt(var + eps) + beta
 
 
@@ -304,7 +324,12 @@ def forward_features(params: Params, x: jax.Array, key: jax.Array | None, spec: 
     name = f'conv{l}'
     tw, tb = theta[name]['w'], theta[name]['b']
     phi_input = spec.row.phi_input
-    if phi_input == 'ones':
+    stats = None
+    if (spec.conv_impl == 'pallas' and spec.bn_backward == 'exact' and phi_input is None and
+        spec.row.perturb is None):
+      # batch norm reads this conv's output: its statistics come from the kernel's epilogue
+      mu, *stats = _pallas().conv3x3_stats(h, tw, tb)
+    elif phi_input == 'ones':
       # input-independent: phi's conv applied to an all-ones input (learned per position/channel)
       mu = conv3x3(h, tw, tb, *impl)
       a = conv3x3(jnp.ones_like(h[:1]), phi[name]['w'], phi[name]['b'], *impl)
@@ -322,8 +347,8 @@ def forward_features(params: Params, x: jax.Array, key: jax.Array | None, spec: 
       u, kl = spec.row.perturb(spec, mu, a, keys[l], sample)
       kl_total = kl_total + kl
     feats[f'u{l}'] = u
-    h = max_pool(jax.nn.relu(batch_norm(u, bn[name]['beta'], spec.bn_eps, spec.bn_backward)),
-                 spec.pool_impl)
+    h = max_pool(jax.nn.relu(batch_norm(u, bn[name]['beta'], spec.bn_eps, spec.bn_backward,
+                                        stats)), spec.pool_impl)
     h = _mix(h, mix, l + 1)
   feat = h.reshape(h.shape[0], -1)
   logits = feat @ theta['dense']['w'] + theta['dense']['b']

@@ -4,11 +4,17 @@ Reference formulation: ``conv_impl='xla'`` (lax.conv_general_dilated), theta / p
 separate, python-unrolled inner loop, vmap over tasks. The fast paths (im2col convs, one fused
 theta|phi matmul, lax.scan inner loop, lax.map over tasks, and the resolved defaults) must give
 the same meta-loss and meta-gradients up to float32 rounding; bfloat16 compute stays within a
-stated relative tolerance of float32.
+stated relative tolerance of float32. The Pallas conv (``conv_impl='pallas'``, interpret mode on
+the CPU) is checked kernel by kernel too: values, batch-norm statistics, first and second
+derivatives, vmap over tasks, and its Triton lowering for CUDA where this jaxlib can lower it.
 """
 
 import functools
+import pathlib
+import re
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +23,7 @@ import pytest
 from metadrop_jax import episodes as episodes_lib
 from metadrop_jax import meta
 from metadrop_jax import nets
+from metadrop_jax.kernels import conv3x3 as pallas_conv
 from tests.conftest import tiny
 
 REFERENCE = {'model.conv_impl': 'xla', 'model.task_map': 'vmap', 'model.inner_loop': 'unroll',
@@ -28,6 +35,8 @@ FAST_PATHS = {
     'map': {'model.task_map': 'map'},
     'select_pool': {'model.pool_impl': 'select'},
     'im2col_select_pool': {'model.conv_impl': 'im2col', 'model.pool_impl': 'select'},
+    # interpret mode on the CPU: the kernels' code, float32 products of the 3xTF32 split parts
+    'pallas': {'model.conv_impl': 'pallas'},
     # XLA:CPU computes bf16_x3 as float32: this checks the plumbing; the GPU smoke test, accuracy
     'im2col_bf16_x3': {'model.conv_impl': 'im2col', 'model.dot_algorithm': 'bf16_x3'},
     'all': {'model.conv_impl': 'im2col', 'model.fuse_noise_conv': True,
@@ -80,8 +89,15 @@ def _reference(method):
   return _meta_grad(_config(method, {}))
 
 
-@pytest.mark.parametrize('method', ['metadrop', 'maml', 'metasgd_metadrop'])
-@pytest.mark.parametrize('path', sorted(FAST_PATHS))
+# Interpret-mode Pallas kernels compile for about twice as long as the other paths: MAML's case
+# (the kernel's batch-norm statistics, its second derivatives, vmap over tasks) runs in CI,
+# Meta-dropout's (the fused theta|phi conv through the same kernels) with the slow tests.
+SLOW_CASES = {('pallas', 'metadrop')}
+
+
+@pytest.mark.parametrize('path,method', [
+    pytest.param(path, method, marks=[pytest.mark.slow] if (path, method) in SLOW_CASES else [])
+    for path in sorted(FAST_PATHS) for method in ('metadrop', 'maml', 'metasgd_metadrop')])
 def test_fast_path_meta_gradient_matches_reference(method, path):
   if method == 'metasgd_metadrop' and path not in ('scan', 'all'):
     pytest.skip('Meta-SGD only changes the inner update (scan); the rest is method-agnostic')
@@ -137,3 +153,187 @@ def test_bfloat16_meta_gradient_close_to_float32(method, steps):
   np.testing.assert_allclose(loss16, loss32, rtol=1e-2)
   err = _rel_l2(g16, g32)
   assert err < BF16_REL_L2[method, steps], err
+
+
+# ------------------------------------------------------------------------------------------------
+# the Pallas conv, kernel by kernel (interpret mode on the CPU)
+# ------------------------------------------------------------------------------------------------
+
+# Small tiles on small maps: many row tiles (tile edges, the padding ring, the tail), two channel
+# blocks when Cout > 16, and weight-gradient partial sums split over programs.
+SMALL_TILES = pallas_conv.Tiles(block_m=16, block_n=16, wgrad_splits=3, interpret=True)
+
+
+def _lax_conv(x, w, b):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO',
+                                      'NHWC'), precision='highest') + b
+
+
+def _conv_inputs(seed, b, h, w, cin, cout, offset=0.0):
+  kx, kw, kb, kg = jax.random.split(jax.random.key(seed), 4)
+  return (jax.random.normal(kx, (b, h, w, cin)), jax.random.normal(kw, (3, 3, cin, cout)),
+          offset + jax.random.normal(kb, (cout,)), jax.random.normal(kg, (b, h, w, cout)))
+
+
+@hypothesis.settings(max_examples=3)
+@hypothesis.given(b=st.integers(1, 3), h=st.integers(1, 6), w=st.integers(1, 6),
+                  cin=st.integers(1, 5), cout=st.integers(1, 20), seed=st.integers(0, 2**16),
+                  offset=st.sampled_from([0.0, 1000.0]))
+def test_pallas_conv_value_statistics_and_weight_gradient(b, h, w, cin, cout, seed, offset):
+  """The forward kernel equals lax.conv; its epilogue's mean and variance equal jnp's two-pass
+  ones, also on outputs with a mean 1000x their spread (where E[y^2] - E[y]^2 would lose every
+  digit in float32); the weight-gradient kernel equals lax.conv's."""
+  x, wt, bias, g = _conv_inputs(seed, b, h, w, cin, cout, offset)
+
+  @jax.jit
+  def run(x, wt, bias, g):
+    y, mean, var = pallas_conv._conv(x, wt, bias, True, SMALL_TILES)
+    return y, mean, var, pallas_conv._wgrad(x, g, SMALL_TILES)
+  y, mean, var, dw = run(x, wt, bias, g)
+  ref = _lax_conv(x, wt, bias)
+  spread = float(jnp.max(jnp.abs(ref - bias)))
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * spread)
+  np.testing.assert_allclose(mean, jnp.mean(ref, axis=(0, 1, 2)), rtol=1e-5, atol=1e-5 * spread)
+  np.testing.assert_allclose(var, jnp.var(ref - bias, axis=(0, 1, 2)), rtol=1e-4,
+                             atol=1e-6 * spread ** 2)
+  ref_dw = jax.vjp(lambda v: _lax_conv(x, v, bias), wt)[1](g)[0]
+  np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref_dw))))
+
+
+def _ref_conv_stats(x, w, b):
+  y = _lax_conv(x, w, b)
+  return y, jnp.mean(y, axis=(0, 1, 2)), jnp.var(y, axis=(0, 1, 2))
+
+
+def _conv_losses(conv, conv_stats):
+  """A scalar of a two-layer conv net (the first layer's batch statistics included) and a scalar
+  of its gradient: the meta-gradient's shape, grad of a function of a grad."""
+  def loss(x, w, b):
+    y, mean, var = conv_stats(x, w, b)
+    w2 = 0.3 * jax.random.normal(jax.random.key(11), (3, 3, w.shape[-1], 4))
+    z = conv(jnp.tanh(y), w2, jnp.linspace(-1.0, 1.0, 4))
+    return jnp.sum(jnp.sin(z)) + jnp.sum(jnp.square(mean)) + jnp.sum(jnp.sqrt(var + 1.0))
+
+  def of_grad(x, w, b):
+    gx, gw, gb = jax.grad(loss, (0, 1, 2))(x, w, b)
+    return jnp.sum(jnp.tanh(gw)) + jnp.sum(gx ** 2) + jnp.sum(gb * b)
+  return loss, of_grad
+
+
+def test_pallas_conv_derivatives_vmapped_over_tasks(monkeypatch):
+  """grad and grad-of-grad through the custom_vjp closure {conv3x3, weight_grad} and the
+  epilogue statistics, vmapped over tasks (per-task inputs and kernels, a shared bias), equal
+  lax.conv's task by task, w.r.t. input, kernel and bias."""
+  monkeypatch.setattr(pallas_conv, 'default_tiles', lambda: SMALL_TILES)
+  tasks = [_conv_inputs(s, 2, 5, 4, 3, 18)[:3] for s in range(2)]
+  xs, ws, b = jnp.stack([t[0] for t in tasks]), jnp.stack([t[1] for t in tasks]), tasks[0][2]
+
+  def both(conv, conv_stats):
+    loss, of_grad = _conv_losses(conv, conv_stats)
+    return lambda x, w, b: (jax.grad(loss, (0, 1, 2))(x, w, b),
+                            jax.grad(of_grad, (0, 1, 2))(x, w, b))
+  got = jax.jit(jax.vmap(both(pallas_conv.conv3x3, pallas_conv.conv3x3_stats),
+                         in_axes=(0, 0, None)))(xs, ws, b)
+  ref_fn = jax.jit(both(_lax_conv, _ref_conv_stats))
+  for i in range(len(tasks)):
+    ref = ref_fn(xs[i], ws[i], b)
+    for order, got_o, ref_o in zip(('grad', 'grad of grad'), got, ref):
+      for name, g, r in zip('xwb', got_o, ref_o):
+        np.testing.assert_allclose(g[i], r, rtol=2e-4, atol=2e-5 * float(jnp.max(jnp.abs(r))),
+                                   err_msg=f'task {i}: {order} d/d{name}')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('method', ['metadrop', 'maml'])
+def test_pallas_authors_meta_gradient_matches_reference(method):
+  """'authors': every batch norm's backward pass stays a constant to the outer gradient with the
+  Pallas conv too (the kernel's statistics serve the 'exact' batch norm only)."""
+  ref_loss, _, ref = _meta_grad(_config(method, {}, meta_gradient='authors'))
+  loss, _, got = _meta_grad(_config(method, FAST_PATHS['pallas'], meta_gradient='authors'))
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  assert _rel_l2(got, ref) < 1e-4
+  exact = _reference(method)[2]
+  assert _rel_l2(exact, ref) > 1e-3      # the two meta-gradients differ: the mode took effect
+
+
+def test_pallas_conv_refuses_what_it_does_not_compute():
+  """float32 only: a bfloat16 config is refused by validate (naming the fix), other dtypes and
+  GEMM algorithms by the conv itself, before anything is traced into a kernel."""
+  from metadrop_jax import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match="conv_impl='pallas' computes float32 only"):
+    config_lib.validate(tiny(**{'model.conv_impl': 'pallas', 'model.compute_dtype': 'bfloat16'}))
+  x, w, b, _ = _conv_inputs(0, 1, 3, 3, 2, 4)
+  with pytest.raises(ValueError, match='float32'):
+    nets.conv3x3(x, w, b, 'pallas', 'bfloat16')
+  with pytest.raises(ValueError, match='float32'):
+    nets.conv3x3(x, w, b, 'pallas', 'float32', 'bf16_x3')
+  with pytest.raises(ValueError, match='float32 only'):
+    pallas_conv.conv3x3(x.astype(jnp.float16), w, b)
+
+
+def test_library_uses_no_forward_mode():
+  """custom_vjp functions (the Pallas conv) have no forward-mode rule: jvp, jacfwd, linearize or
+  hessian anywhere in the library would break model.conv_impl='pallas'."""
+  pkg = pathlib.Path(__file__).resolve().parents[1] / 'metadrop_jax'
+  pattern = re.compile(r'\b(jvp|jacfwd|linearize|hessian)\s*\(')
+  hits = [f'{p.relative_to(pkg)}: {line.strip()}' for p in sorted(pkg.rglob('*.py'))
+          for line in p.read_text().splitlines() if pattern.search(line)]
+  assert not hits, hits
+
+
+def _triton_modules(lowered):
+  """The Triton IR of every pallas_call in a program lowered for CUDA."""
+  from jax._src.lib.mlir import ir
+  found = []
+
+  def walk(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for o in block.operations:
+          attrs = o.operation.attributes
+          if o.operation.name == 'stablehlo.custom_call' and 'mhlo.backend_config' in attrs:
+            config = attrs['mhlo.backend_config']
+            if 'ir' in config:
+              found.append(ir.StringAttr(config['ir']).value_bytes)
+          walk(o.operation)
+  walk(lowered.compiler_ir('stablehlo').operation)
+  return found
+
+
+def _lower_for_cuda(fn, *args):
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',))
+
+
+def test_pallas_conv_lowers_to_triton_for_cuda(monkeypatch):
+  """The kernels at the Omniglot 20-way shapes (a query batch of 300 28x28 maps; the first
+  layer's one input channel; 64 -> 128 channels as theta|phi fused), vmapped over 4 tasks and
+  differentiated twice, lower to Triton modules that pass MLIR's verifier. Compiling them to PTX
+  needs a GPU (XLA does it when it compiles the program): not checked here."""
+  from jax.experimental import pallas as pl
+
+  def copy(x_ref, o_ref):
+    o_ref[...] = x_ref[...]
+  try:    # a probe that is not ours: can this jaxlib lower any Triton kernel for CUDA?
+    from jax._src.pallas.triton import lowering as triton_lowering
+    from jax.experimental.pallas import triton as pltriton
+    _lower_for_cuda(pl.pallas_call(copy, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
+                                   compiler_params=pltriton.CompilerParams()),
+                    jax.ShapeDtypeStruct((16,), jnp.float32))
+  except Exception as e:  # noqa: BLE001
+    pytest.skip(f'this jaxlib cannot lower Pallas Triton kernels for CUDA: {e!r}'[:300])
+  monkeypatch.setattr(pallas_conv, 'default_tiles', pallas_conv.Tiles)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  _, of_grad = _conv_losses(pallas_conv.conv3x3, pallas_conv.conv3x3_stats)
+  grad2 = jax.vmap(jax.grad(of_grad, (0, 1, 2)))
+  counts = {}
+  for name, shapes in {'layer 0': (f32(4, 300, 28, 28, 1), f32(4, 3, 3, 1, 64), f32(4, 64)),
+                       'layer 1': (f32(4, 300, 14, 14, 64), f32(4, 3, 3, 64, 128),
+                                   f32(4, 128))}.items():
+    modules = _triton_modules(_lower_for_cuda(grad2, *shapes))
+    counts[name] = len(modules)
+    with triton_lowering._new_ir_context():
+      for m in modules:
+        from jax._src.lib.mlir import ir
+        assert ir.Module.parse(m).operation.verify(), name
+  # forward, input gradient and weight gradient of the first and second derivative: every kernel
+  assert all(n >= 3 for n in counts.values()), counts

@@ -78,7 +78,12 @@ def test_numerics_fingerprint_follows_the_library_files(tmp_path, monkeypatch):
   nets.write_text(edited)
   assert fingerprint.numerics_fingerprint('0.11.2') == before
   nets.write_text(edited.replace('jnp.where(m >= phase, m, phase)', 'jnp.where(m > phase, m, phase)'))
-  assert fingerprint.numerics_fingerprint('0.11.2') != before
+  changed = fingerprint.numerics_fingerprint('0.11.2')
+  assert changed != before
+  # the Pallas conv's code is the smoke test's subject too
+  kernel = fake / 'metadrop_jax' / 'kernels' / 'conv3x3.py'
+  kernel.write_text(kernel.read_text().replace('np.uint32(0x1000)', 'np.uint32(0x0800)', 1))
+  assert fingerprint.numerics_fingerprint('0.11.2') != changed
 
 
 def test_the_compile_cache_keeps_the_newest_entries_that_fit(tmp_path):
@@ -283,3 +288,82 @@ def test_the_committed_code_fingerprints_are_those_of_their_commits():
       assert fingerprint.fingerprint_at(commit, sm['jax'], str(root)) == sm['code_fingerprint'], p
       checked += 1
   assert checked >= 1
+
+
+def test_a_pallas_cell_trains_only_if_its_two_processes_agreed():
+  """Deterministic ops say nothing about a Pallas kernel (Triton compiles it, XLA does not choose
+  it): its cell is reproducible, and may win, only if '<cell>' and '<cell>_again' ended in the
+  same state, even with deterministic ops on; its conv formulation must pass the smoke test."""
+  f = _formulations()
+  assert {'select_pallas', 'select_pallas_again'} <= set(f.CELLS)
+  pallas = {'model.conv_impl': 'pallas', 'model.pool_impl': 'select'}
+  rows = [_row('baseline', 38.0, 'a', True), _row('select_im2col', 18.0, 'b', True),
+          {**_row('select_pallas', 9.0, 'p', True), 'overrides': pallas},
+          {**_row('select_pallas_again', 9.1, 'p', True), 'overrides': pallas}]
+  smoke = {'rows': [1], 'pass_highest_by_conv_impl': {'im2col': True, 'pallas': True}}
+  d = f.determinism(rows)
+  assert d['reproducible'] == ['baseline', 'select_im2col', 'select_pallas']
+  assert f.fastest(rows, d['reproducible'])['cell'] == 'select_pallas'
+  assert f.fastest(rows)['cell'] == 'select_im2col'             # flags alone: not the kernel
+  c = choices.choose_formulation({'rows': rows, 'determinism': d}, smoke)
+  assert (c['cell'], c['overrides']) == ('select_pallas', pallas)
+  assert choices.choose_formulation({'rows': rows, 'determinism': d},
+                                    {'rows': [1], 'pass_highest_by_conv_impl': {'im2col': True}}
+                                    )['cell'] == 'select_im2col'   # pallas not checked vs float64
+  rows[3] = {**rows[3], 'state_sha256': 'q'}                       # the two processes differ
+  d = f.determinism(rows)
+  assert d['reproducible'] == ['baseline', 'select_im2col']
+  assert choices.choose_formulation({'rows': rows, 'determinism': d}, smoke)['cell'] == \
+      'select_im2col'
+  rows.pop(3)                                                      # no second process timed
+  d = f.determinism(rows)
+  assert 'select_pallas' not in d['reproducible']
+  assert choices.choose_formulation({'rows': rows, 'determinism': d}, smoke)['cell'] == \
+      'select_im2col'
+
+
+def test_the_job_times_the_pallas_cell_and_checks_its_formulation_by_default():
+  """The GPU job's defaults: both processes of the Pallas cell among the formulations it times
+  (right after today's winner, so that a short job still reaches them), and its conv
+  formulation among those the smoke test checks against float64."""
+  from tools.long_runs import window
+  ap = window._parser()
+  a = ap.parse_args(['run', '--budget_s=60'])
+  cells = a.formulations_cells.split(',')
+  assert set(cells) <= set(_formulations().CELLS)
+  assert cells.index('select_pallas') == cells.index('select_im2col') + 1
+  assert cells.index('select_pallas_again') == cells.index('select_pallas') + 1
+  assert 'pallas' in a.smoke_conv_impls.split(',')
+  measured = {'baseline', 'select', 'select_im2col'}
+  mode, todo = choices.formulation_plan('auto', cells, measured, 'select_im2col')
+  assert todo[:3] == ['select_im2col', 'select_pallas', 'select_pallas_again']
+  # once the campaign trains with it, a later job times it beside new cells with its second
+  # process, without which it would not count as reproducible in that job
+  measured |= {'select_pallas', 'select_pallas_again'}
+  mode, todo = choices.formulation_plan('auto', cells, measured, 'select_pallas')
+  assert todo[:2] == ['select_pallas', 'select_pallas_again'] and 'select_nondet' in todo
+
+
+def test_a_formulation_that_fails_on_the_device_fails_its_smoke_check_alone(monkeypatch):
+  """A conv formulation whose kernel does not compile or run on the device fails its own rows
+  of the smoke test; the others are still checked and passed."""
+  import types
+  import jax
+  import numpy as np
+  from tools.long_runs import gpu_check
+  cpu, gpu = types.SimpleNamespace(platform='cpu'), types.SimpleNamespace(
+      platform='gpu', device_kind='K')
+
+  def fake_grad(cfg, params, ep, key, *, device, dtype, conv_impl):
+    if device is gpu and conv_impl == 'pallas':
+      raise RuntimeError('Triton: cannot compile')
+    return 1.0, {'w': np.ones(3)}, 0.1
+  monkeypatch.setattr(gpu_check, '_problem', lambda *a, **k: (None, None, None, None))
+  monkeypatch.setattr(gpu_check, '_grad', fake_grad)
+  monkeypatch.setattr(jax, 'devices', lambda backend=None: [cpu if backend == 'cpu' else gpu])
+  out = gpu_check.check('tiny', gradients=('authors', 'exact'), precisions=('highest',),
+                        conv_impls=('im2col', 'pallas'))
+  assert out['pass_highest_by_conv_impl'] == {'im2col': True, 'pallas': False}
+  assert len(out['rows']) == 4
+  text = gpu_check.format_check(out)
+  assert 'RuntimeError: Triton: cannot compile: FAIL' in text and text.count('PASS') == 2

@@ -151,14 +151,19 @@ def formulation_runs(mode: str, first: str, cells: list, reference: str | None,
 def formulation_plan(mode: str, cells: list, measured: set, reference: str | None) -> tuple:
   """(mode, cells) of the formulations benchmark. 'formulations': ``cells`` as given. 'auto':
   the cells not yet measured on this card kind, after the ``reference`` cell (the formulation
-  the campaign trains with now, timed again so that the new ones compare within one job); when
-  every cell has a committed timing, 'skip': the job only trains."""
+  the campaign trains with now, timed again so that the new ones compare within one job) and its
+  second process where ``cells`` has one (a cell judged reproducible by its pair is judged so
+  in this job only with it); when every cell has a committed timing, 'skip': the job only
+  trains."""
   if mode == 'formulations':
     return mode, list(cells)
   todo = [c for c in cells if c not in measured]
   if not todo:
     return 'skip', []
-  return 'formulations', ([reference] if reference and reference not in todo else []) + todo
+  first = [reference] if reference else []
+  if reference and f'{reference}_again' in cells:
+    first.append(f'{reference}_again')
+  return 'formulations', [c for c in first if c not in todo] + todo
 
 
 def cell_xla_flags(deterministic_ops: bool, extra: str) -> str:
@@ -181,17 +186,23 @@ def reference_cell(overrides: dict, cells: dict, xla_flags: str | None = None) -
 def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
   """The formulation a sitting trains with: the fastest reproducible cell of the formulations
   benchmark (steps dispatched back to back) whose conv formulation passed the smoke test, if it
-  is faster than the baseline; else the configs' default. Reproducible: deterministic ops, or a
-  cell whose two processes ended in the same state (the benchmark's ``determinism``).
+  is faster than the baseline; else the configs' default. Reproducible: the benchmark's
+  ``determinism`` (deterministic ops, or a cell whose two processes ended in the same state; a
+  Pallas cell only the latter); records without it, deterministic ops.
   Returns {'overrides', 'xla_flags', 'cell', 'why'}: ``xla_flags`` the determinism flag and
   any other flag the cell was measured with (:func:`runs.formulation_xla_flags`)."""
   none = {'overrides': {}, 'xla_flags': None, 'cell': None}
   rows = [r for r in (form or {}).get('rows', []) if 'error' not in r]
   if not rows:
     return {**none, 'why': 'no formulation measured'}
-  reproducible = set((form.get('determinism') or {}).get('reproducible') or ())
+  judged = (form.get('determinism') or {}).get('reproducible')
+
+  def reproducible(r):
+    # the benchmark's judgement where it made one (a Pallas cell only with its pair's
+    # agreement); records from before it: deterministic ops
+    return r['cell'] in judged if judged is not None else bool(r.get('deterministic_ops'))
   passed = (smoke or {}).get('pass_highest_by_conv_impl') or {}
-  ok = [r for r in rows if (r.get('deterministic_ops') or r['cell'] in reproducible) and
+  ok = [r for r in rows if reproducible(r) and
         passed.get(formulation_key(r['overrides'].get('model.conv_impl', 'xla'),
                                    r['overrides'].get('model.dot_algorithm', 'default')), False)]
   if not ok:

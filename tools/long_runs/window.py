@@ -248,7 +248,8 @@ def _parser() -> argparse.ArgumentParser:
                       'campaign trains with, and the sitting trains with the fastest; none left: '
                       'the job only trains. formulations: the cells as given. full / quick: '
                       "benchmarks/meta_step.py's cells (all / the campaign's next run)")
-  r.add_argument('--formulations_cells', default='baseline,select,select_im2col,select_nondet,'
+  r.add_argument('--formulations_cells', default='baseline,select,select_im2col,select_pallas,'
+                 'select_pallas_again,select_nondet,'
                  'select_nondet_again,select_im2col_nondet,baseline_nondet,select_unfused,'
                  'select_scan,select_map,select_no_cmd_buffer,select_im2col_scan,'
                  'select_im2col_excl,select_im2col_excl_again,select_im2col_triton,'
@@ -258,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
                  help='copies of the fastest cell trained at once, e.g. 2,4 (H200, 2026-12-04: '
                       'no gain, the step keeps the card busy)')
   r.add_argument('--smoke_precisions', default='highest,default')
-  r.add_argument('--smoke_conv_impls', default='im2col',
+  r.add_argument('--smoke_conv_impls', default='im2col,pallas',
                  help="conv formulations the smoke test checks (gpu_check --conv_impls); the "
                       "sitting trains only if its own passed")
   r.add_argument('--bench_configs', default=','.join(choices.PAPER_SETTINGS))
