@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -84,7 +85,8 @@ def result_name(split: str, tag: str = '') -> str:
   return ('results' if split == 'test' else f'results_{split}') + tag + '.json'
 
 
-def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, Any]:
+def evaluate_checkpoint(config, workdir: str, split: str = 'test',
+                        should_stop=None) -> dict[str, Any] | None:
   """Restores the latest checkpoint and writes ``workdir/results.json`` (the run's own protocol;
   another episode count, MC samples or seed: :func:`protocol_tag` names the file), with a
   progress bar over episodes when ``config.progress_bar``.
@@ -92,27 +94,38 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, 
   ``config`` None: the workdir's config.json; a given config must not differ from it in a field
   that changes results (only ``eval.*``, data locations and loop fields may). Refuses, before
   evaluating, a workdir it cannot write and a checkpoint with non-finite parameters; refuses to
-  write a result whose loss is not finite.
+  write a result whose loss or accuracy is not finite. ``should_stop()`` (asked before each batch
+  of episodes) True: returns None, nothing written. The per-episode accuracies are written before
+  the result, so a results.json never stands without them (the paired interval of a gain needs
+  them). A training that holds the workdir (its ``.lock``) is said, with the step evaluated.
   """
   config, state = workdir_lib.restore(workdir, config)
   workdir_lib.ensure_writable(workdir)
   if not workdir_lib.all_finite(state.params):
     raise FloatingPointError(f'checkpoint {int(state.step)} of {workdir} holds non-finite '
                              'parameters (the run diverged): nothing to evaluate')
+  holder = workdir_lib.lock_holder(workdir)
+  if holder is not None:
+    warnings.warn(f'{workdir} is in use by a training (pid {holder}): evaluating its newest '
+                  f'checkpoint so far, step {int(state.step)} of {config.num_steps}; evaluate '
+                  'again once the training has ended for its final result', RuntimeWarning)
   images = workdir_lib.load_eval_split(config, split)
   t0 = time.time()
   bar = _progress_bar(config.progress_bar, config.eval.num_episodes, split)
   try:
-    r = evaluate(state.params, images, config, split=split,
+    r = evaluate(state.params, images, config, split=split, should_stop=should_stop,
                  on_batch=None if bar is None else bar.update)
   finally:
     if bar is not None:
       bar.close()
-  if not np.isfinite(r['loss']):
-    raise FloatingPointError(f'the query loss of checkpoint {int(state.step)} is not finite on '
-                             f'{split} episodes (the inner loop diverges at meta-test: lower '
-                             '--config.inner_lr, or eval.mc_samples for noise methods); no result '
-                             'written')
+  if r is None:
+    return None
+  bad = [k for k in ('loss', 'mean', 'ci95') if not np.isfinite(r[k])]
+  if bad:
+    raise FloatingPointError(f'the query {" and ".join(bad)} of checkpoint {int(state.step)} '
+                             f'{"is" if len(bad) == 1 else "are"} not finite on {split} episodes '
+                             '(the inner loop diverges at meta-test: lower --config.inner_lr, or '
+                             'eval.mc_samples for noise methods); no result written')
   result = {
       'name': config.name, 'method': config.method, 'dataset': config.data.name,
       'way': config.way, 'shot': config.shot, 'query': config.query,
@@ -125,9 +138,9 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test') -> dict[str, 
   }
   tag = protocol_tag(config, workdir)
   result['file'] = result_name(split, tag)
-  metrics_lib.write_json_atomic(os.path.join(workdir, result['file']), result)
-  path = metrics_lib.episode_accs_path(workdir, split + tag)
-  with open(path + '.tmp', 'wb') as f:
-    np.save(f, r['accs'])
-  os.replace(path + '.tmp', path)
+  # the per-episode accuracies land first: if they cannot be written, neither is the result (an
+  # earlier pair of both stays as it was)
+  accs = metrics_lib.episode_accs_path(workdir, split + tag)
+  metrics_lib.write_json_atomic(os.path.join(workdir, result['file']), result,
+                                before_replace=lambda: metrics_lib.save_npy_atomic(accs, r['accs']))
   return result
