@@ -9,9 +9,11 @@ the next sitting), and a run whose data is not on this machine is skipped.
 
 Every run is ``train.train`` with ``max_minutes_per_run``: checkpointed atomically, so a sitting
 cut at any point loses at most the steps since the run's last checkpoint. Ctrl-C or SIGTERM stops
-the whole sitting: the run in training saves its step and stops, no other run starts, and the
-sitting's row says so. A run whose files need a fix (a cut config.json, a checkpoint that cannot
-be restored) is skipped with a warning; the others train.
+the whole sitting: the run in training saves its step and stops, a meta-test stops at its next
+batch of episodes with nothing written, no other run starts, and the sitting's row says so. The
+budget is counted on the monotonic clock: a change of the system time does not move it. A run
+whose files need a fix (a cut config.json, a checkpoint that cannot be restored) is skipped with
+a warning; the others train.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ EVAL_MIN_S = {'accelerator': 60.0, 'cpu': 10.0}   # 1000 episodes x 30 MC sample
 
 def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
             precision_choice: str | None = None, formulation: dict | None = None,
-            formulation_xla_flags: str | None = None, log=print) -> dict:
-  """Trains the campaign's next runs for ``budget_s`` seconds (wall clock, compile included),
+            formulation_xla_flags: str | None = None, started: float | None = None,
+            log=print) -> dict:
+  """Trains the campaign's next runs for ``budget_s`` seconds (elapsed time, compile included),
   checkpointing each; meta-tests runs that finish; regenerates the tables. Returns a summary.
+  The budget counts on the monotonic clock from ``started`` (a ``time.monotonic()``; default:
+  now), so a change of the system time (NTP, a VM resumed) cannot stretch or cut it.
   ``formulation``: execution fields (:data:`runs.FORMULATION_FIELDS`) set on every run it
   trains; ``formulation_xla_flags``: the XLA flags it was measured with (recorded with it for
   this kind of device; the process must already run under them, XLA_FLAGS)."""
@@ -51,8 +56,8 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   unfinished = swap.unfinished(cdir)
   if unfinished:
     raise runs_lib.CampaignError(unfinished)
-  t_start = time.time()
-  deadline = t_start + budget_s
+  t_start, t_mono = time.time(), time.monotonic()
+  deadline = (t_mono if started is None else started) + budget_s
   camp = runs_lib.load_campaign(cdir)
   formulation = runs_lib.resolve_formulation(cdir, camp, runs_lib.check_formulation(formulation),
                                              formulation_xla_flags)
@@ -86,7 +91,7 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   if stop.requested:
     summary['stopped'] = f'interrupted ({stop.requested})'
     log(f'[campaign] {stop.requested}: the sitting stops here (every run checkpointed)')
-  summary['seconds'] = round(time.time() - t_start, 1)
+  summary['seconds'] = round(time.monotonic() - t_mono, 1)
   metrics_lib.append_jsonl(os.path.join(cdir, 'sittings.jsonl'), summary)
   reports.write_reports(cdir)
   return summary
@@ -105,13 +110,22 @@ def _minimum_times(on_accelerator: bool, budget_s: float, eval_min_s: float | No
   return eval_min_s, min_share_s
 
 
-def meta_test(cdir: str, run: dict, cfg, entry: dict, log) -> dict:
-  """Meta-tests ``run`` with the paper's protocol; its accuracy goes into ``entry``."""
+def meta_test(cdir: str, run: dict, cfg, entry: dict, log, stop=None) -> dict:
+  """Meta-tests ``run`` with the paper's protocol; its accuracy goes into ``entry``. A stop
+  signal (``stop.requested``) cuts it short: nothing written, the run is meta-tested by the next
+  sitting."""
   from metadrop_jax import evaluation
-  t0 = time.time()
-  r = evaluation.evaluate_checkpoint(cfg, runs_lib.workdir_of(cdir, run))
+  t0 = time.monotonic()
+  r = evaluation.evaluate_checkpoint(
+      cfg, runs_lib.workdir_of(cdir, run),
+      should_stop=None if stop is None else lambda: stop.requested is not None)
+  if r is None:
+    entry.update(evaluated=False, stopped=f'meta-test interrupted ({stop.requested})')
+    log(f"[campaign] {run['name']}: meta-test stopped by {stop.requested}, nothing written (the "
+        'next sitting meta-tests it)')
+    return entry
   entry.update(evaluated=True, accuracy=r['accuracy'], ci95=r['ci95'],
-               eval_s=round(time.time() - t0, 1))
+               eval_s=round(time.monotonic() - t0, 1))
   log(f"[campaign] {run['name']}: meta-test {r['accuracy']:.2f} ± {r['ci95']:.2f} "
       f"({entry['eval_s']} s)")
   return entry
@@ -138,13 +152,14 @@ def meta_test_finished(ctx, rows) -> list[dict]:
   out = []
   for row in rows:
     if (ctx['stop'].requested or row['action'] != 'eval' or not row['data_here'] or
-        ctx['deadline'] - time.time() <= ctx['eval_min_s']):
+        ctx['deadline'] - time.monotonic() <= ctx['eval_min_s']):
       continue
     run = runs_lib.run_of(ctx['camp'], row['name'])
     entry = {'name': run['name'], 'from': row['step'], 'to': row['step'], 'minutes': 0.0}
     cfg = runs_lib.run_config(run, ctx['camp'])
     if _guarded(ctx, run['name'], 'meta-test',
-                lambda: meta_test(ctx['cdir'], run, cfg, entry, ctx['log'])) is not None:
+                lambda: meta_test(ctx['cdir'], run, cfg, entry, ctx['log'],
+                                  ctx['stop'])) is not None:
       out.append(entry)
   return out
 
@@ -169,7 +184,7 @@ def train_group(ctx, members) -> tuple[list[dict], bool]:
   from metadrop_jax import data as data_lib
   from metadrop_jax import train
   stop, log = ctx['stop'], ctx['log']
-  left = lambda: ctx['deadline'] - time.time()
+  left = lambda: ctx['deadline'] - time.monotonic()
   out = []
   # the run that is behind goes first: when a sitting is too short to split, the two methods of
   # a setting still advance in turn
@@ -179,12 +194,12 @@ def train_group(ctx, members) -> tuple[list[dict], bool]:
       break
     run = runs_lib.run_of(ctx['camp'], row['name'])
     cfg = runs_lib.config_lib_override(runs_lib.run_config(run, ctx['camp']), ctx['formulation'])
-    t_data = time.time()
+    t_data = time.monotonic()
     # prepares the cache outside the run's share
     if _guarded(ctx, run['name'], 'data', lambda: data_lib.load_split(cfg.data, 'train')) is None:
       continue
-    if time.time() - t_data > 1:
-      log(f"[campaign] {cfg.data.name} data ready in {time.time() - t_data:.0f} s")
+    if time.monotonic() - t_data > 1:
+      log(f"[campaign] {cfg.data.name} data ready in {time.monotonic() - t_data:.0f} s")
     share = left() / (len(members) - i)
     if share < ctx['min_share_s']:
       if left() < ctx['min_share_s']:
@@ -205,6 +220,7 @@ def train_group(ctx, members) -> tuple[list[dict], bool]:
     log(f"[campaign] {run['name']}: now at {status['step']}/{status['num_steps']} "
         f"({status['minutes_this_run'] * 60:.0f} s, {status['stopped']})")
     if status['done'] and not stop.requested and left() > ctx['eval_min_s']:
-      _guarded(ctx, run['name'], 'meta-test', lambda: meta_test(ctx['cdir'], run, cfg, entry, log))
+      _guarded(ctx, run['name'], 'meta-test',
+               lambda: meta_test(ctx['cdir'], run, cfg, entry, log, stop))
     out.append(entry)
   return out, False
