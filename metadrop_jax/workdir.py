@@ -607,7 +607,8 @@ def check_data(workdir: str, record: dict, config) -> dict:
           f'(now CRC-32 {now["crc32"]}, shape {now["shape"]}; {_DATA} records CRC-32 '
           f'{then.get("crc32")}, shape {then.get("shape")}): resuming would train one run on two '
           'data sets; point --config.data.path at the data the run started with, or use a new '
-          '--workdir')
+          f'--workdir (the same files decoded by another image library version differ too: then '
+          f'move {path} away to accept them)')
   return {**stored, **record}
 
 
