@@ -16,12 +16,15 @@ checkpointed, and the run stops (exit 0; rerun the command to resume).
 Errors a user can fix (a missing or broken config file, an unknown or bad field, missing or
 corrupt data, an empty workdir, a full disk, ...) print one line, ``error: <problem>: <fix>``, on
 stderr and exit with code 2. ``--verbose`` (or METADROP_VERBOSE=1) prints the traceback too.
+The libraries' log lines below WARNING (orbax's, ~35 per checkpoint) are not shown; absl's
+``--verbosity=0`` (INFO) or ``--verbosity=1`` (DEBUG) shows them.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging as logging_std
 import os
 import re
 import sys
@@ -147,6 +150,31 @@ def _override_error(e: BaseException, argv) -> str | None:
   return None
 
 
+def _loaded_config(e: BaseException | None):
+  """What the config file's get_config() returned: the flag's value, or, when an override failed
+  to parse, the ``config`` that ml_collections' parser held (the flag has no value then)."""
+  for x in cli.exception_chain(e):
+    tb = x.__traceback__
+    while tb is not None:
+      frame = tb.tb_frame
+      if frame.f_code.co_name == '_parse' and 'config_flags' in frame.f_code.co_filename:
+        return frame.f_locals.get('config')
+      tb = tb.tb_next
+  return FLAGS['config'].value
+
+
+def _config_type_error(path: str | None, e: BaseException | None = None) -> str | None:
+  """A config file whose get_config() returned something other than a ConfigDict (a dict)."""
+  from ml_collections import ConfigDict
+  value = _loaded_config(e)
+  if value is None or isinstance(value, ConfigDict) or type(value).__module__.startswith(
+      'ml_collections'):                   # (its stand-in for a file that failed to load)
+    return None
+  return (f'config file {path}: get_config() returned a {type(value).__name__}, not an '
+          'ml_collections.ConfigDict: return metadrop_jax.config.base_config() with your changes '
+          '(see configs/tiny.py)')
+
+
 def error_line(e: BaseException, argv=None, workdir: str | None = None) -> str | None:
   """The one line (problem and fix) for an error a user can fix; None for anything else (a bug:
   the traceback is the useful report)."""
@@ -154,7 +182,8 @@ def error_line(e: BaseException, argv=None, workdir: str | None = None) -> str |
   config_failed = any(isinstance(x, OSError) and 'Configuration is not available' in str(x)
                       for x in cli.exception_chain(e))
   if isinstance(e, flags.Error) or config_failed or getattr(e, '_metadrop_flags', False):
-    line = _config_file_error(e, config_path) or _override_error(e, argv)
+    line = (_config_file_error(e, config_path) or _config_type_error(config_path, e) or
+            _override_error(e, argv))
     if line:
       return line
     if isinstance(e, flags.Error):
@@ -203,8 +232,48 @@ def parse_flags(argv):
 # main
 # ------------------------------------------------------------------------------------------------
 
+# The project's own code: its log lines are kept whatever the verbosity (launch.py's, for now).
+_PROJECT_DIRS = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), d, '')
+                      for d in ('metadrop_jax', 'tools', 'configs'))
+
+
+class QuietLibraries(logging_std.Filter):
+  """Keeps the project's own log records and the libraries' warnings; drops the libraries'
+  INFO lines (orbax writes ~35 per checkpoint) and the tracebacks that orbax's threads (and the
+  asyncio loop they run) log for an error that reaches the main thread anyway (a disk that
+  filled during a save: its one line says it). Installed on absl's handler unless
+  ``--verbosity`` is given (``--verbose`` keeps the tracebacks)."""
+
+  def __init__(self, keep_tracebacks: bool = False):
+    super().__init__()
+    self.keep_tracebacks = keep_tracebacks
+
+  def filter(self, record) -> bool:
+    path = os.path.abspath(record.pathname)
+    if path == os.path.abspath(__file__) or path.startswith(_PROJECT_DIRS):
+      return True
+    if record.levelno < logging_std.WARNING:
+      return False
+    return self.keep_tracebacks or not (record.exc_info and ('orbax' in path or
+                                                             'asyncio' in path))
+
+
+def quiet_libraries() -> QuietLibraries | None:
+  """Installs :class:`QuietLibraries` on absl's log handler, unless the command line gives
+  ``--verbosity`` (absl's flag: all of the libraries' lines at that level, as absl shows them)."""
+  handler = logging.get_absl_handler()
+  for f in [f for f in handler.filters if isinstance(f, QuietLibraries)]:
+    handler.removeFilter(f)           # (an earlier command in this process: a notebook, a test)
+  if FLAGS['verbosity'].present:
+    return None
+  quiet = QuietLibraries(keep_tracebacks=verbose())
+  handler.addFilter(quiet)
+  return quiet
+
+
 def main(argv):
   workdir = FLAGS.workdir
+  quiet_libraries()
   try:
     _main(argv)
   except Exception as e:  # pylint: disable=broad-except
@@ -222,6 +291,9 @@ def _main(argv):
   try:
     config = FLAGS.config
     if config is not None:
+      not_a_config = _config_type_error(_config_arg(sys.argv))
+      if not_a_config:
+        raise UserError(not_a_config)
       config.method   # pylint: disable=pointless-statement  (a file that failed to load raises here)
   except Exception as e:  # pylint: disable=broad-except
     e._metadrop_flags = True   # pylint: disable=protected-access

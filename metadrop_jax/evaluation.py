@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -135,7 +136,9 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test',
   ``config`` None: the workdir's config.json; a given config must not differ from it in a field
   that changes results (only ``eval.*``, data locations and loop fields may). Refuses, before
   evaluating, a workdir it cannot write and a checkpoint with non-finite parameters; refuses to
-  write a result whose loss is not finite.
+  write a result whose loss or accuracy is not finite. The per-episode accuracies are written
+  before the result, so a results.json never stands without them (the paired interval of a gain
+  needs them). A training that holds the workdir (its ``.lock``) is said, with the step evaluated.
 
   ``should_stop()``, asked before each batch of episodes (a deadline, a signal): when it says
   stop, the episodes done so far are kept in ``eval_partial_<split>.npz`` and None is returned;
@@ -147,6 +150,11 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test',
   if not workdir_lib.all_finite(state.params):
     raise FloatingPointError(f'checkpoint {int(state.step)} of {workdir} holds non-finite '
                              'parameters (the run diverged): nothing to evaluate')
+  holder = workdir_lib.lock_holder(workdir)
+  if holder is not None:
+    warnings.warn(f'{workdir} is in use by a training (pid {holder}): evaluating its newest '
+                  f'checkpoint so far, step {int(state.step)} of {config.num_steps}; evaluate '
+                  'again once the training has ended for its final result', RuntimeWarning)
   images = workdir_lib.load_eval_split(config, split)
   t0 = time.time()
   step, tag = int(state.step), protocol_tag(config, workdir)
@@ -164,11 +172,12 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test',
       bar.close()
   if r is None:
     return None
-  if not np.isfinite(r['loss']):
-    raise FloatingPointError(f'the query loss of checkpoint {int(state.step)} is not finite on '
-                             f'{split} episodes (the inner loop diverges at meta-test: lower '
-                             '--config.inner_lr, or eval.mc_samples for noise methods); no result '
-                             'written')
+  bad = [k for k in ('loss', 'mean', 'ci95') if not np.isfinite(r[k])]
+  if bad:
+    raise FloatingPointError(f'the query {" and ".join(bad)} of checkpoint {int(state.step)} '
+                             f'{"is" if len(bad) == 1 else "are"} not finite on {split} episodes '
+                             '(the inner loop diverges at meta-test: lower --config.inner_lr, or '
+                             'eval.mc_samples for noise methods); no result written')
   result = {
       'name': config.name, 'method': config.method, 'dataset': config.data.name,
       'way': config.way, 'shot': config.shot, 'query': config.query,
@@ -183,11 +192,11 @@ def evaluate_checkpoint(config, workdir: str, split: str = 'test',
     result['continued_from_episode'] = min(partial['batches'] * config.eval.batch_tasks,
                                            config.eval.num_episodes)
   result['file'] = result_name(split, tag)
-  metrics_lib.write_json_atomic(os.path.join(workdir, result['file']), result)
-  path = metrics_lib.episode_accs_path(workdir, split + tag)
-  with open(path + '.tmp', 'wb') as f:
-    np.save(f, r['accs'])
-  os.replace(path + '.tmp', path)
+  # the per-episode accuracies land first: if they cannot be written, neither is the result (an
+  # earlier pair of both stays as it was)
+  accs = metrics_lib.episode_accs_path(workdir, split + tag)
+  metrics_lib.write_json_atomic(os.path.join(workdir, result['file']), result,
+                                before_replace=lambda: metrics_lib.save_npy_atomic(accs, r['accs']))
   if os.path.exists(_partial_path(workdir, split, tag)):
     os.remove(_partial_path(workdir, split, tag))
   return result

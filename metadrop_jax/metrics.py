@@ -43,14 +43,38 @@ def episode_accs_path(workdir: str, split: str) -> str:
   return os.path.join(workdir, f'episode_accs_{split}.npy')
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON through a temp file and os.replace: never a half-written file."""
+def write_atomic(path: str, write) -> None:
+  """``write(f)`` into a temp file beside ``path`` (binary), fsync, os.replace: a write cut at
+  any point (a full disk, a kill) leaves the old file or none, never half of the new one, and no
+  temp file behind."""
   tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json_atomic(path: str, obj, before_replace=None) -> None:
+  """Writes JSON through a temp file and os.replace (:func:`write_atomic`). ``before_replace()``,
+  if given, runs once the temp file is written and before it replaces ``path``: a companion file
+  written there (atomically) lands first, and if it fails ``path`` is left as it was."""
+  text = json.dumps(obj, indent=2, sort_keys=True).encode()
+
+  def write(f):
+    f.write(text)
+    if before_replace is not None:
+      before_replace()
+  write_atomic(path, write)
+
+
+def save_npy_atomic(path: str, array) -> None:
+  """``np.save`` through a temp file and os.replace (:func:`write_atomic`)."""
+  write_atomic(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
 
 
 def read_json_object(path: str) -> dict | str:

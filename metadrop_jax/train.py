@@ -8,6 +8,7 @@ checkpoints, run log) is :mod:`metadrop_jax.workdir`; the meta-test protocol is
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -29,24 +30,85 @@ from metadrop_jax import metrics as metrics_lib
 from metadrop_jax import workdir as workdir_lib
 
 
-# The ETA: the steps after the first one (which compiles) are timed alone (no validation or
-# checkpoint inside), then it is said once.
+# The ETA: the steps after the first one (which compiles) are timed alone; the checkpoints and
+# validations ahead are counted at the cost of the first of each (a validation's first batch,
+# which compiles, left out). It is said after the timed steps, and once more when a cost it
+# could not count then is known.
 ETA_TIMED_STEPS = 2
 CPU_EXPERIMENT = 'python launch.py --config=configs/omniglot_5way1shot_cpu.py'
 
 
-def eta_message(seconds_per_step: float, remaining: int, backend: str) -> str:
-  """The ETA of the remaining steps; on a CPU, when that is hours, the command that fits one."""
+def _duration(seconds: float) -> str:
+  return f'{seconds / 3600:.1f} h' if seconds >= 3600 else f'{seconds / 60:.1f} min'
+
+
+def eta_message(seconds_per_step: float, remaining: int, backend: str, *,
+                checkpoints: tuple = (0, None), validations: tuple = (0, None),
+                hint: bool = True) -> str:
+  """The ETA of the remaining steps; on a CPU, when that is hours, the command that fits one
+  (``hint``). ``checkpoints`` / ``validations``: (how many are ahead, seconds each, None if not
+  timed yet): timed ones are in the ETA, the others are named as left out."""
   eta = seconds_per_step * remaining
-  when = f'{eta / 3600:.1f} h' if eta >= 3600 else f'{eta / 60:.1f} min'
-  msg = (f'meta-train: {seconds_per_step:.3g} s/step on {backend} -> ETA {when} for the '
-         f'{remaining} remaining steps')
-  if backend == 'cpu' and eta > 2 * 3600:
+  counted, left_out = [], []
+  for what, (n, each) in (('checkpoint', checkpoints), ('validation', validations)):
+    what += 's' if n != 1 else ''
+    if n and each is None:
+      left_out.append(f'{n} {what}')
+    elif n:
+      eta += n * each
+      counted.append(f'{n} {what} x {each:.3g} s')
+  msg = (f'meta-train: {seconds_per_step:.3g} s/step on {backend} -> ETA {_duration(eta)} for '
+         f'the {remaining} remaining steps')
+  if counted:
+    msg += f' ({", ".join(counted)} included)'
+  if left_out:
+    msg += (f'; {" and ".join(left_out)} not counted yet (the ETA is said again once the first '
+            'of each is timed)')
+  if hint and backend == 'cpu' and eta > 2 * 3600:
     msg += ('.\n  This config is sized for a GPU (pip install -e ".[gpu]"). The reduced-budget '
             f'CPU experiment takes about 35 minutes per method:\n    {CPU_EXPERIMENT}\n'
             '  (docs/results.md). This run goes on; Ctrl-C stops it checkpointed, and the same\n'
             '  command resumes it.')
   return msg
+
+
+class Eta:
+  """What the ETA needs: the time per step (``step_s``) and of one checkpoint and one validation
+  (``checkpoint_s``, ``validation_s``), and when to say it (:meth:`message`)."""
+
+  def __init__(self, config, validating: bool):
+    self.config, self.validating = config, validating
+    self.step_s = self.checkpoint_s = self.validation_s = None
+    self.said = 0          # 0: not yet; 1: said with a cost left out; 2: said in full
+
+  def ahead(self, step: int) -> tuple[int, int]:
+    """(checkpoints, validations) in the steps after ``step`` (a run's last step saves too)."""
+    c, n = self.config, self.config.num_steps
+    ckpts = n // c.checkpoint_every - step // c.checkpoint_every + (n % c.checkpoint_every > 0)
+    vals = (n // c.val_every - step // c.val_every) if self.validating else 0
+    return ckpts, vals
+
+  def time_validation(self, started: float, batch_ends: list[float]) -> None:
+    """A validation's cost from the times its batches ended (the first, which compiles, is
+    replaced by the mean of the others when there are others)."""
+    if self.validation_s is None and batch_ends:
+      n = len(batch_ends)
+      self.validation_s = ((batch_ends[-1] - batch_ends[0]) * n / (n - 1) if n > 1 else
+                           batch_ends[-1] - started)
+
+  def message(self, step: int, backend: str) -> str | None:
+    """The ETA line to say after ``step``, or None (nothing new to say)."""
+    if self.step_s is None or self.said == 2 or step >= self.config.num_steps:
+      return None
+    ckpts, vals = self.ahead(step)
+    full = ((not ckpts or self.checkpoint_s is not None) and
+            (not vals or self.validation_s is not None))
+    if self.said == 1 and not full:
+      return None
+    first, self.said = self.said == 0, 2 if full else 1
+    return eta_message(self.step_s, self.config.num_steps - step, backend,
+                       checkpoints=(ckpts, self.checkpoint_s),
+                       validations=(vals, self.validation_s), hint=first)
 
 
 def _say(msg: str, bar) -> None:
@@ -83,12 +145,15 @@ def train(config, workdir: str) -> dict[str, Any]:
 
 
 def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:
+  ident = workdir_lib.identity(workdir)
   workdir_lib.check_run_config(workdir, config)
   train_np = data_lib.load_split(config.data, 'train')
   val_np = data_lib.load_split(config.data, 'val') if config.val_every else None
   workdir_lib.check_split(train_np, config, 'train')
   if val_np is not None:
     workdir_lib.check_split(val_np, config, 'val')
+  data = workdir_lib.check_data(workdir, workdir_lib.data_record({'train': train_np,
+                                                                   'val': val_np}), config)
 
   init_key, train_key = keys_lib.run_keys(config)
   state, tx = meta.create_state(init_key, config)
@@ -96,10 +161,16 @@ def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:
   restored = workdir_lib.restore_latest(mgr, state, workdir, set_aside=True)
   if restored is not None:
     state = restored
+  start = int(state.step)
+  lowered = workdir_lib.check_num_steps(workdir, config, start)
+  diverged = _diverged_before(workdir, start)
   # only a config that can start is recorded: after the data checks and the restore (an
   # unreadable checkpoint_hashes.json refuses the resume and leaves config.json as it was)
   workdir_lib.write_run_config(workdir, config)
-  start = int(state.step)
+  workdir_lib.write_data_record(workdir, data)
+  for msg in (lowered, diverged):
+    if msg:
+      warnings.warn(msg, RuntimeWarning)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   sharding = _task_sharding(config)
   # A fresh state is uncommitted, a restored one committed to its device; jit compiles the step
@@ -123,9 +194,10 @@ def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:
   if config.max_steps_per_run:
     end = min(end, start + config.max_steps_per_run)
   bar = _progress(config.num_steps, start, config.progress_bar)
-  t0 = time.time()
+  # durations on the monotonic clock: a change of the system time cannot cut or stretch a sitting
+  t0 = time.monotonic()
   # the metrics since the last row: restored with the checkpoint, so rows match an uninterrupted run
-  window, last_log = workdir_lib.load_metrics_window(workdir, start), time.time()
+  window, last_log = workdir_lib.load_metrics_window(workdir, start), time.monotonic()
   step = start
   stopped = 'finished'
   warned_inner = False
@@ -134,6 +206,7 @@ def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:
          f'the first {ETA_TIMED_STEPS + 1} steps (the CPU-sized experiment: {CPU_EXPERIMENT})',
          bar)
   timed = 0.0
+  eta = Eta(config, val_step is not None)
   # At most one step queued behind the one running: before dispatching step t+1 the loop waits
   # for step t-1's metrics. The device never idles (the next step is always queued), and the
   # progress bar, the ETA, the time limit and a stop signal see steps that have run, not steps
@@ -141,7 +214,7 @@ def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:
   in_flight = None
   while step < end:
     timing = start + 1 <= step < start + 1 + ETA_TIMED_STEPS
-    t_step = time.time()
+    t_step = time.monotonic()
     if config.data.sampler == 'device':
       state, m = step_fn(state, images, train_key)
     else:
@@ -151,7 +224,7 @@ def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:
       state, m = step_fn(state, jax.device_put(eps, sharding), train_key)
     if step == start or timing:   # the first step (compiling) and the timed ones: wait for them
       jax.block_until_ready(state)
-      timed += (time.time() - t_step) if timing else 0.0
+      timed += (time.monotonic() - t_step) if timing else 0.0
     elif in_flight is not None:
       jax.block_until_ready(in_flight)
     in_flight = m
@@ -159,21 +232,20 @@ def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:
     window.append(m)
     if bar is not None:
       bar.update(1)
-    if step == start + 1 + ETA_TIMED_STEPS and step < config.num_steps:
-      _say(eta_message(timed / ETA_TIMED_STEPS, config.num_steps - step, jax.default_backend()),
-           bar)
+    if step == start + 1 + ETA_TIMED_STEPS:
+      eta.step_s = timed / ETA_TIMED_STEPS
     if step % config.log_every == 0 or step == config.num_steps:
       scalars = {f'train/{k}': float(v) for k, v in
                  jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *window)).items()}
       if not all(np.isfinite(v) for v in scalars.values()):
+        _diverged(workdir, mgr, config, start, step, t0)
         raise FloatingPointError(f'non-finite training metrics in steps {step - len(window) + 1}-'
-                                 f'{step}: {scalars}. Lower meta_lr / inner_lr, or check the data.'
-                                 + _last_checkpoint(mgr))
+                                 f'{step}: {scalars}.' + _last_checkpoint(mgr))
       diverging = inner_loop_diverging(scalars)
       if diverging and not warned_inner:
         warnings.warn(f'steps {step - len(window) + 1}-{step}: {diverging}', RuntimeWarning)
         warned_inner = True
-      now = time.time()
+      now = time.monotonic()
       scalars['train/steps_per_sec'] = len(window) / max(now - last_log, 1e-9)
       writer.write_scalars(step, scalars)
       if bar is not None:
@@ -181,32 +253,44 @@ def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:
       window, last_log = [], now
     if val_step is not None and step % config.val_every == 0:
       # a stop signal skips (or cuts short) this validation: Ctrl-C does not wait for it
+      t_val, batch_ends = time.monotonic(), []
+      on_batch = None if eta.validation_s is not None else (
+          lambda _: batch_ends.append(time.monotonic()))     # the first one is timed per batch
       r = evaluation.evaluate(state.params, val_np, config, split='val',
                               num_episodes=config.eval.val_episodes,
                               mc_samples=config.eval.val_mc_samples, eval_step=val_step,
-                              should_stop=lambda: stop.requested is not None)
+                              should_stop=lambda: stop.requested is not None, on_batch=on_batch)
       if r is not None:
+        eta.time_validation(t_val, batch_ends)
         writer.write_scalars(step, {'val/acc': r['mean'] / 100.0, 'val/ci95': r['ci95'] / 100.0,
                                     'val/loss': r['loss']})
     out_of_time = (config.max_minutes_per_run and
-                   (time.time() - t0) / 60.0 >= config.max_minutes_per_run)
+                   (time.monotonic() - t0) / 60.0 >= config.max_minutes_per_run)
     if step % config.checkpoint_every == 0 or step == end or out_of_time or stop.requested:
       if not workdir_lib.all_finite(state.params):
-        raise FloatingPointError(f'the parameters are not finite at step {step}: not saved. '
-                                 'Lower meta_lr / inner_lr, or check the data.'
+        _diverged(workdir, mgr, config, start, step, t0)
+        raise FloatingPointError(f'the parameters are not finite at step {step}: not saved.'
                                  + _last_checkpoint(mgr))
+      workdir_lib.check_intact(workdir, ident)
+      t_save = time.monotonic()
       workdir_lib.save_checkpoint(mgr, workdir, step, state)
       workdir_lib.save_metrics_window(workdir, step, window)
+      if eta.checkpoint_s is None:
+        eta.checkpoint_s = time.monotonic() - t_save
     if out_of_time or stop.requested:
       stopped = 'time limit' if out_of_time else f'interrupted ({stop.requested})'
       break
+    msg = eta.message(step, jax.default_backend())
+    if msg:
+      _say(msg, bar)
   if bar is not None:
     bar.close()
   writer.close()
   if step < config.num_steps and stopped == 'finished':
     stopped = 'step limit'
   status = {'step': step, 'num_steps': config.num_steps, 'stopped': stopped,
-            'done': step >= config.num_steps, 'minutes_this_run': (time.time() - t0) / 60.0}
+            'done': step >= config.num_steps, 'minutes_this_run': (time.monotonic() - t0) / 60.0}
+  workdir_lib.check_intact(workdir, ident)
   workdir_lib.append_run_log(workdir, {**status, 'start_step': start,
                                        'meta_lr': config_lib.meta_lr(config),
                                        **workdir_lib.provenance()})
@@ -215,8 +299,38 @@ def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:
 
 def _last_checkpoint(mgr) -> str:
   last = mgr.latest_step()
-  return (f' The last checkpoint ({last}, finite) is kept; rerunning resumes from it.'
-          if last is not None else ' No checkpoint was written.')
+  if last is None:
+    return (' No checkpoint was written. Lower --config.meta_lr / --config.inner_lr, or check '
+            'the data.')
+  return (f' The newest checkpoint, step {last}, is finite and kept; resuming repeats the same '
+          'steps from it (on this machine they diverge again): lower --config.meta_lr / '
+          '--config.inner_lr in a new --workdir, or check the data.')
+
+
+def _diverged(workdir: str, mgr, config, start: int, step: int, t0: float) -> None:
+  """Logs a sitting that diverged at ``step`` (runs.jsonl: its ``step`` is the checkpoint a
+  resume starts from), so that the resume says so."""
+  last = mgr.latest_step() or 0
+  try:
+    workdir_lib.append_run_log(workdir, {
+        'step': last, 'num_steps': config.num_steps, 'stopped': f'diverged at step {step}',
+        'done': False, 'minutes_this_run': (time.monotonic() - t0) / 60.0, 'start_step': start,
+        'diverged_at': step, 'meta_lr': config_lib.meta_lr(config), **workdir_lib.provenance()})
+  except OSError:
+    pass      # (a workdir that cannot take the row: the divergence is raised all the same)
+
+
+def _diverged_before(workdir: str, start: int) -> str | None:
+  """What to say when the run's last sitting diverged after the checkpoint it resumes from."""
+  rows = metrics_lib.read_jsonl(os.path.join(workdir, 'runs.jsonl'), warn=False)
+  last = rows[-1] if rows else {}
+  if 'diverged_at' not in last or last.get('step') != start:
+    return None
+  where = (f'resuming from its newest finite checkpoint, step {start},' if start else
+           'starting it again (it has no checkpoint)')
+  return (f'the last sitting of this run diverged at step {last["diverged_at"]} (runs.jsonl); '
+          f'{where} repeats those steps (on the same machine they diverge again): to change the '
+          'run, train with a lower --config.meta_lr / --config.inner_lr in a new --workdir')
 
 
 class StopOnSignal:

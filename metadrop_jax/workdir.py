@@ -5,8 +5,10 @@ Layout: ``config.json`` (the run's config, written once the data checks pass; a 
 or an evaluation, refuses one that would change its results), ``checkpoints/<step>/`` (orbax,
 written synchronously, only from finite states) with their SHA-256 in
 ``checkpoint_hashes.json``, ``metrics_window.json`` (the metrics since the last logged row, at
-the last checkpoint), ``runs.jsonl`` (one line per sitting), ``metrics.jsonl`` + ``tb/``
-(:class:`metrics.MetricWriter`), ``results*.json``, and ``.lock`` (held by the run using it).
+the last checkpoint), ``data.json`` (shape and CRC-32 of the splits it trains on: a later
+sitting on other data is refused), ``runs.jsonl`` (one line per sitting), ``metrics.jsonl`` +
+``tb/`` (:class:`metrics.MetricWriter`), ``results*.json`` with ``episode_accs_*.npy``, and
+``.lock`` (held by the run using it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -104,6 +107,46 @@ def locked(workdir: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def lock_holder(workdir: str) -> str | None:
+  """The pid of the run that holds ``workdir/.lock`` now (as :func:`locked` wrote it; '?' if it
+  is not readable), or None when no run holds it."""
+  try:
+    f = open(os.path.join(workdir, '.lock'))
+  except OSError:
+    return None
+  with f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+      return f.read().strip() or '?'
+    fcntl.flock(f, fcntl.LOCK_UN)
+  return None
+
+
+def identity(workdir: str) -> tuple[int, int]:
+  """(device, inode) of ``workdir``: :func:`check_intact` compares it later."""
+  st = os.stat(workdir)
+  return st.st_dev, st.st_ino
+
+
+def check_intact(workdir: str, ident: tuple[int, int]) -> None:
+  """Refuses to write on when ``workdir`` was deleted or replaced (another folder at its path)
+  since :func:`identity` gave ``ident``, or lost its config.json: writing on would re-create
+  parts of a run (a checkpoint folder, a run log) without its config, metrics or events."""
+  try:
+    same = identity(workdir) == ident
+  except OSError:
+    same = False
+  if not same:
+    raise WorkdirError(f'{workdir} was deleted or replaced while this run trained: nothing more '
+                       'is written there (the steps since its last checkpoint are lost); rerun '
+                       'the command to train afresh, or restore the workdir from a copy first')
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    raise WorkdirError(f'{workdir}/config.json was deleted while this run trained: nothing more '
+                       'is written there; restore config.json from a copy of the workdir and '
+                       'rerun to resume')
+
+
 def ensure_writable(workdir: str) -> None:
   """Refuses a workdir this process cannot write (before a long evaluation, not after it)."""
   probe = os.path.join(workdir, f'.write_probe.{os.getpid()}')
@@ -184,6 +227,25 @@ def write_run_config(workdir: str, config) -> None:
                                 json.loads(config.to_json_best_effort()))
 
 
+def check_num_steps(workdir: str, config, step: int) -> str | None:
+  """A ``num_steps`` below the step of the checkpoint a run resumes from is refused (the run is
+  past it; nothing is written); one lower than config.json's but not below the checkpoint is
+  returned as a message to say (the run now ends there, and config.json records it)."""
+  stored = (_stored_config(workdir) or {}).get('num_steps')
+  if step > config.num_steps:
+    raise config_lib.ConfigError(
+        f'num_steps={config.num_steps} is below the step of {workdir}\'s checkpoint ({step}; '
+        f'config.json says num_steps={stored}): the run is past it and nothing was changed; '
+        f'evaluate that checkpoint (launch.py --mode=eval --workdir={workdir}), or give '
+        f'--config.num_steps={stored if isinstance(stored, int) and stored >= step else step} '
+        'or more to train on')
+  if isinstance(stored, int) and config.num_steps < stored:
+    return (f'num_steps lowered from {stored} to {config.num_steps}: this run now ends at step '
+            f'{config.num_steps} (config.json records it; a later --config.num_steps={stored} '
+            'continues it)')
+  return None
+
+
 def check_or_write_run_config(workdir: str, config) -> None:
   """:func:`check_run_config`, then stores config.json."""
   check_run_config(workdir, config)
@@ -239,11 +301,35 @@ def _checkpoint_digest(step_dir: str) -> dict[str, str]:
   return out
 
 
+def _checkpoint_bytes(mgr: ocp.CheckpointManager, state) -> int:
+  """About what one more checkpoint takes on disk: the newest one's blocks, or (none yet) twice
+  the state's bytes and the metadata orbax writes beside them."""
+  latest = mgr.latest_step()
+  if latest is not None:
+    step_dir = os.path.join(str(mgr.directory), str(latest))
+    return sum(os.stat(os.path.join(r, f)).st_blocks * 512
+               for r, _, fs in os.walk(step_dir) for f in fs)
+  return 2 * sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(state)) + (256 << 10)
+
+
 def save_checkpoint(mgr: ocp.CheckpointManager, workdir: str, step: int, state) -> None:
   """Saves ``state`` at ``step`` (synchronously) and records the files' SHA-256, so a later
-  restore can tell a truncated or altered checkpoint from an intact one."""
-  mgr.save(step, args=ocp.args.StandardSave(state))
-  mgr.wait_until_finished()
+  restore can tell a truncated or altered checkpoint from an intact one. A checkpoint that does
+  not fit on the disk is refused before anything is written (orbax's threads would each log a
+  traceback of the full disk and leave a half-written folder)."""
+  usage, need = shutil.disk_usage(workdir), _checkpoint_bytes(mgr, state)
+  if usage.total and usage.free < need:      # (a file system that reports no sizes: not judged)
+    raise OSError(errno.ENOSPC, f'No space left on device (checkpoint {step} needs about '
+                  f'{need >> 10} KiB, {usage.free >> 10} KiB are free)', workdir)
+  try:
+    mgr.save(step, args=ocp.args.StandardSave(state))
+    mgr.wait_until_finished()
+  except BaseException:
+    # a save that failed (a full disk) leaves no half-written temporary folder taking space
+    pattern = os.path.join(glob.escape(str(mgr.directory)), f'{step}.orbax-checkpoint-tmp*')
+    for tmp in glob.glob(pattern):
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
   path = os.path.join(workdir, _HASHES)
   hashes = _read_hashes(workdir)
   kept = {str(s) for s in mgr.all_steps()}
@@ -381,15 +467,32 @@ def save_metrics_window(workdir: str, step: int, window: list) -> None:
 
 
 def load_metrics_window(workdir: str, step: int) -> list:
-  """The window saved with checkpoint ``step`` (float32 scalars), or [] if there is none."""
-  try:
-    with open(os.path.join(workdir, _WINDOW)) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
+  """The window saved with checkpoint ``step`` (float32 scalars), or [] if there is none. A file
+  that cannot be read, or that is older than the checkpoint (a run killed between the two
+  writes), is [] with a warning: the first metrics row after the resume then averages fewer
+  steps than an uninterrupted run's. (A newer one is of a damaged checkpoint that the restore
+  skipped, with its own warning.)"""
+  path = os.path.join(workdir, _WINDOW)
+  if step == 0 or not os.path.exists(path):
     return []
-  if not isinstance(saved, dict) or saved.get('step') != step:
+  saved = metrics_lib.read_json_object(path)
+  if isinstance(saved, str):
+    problem = f'is unreadable ({saved})'
+  elif not isinstance(saved.get('step'), int) or not isinstance(saved.get('rows', []), list):
+    problem = 'is not a metrics window'
+  elif saved['step'] > step:
     return []
-  return [{k: np.float32(v) for k, v in m.items()} for m in saved.get('rows', [])]
+  elif saved['step'] < step:
+    problem = f'is of step {saved["step"]}, older than the checkpoint resumed from'
+  else:
+    try:
+      return [{k: np.float32(v) for k, v in m.items()} for m in saved.get('rows', [])]
+    except (AttributeError, TypeError, ValueError) as e:
+      problem = f'holds rows that are not metrics ({e})'
+  warnings.warn(f'{path} {problem}: the metrics logged since the last row before step {step} '
+                'are lost, so the first row after this resume averages only the steps from '
+                f'{step + 1} on; training goes on (the checkpoint is intact)', RuntimeWarning)
+  return []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -470,3 +573,44 @@ def load_eval_split(config, split: str):
   images = require_split(config, split)
   check_split(images, config, split)
   return images
+
+
+_DATA = 'data.json'
+
+
+def data_record(splits: dict) -> dict:
+  """``{split: {'shape', 'crc32'}}`` of the arrays a run trains on (None: a split it does not
+  use): what :func:`check_data` compares at every later sitting."""
+  from metadrop_jax.data import cache
+  return {s: {'shape': list(a.shape), 'crc32': cache.content_crc32(a)}
+          for s, a in splits.items() if a is not None}
+
+
+def check_data(workdir: str, record: dict, config) -> dict:
+  """Refuses data that differs from what the run trained on so far (workdir/data.json): a
+  data.path or cache moved to another copy between two sittings must hold the same arrays.
+  Returns the record to store (the earlier one with any split it lacked)."""
+  path = os.path.join(workdir, _DATA)
+  if not os.path.exists(path):
+    return record
+  stored = metrics_lib.read_json_object(path)
+  if isinstance(stored, str):
+    raise WorkdirError(f'{path} is unreadable ({stored}): the data this run trained on cannot be '
+                       'checked. Restore it from a copy of the workdir, or move it away to resume '
+                       'without checking the data.')
+  for split, now in record.items():
+    then = stored.get(split)
+    if then is not None and then != now:
+      where = data_lib.with_default_path(config.data).path or config.data.source
+      raise WorkdirError(
+          f'the {split} data of {config.data.name} at {where} is not what {workdir} trained on '
+          f'(now CRC-32 {now["crc32"]}, shape {now["shape"]}; {_DATA} records CRC-32 '
+          f'{then.get("crc32")}, shape {then.get("shape")}): resuming would train one run on two '
+          'data sets; point --config.data.path at the data the run started with, or use a new '
+          f'--workdir (the same files decoded by another image library version differ too: then '
+          f'move {path} away to accept them)')
+  return {**stored, **record}
+
+
+def write_data_record(workdir: str, record: dict) -> None:
+  metrics_lib.write_json_atomic(os.path.join(workdir, _DATA), record)

@@ -156,6 +156,15 @@ def test_config_file_whose_get_config_raises(monkeypatch, capsys, tmp_path):
   assert_user_error(rc, err, f'config file {f}, line 2: get_config() raised KeyError')
 
 
+def test_config_file_whose_get_config_returns_a_dict(monkeypatch, capsys, tmp_path):
+  f = tmp_path / 'dict.py'
+  f.write_text('def get_config():\n  return {"method": "maml"}\n')
+  for extra in ([], ['--config.way=3']):
+    rc, _, err = run_launch(monkeypatch, capsys, f'--config={f}', '--mode=prepare', *extra)
+    assert_user_error(rc, err, f'config file {f}: get_config() returned a dict, not an '
+                      'ml_collections.ConfigDict', 'base_config()')
+
+
 def test_config_is_a_folder(monkeypatch, capsys):
   rc, _, err = run_launch(monkeypatch, capsys, '--config=configs')
   assert_user_error(rc, err, '--config=configs is a folder')
@@ -438,15 +447,40 @@ def test_modified_omniglot_cache_through_load_split(tmp_path):
     omniglot.load_split(c, 'train', **H.OMNI_COUNTS)
 
 
-def test_cache_from_before_the_check_gets_its_digest_recorded(tmp_path):
+def test_a_cache_without_its_crc32_is_rebuilt_never_blessed(tmp_path):
+  """A manifest without the CRC-32 (a cache built before the check) and a damaged array: the
+  damage was accepted and blessed with a new CRC. Now the cache is rebuilt from the source
+  (and a direct load refuses it)."""
   d, m, arrays = _prepare_fake(tmp_path)
   manifest = json.loads((d / 'manifest.json').read_text())
   del manifest['splits']['train']['crc32']
   (d / 'manifest.json').write_text(json.dumps(manifest))
-  logs = []
-  cache.load(d, cache.read_manifest(d), 'train', log=logs.append)
-  assert 'recorded its CRC-32' in logs[0]
-  assert cache.read_manifest(d)['splits']['train']['crc32'] == m['splits']['train']['crc32']
+  damaged = arrays['train'].copy()
+  damaged[2, 1] ^= 0xFF
+  np.save(d / 'train.npy', damaged)
+  with pytest.raises(DataError, match=r'records no CRC-32 of it, so it cannot be told intact; '
+                                      r'delete .* to rebuild it'):
+    cache.load(d, cache.read_manifest(d), 'train')
+  logs, builds = [], []
+  d2, m2 = cache.prepare(dataset='fake', cache_dir=tmp_path / 'cache', key={'v': 1},
+                         source_files=lambda: [], build=lambda: builds.append(1) or (arrays, {}),
+                         description='', log=logs.append)
+  assert d2 == d and builds == [1] and 'records no CRC-32 of train' in logs[0]
+  assert m2['splits']['train']['crc32'] == m['splits']['train']['crc32']
+  np.testing.assert_array_equal(cache.load(d, cache.read_manifest(d), 'train'), arrays['train'])
+
+
+def test_an_atomic_write_on_a_full_disk_keeps_the_old_file_and_no_temp(tmp_path):
+  """A real ENOSPC (the temp file is a link to /dev/full): the temp file was left behind."""
+  if not os.path.exists('/dev/full'):
+    pytest.skip('no /dev/full on this system')
+  p = tmp_path / 'r.json'
+  metrics.write_json_atomic(str(p), {'a': 1})
+  os.symlink('/dev/full', f'{p}.tmp.{os.getpid()}')
+  with pytest.raises(OSError) as e:
+    metrics.write_json_atomic(str(p), {'a': 2})
+  assert e.value.errno == errno.ENOSPC
+  assert json.loads(p.read_text()) == {'a': 1} and os.listdir(tmp_path) == ['r.json']
 
 
 def test_disk_full_while_writing_the_cache(tmp_path, monkeypatch):
@@ -690,3 +724,89 @@ def test_data_errors_are_one_line_and_the_whole_help_is_in_prepare(tmp_path, cap
     prepare.main(['--help'])
   out = capsys.readouterr().out
   assert 'images_background.zip' in out and 'cannot be downloaded automatically' in out
+
+
+def test_old_module_entry_points_say_where_they_moved():
+  """python -m metadrop_jax.report (its entry point before the CLIs moved) ran nothing, rc 0."""
+  for module in ('report', 'export'):
+    p = subprocess.run([sys.executable, '-m', f'metadrop_jax.{module}', '--workdirs=x'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    line = assert_user_error(p.returncode, p.stderr, f'run python -m metadrop_jax.cli.{module} '
+                             f'(installed: metadrop-{module}) with the same options')
+    assert p.stderr.strip() == line
+
+
+def test_a_campaign_dir_that_is_a_file(tmp_path, capsys):
+  """plan printed the default 16-run plan (rc 0), sitting raised a traceback."""
+  from tools.long_runs import campaign
+  f = tmp_path / 'camp'
+  f.write_text('x')
+  for cmd in ('plan', 'sitting', 'report'):
+    with pytest.raises(SystemExit) as e:
+      campaign.main([cmd, f'--campaign_dir={f}'])
+    assert_user_error(e.value.code, capsys.readouterr().err, f'--campaign_dir={f} is a file')
+  assert f.read_text() == 'x' and os.listdir(tmp_path) == ['camp']
+
+
+def test_campaign_report_warns_of_a_cut_results_json(tmp_path, capsys):
+  """report left the run's cell blank without a word (plan warned): the same warning, once."""
+  from tests.test_long_runs_state import fake_run
+  from tools.long_runs import campaign, runs
+  cdir = tmp_path / 'camp'
+  runs.init_campaign(str(cdir), ['tiny'])
+  fake_run(cdir / 'tiny_maml_exact', 1000, evaluated=True)
+  (cdir / 'tiny_maml_exact' / 'results.json').write_text('{"acc')
+  with pytest.warns(RuntimeWarning) as rec:
+    assert campaign.main(['report', f'--campaign_dir={cdir}']) == 0
+  said = [str(w.message) for w in rec if 'results.json' in str(w.message)]
+  assert len(said) == 1 and 'tiny_maml_exact/results.json is unreadable' in said[0]
+  assert 'read as not meta-tested (the next sitting meta-tests tiny_maml_exact again)' in said[0]
+
+
+# ==== the terminal: library logs ==================================================================
+
+def test_library_logs_are_quiet_unless_verbosity_is_given(monkeypatch, capsys, tmp_path):
+  """orbax's INFO lines (~35 per checkpoint) and the tracebacks its threads log for an error
+  that reaches the main thread (a full disk) are dropped; the project's lines and the libraries'
+  warnings stay; --verbosity (absl's flag) installs no filter."""
+  import logging as pylogging
+
+  import launch
+  import orbax.checkpoint as ocp
+  from absl import logging as absl_logging
+  from orbax.checkpoint._src.futures import future
+
+  kept, dropped = [], []
+
+  class Sort(pylogging.Handler):
+    def emit(self, record):
+      (kept if quiet.filter(record) else dropped).append(record)
+  quiet = launch.QuietLibraries()
+  sort = Sort()
+  pylogging.getLogger().addHandler(sort)
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  try:
+    ocp.CheckpointManager(str(tmp_path / 'ck'))          # orbax's INFO lines
+
+    async def full():        # a save's commit thread meets a full disk
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    with pytest.raises(OSError):                           # the main thread gets the error
+      future.CommitFuture(full()).result()
+    absl_logging.warning('a library warning')
+  finally:
+    absl_logging.set_verbosity(level)
+    pylogging.getLogger().removeHandler(sort)
+  orbax = [r for r in dropped if 'orbax' in r.pathname]
+  assert len(orbax) >= 3 and any(r.exc_info for r in orbax), [r.getMessage() for r in dropped]
+  assert [r.getMessage() for r in kept] == ['a library warning']
+  mine = pylogging.LogRecord('absl', pylogging.INFO, launch.__file__, 1, 'devices: cpu', (), None)
+  assert quiet.filter(mine)
+  filters = lambda: [f for f in absl_logging.get_absl_handler().filters
+                     if isinstance(f, launch.QuietLibraries)]
+  for flag, installed in (('--verbosity=0', 0), ('--verbose=false', 1)):
+    rc, _, err = run_launch(monkeypatch, capsys, '--config=configs/tiny.py', '--mode=prepare',
+                            flag)
+    assert rc == 0, err
+    assert len(filters()) == installed
+  absl_logging.get_absl_handler().removeFilter(filters()[0])

@@ -6,11 +6,14 @@ workdir, damaged checkpoints, a workdir that is a file, an unreadable config.jso
 one workdir, and the first metrics row after a resume.
 """
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import jax
@@ -21,10 +24,12 @@ from metadrop_jax import config as config_lib
 from metadrop_jax import evaluation
 from metadrop_jax import keys
 from metadrop_jax import meta
+from metadrop_jax import metrics
 from metadrop_jax import train
 from metadrop_jax import workdir as workdir_lib
 from metadrop_jax.data import DataError
 from tests.conftest import tiny
+from tools.long_runs import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,10 +132,23 @@ def test_a_failed_start_does_not_block_its_fix(tmp_path):
 
 # (4) non-finite states are never checkpointed ---------------------------------------------------
 
-def test_a_non_finite_state_is_not_saved(tmp_path):
-  c = small(meta_lr=1e30, checkpoint_every=1, log_every=100)   # parameters explode at step 2
-  with pytest.raises(FloatingPointError, match=r'not finite at step 2.*checkpoint \(1, finite\)'):
+@pytest.mark.parametrize('log_every', [100, 1])      # seen in the parameters / in the metrics
+def test_a_run_that_diverges_after_a_finite_checkpoint(tmp_path, log_every):
+  """The newest checkpoint stays the last finite one; the error says that resuming repeats the
+  same steps (a lower meta_lr needs a new workdir: a resume refuses it); the resume says that
+  the last sitting diverged, and diverges again without saving anything."""
+  c = small(meta_lr=1e30, checkpoint_every=1, log_every=log_every)  # parameters explode at step 2
+  with pytest.raises(FloatingPointError, match=r'(not finite at step 2|non-finite training metrics '
+                                               r'in steps 2-2).*newest checkpoint, step 1, is '
+                                               r'finite and kept.*new --workdir') as e:
     train.train(c, str(tmp_path))
+  assert '\n' not in str(e.value)
+  with pytest.warns(RuntimeWarning, match=r'last sitting of this run diverged at step 2 '
+                                          r'\(runs\.jsonl\); resuming from its newest finite '
+                                          r'checkpoint, step 1'):
+    with pytest.raises(FloatingPointError, match='step 1, is finite and kept'):
+      train.train(c, str(tmp_path))
+  assert os.listdir(tmp_path / 'checkpoints') == ['1']
   _, state = workdir_lib.restore(str(tmp_path))
   assert int(state.step) == 1 and workdir_lib.all_finite(state.params)
 
@@ -167,10 +185,16 @@ def test_a_signal_saves_and_stops_cleanly(tmp_path, sig):
     if 'remaining steps' in line:
       break
   p.send_signal(sig)
-  out, err = p.communicate(timeout=600)
-  err = ''.join(lines) + err
+  err = ''.join(lines) + p.stderr.read()       # (the rest, through the same buffer)
+  out = p.stdout.read()
+  p.wait(timeout=600)
   assert p.returncode == 0, err[-3000:]
   assert 'Traceback' not in err and f'interrupted ({sig.name})' in err
+  # the terminal holds the project's lines only: orbax logged ~50 INFO lines at the start and
+  # ~35 per checkpoint (absl's --verbosity=0 shows them again)
+  logged = [l for l in err.splitlines() if re.match(r'[IWEF]\d{4} ', l)]
+  assert len(logged) == 2 and all('launch.py' in l for l in logged), err
+  assert len(err.splitlines()) <= 12, err
   status = json.loads(out)
   assert not status['done'] and status['stopped'] == f'interrupted ({sig.name})'
   assert os.listdir(os.path.join(wd, 'checkpoints')) == [str(status['step'])]   # no temp dir
@@ -359,3 +383,373 @@ def test_eval_of_a_workdir_without_its_config_says_restore(trained, tmp_path):
     workdir_lib.load_run_config(wd)
   with pytest.raises(FileNotFoundError, match='not a training workdir'):
     workdir_lib.load_run_config(str(tmp_path / 'empty'))
+
+
+# ==== a full disk, a deleted workdir, a lowered num_steps, other data, a clock jump ============
+
+def _full(path):
+  """The next atomic write of ``path`` meets a real ENOSPC: its temp file is a link to /dev/full."""
+  if not os.path.exists('/dev/full'):
+    pytest.skip('no /dev/full on this system')
+  os.symlink('/dev/full', f'{path}.tmp.{os.getpid()}')
+
+
+def _files(wd):
+  return {os.path.relpath(os.path.join(r, f), wd): open(os.path.join(r, f), 'rb').read()
+          for r, _, fs in os.walk(wd) for f in fs if f != '.lock'}
+
+
+def test_a_meta_test_on_a_full_disk_writes_nothing(trained, tmp_path):
+  """The per-episode accuracies could not be written: the result is not written either (a
+  results.json stood without them, and the paired interval could never use the run); an earlier
+  pair of both stays as it was, and no temp file is left."""
+  wd = _copy(trained[0], tmp_path / 'wd')
+  first = evaluation.evaluate_checkpoint(None, wd)
+  before = _files(wd)
+  assert {'results.json', 'episode_accs_test.npy'} <= set(before)
+  _full(metrics.episode_accs_path(wd, 'test'))
+  with pytest.raises(OSError) as e:
+    evaluation.evaluate_checkpoint(None, wd)
+  assert e.value.errno == errno.ENOSPC
+  assert _files(wd) == before and json.loads(before['results.json']) == first
+
+
+def test_a_workdir_without_its_accs_is_not_meta_tested(tmp_path):
+  from tests.test_long_runs_state import fake_run
+  cdir = tmp_path / 'camp'
+  runs.init_campaign(str(cdir), ['tiny'])
+  fake_run(cdir / 'tiny_maml_exact', 1000, evaluated=True)
+  assert runs.plan(str(cdir))[-1]['action'] == 'done'
+  os.remove(metrics.episode_accs_path(str(cdir / 'tiny_maml_exact'), 'test'))
+  assert runs.plan(str(cdir))[-1]['action'] == 'eval'
+
+
+CAMPAIGN_OVERRIDES = {'num_steps': 4, 'log_every': 2, 'val_every': 0, 'checkpoint_every': 2,
+                      'eval.num_episodes': 8, 'eval.batch_tasks': 4, 'eval.mc_samples': 1,
+                      'model.num_layers': 1}
+
+
+@pytest.fixture
+def finished_campaign_run(trained, tmp_path, monkeypatch):
+  """A campaign of the tiny setting whose run tiny_metadrop_exact is ``trained`` (4 of 4 steps,
+  not meta-tested; its meta-test: 8 episodes in 2 batches). (cdir, the run's folder)
+
+  The meta-test's compiled step is a stand-in (what these tests judge is what is written and
+  when it stops, not the accuracy), so that nothing compiles under the sitting's matmul
+  precision."""
+  monkeypatch.setattr(meta, '_COMPILED', {})
+  monkeypatch.setattr(meta, 'make_eval_step', lambda config, mc, n: lambda *_: (
+      jax.numpy.full((n,), 0.5), jax.numpy.ones((n,))))
+  precision = jax.config.jax_default_matmul_precision   # a sitting sets it
+  cdir = tmp_path / 'camp'
+  runs.init_campaign(str(cdir), ['tiny'], CAMPAIGN_OVERRIDES)
+  wd = _copy(trained[0], cdir / 'tiny_metadrop_exact')
+  with open(os.path.join(wd, 'config.json')) as f:
+    cfg = json.load(f)
+  cfg['eval']['num_episodes'] = 8
+  with open(os.path.join(wd, 'config.json'), 'w') as f:
+    json.dump(cfg, f)
+  assert [r['action'] for r in runs.plan(str(cdir))][2] == 'eval'
+  yield cdir, wd
+  jax.config.update('jax_default_matmul_precision', precision)
+
+
+def test_a_sitting_meta_testing_on_a_full_disk_is_one_line(finished_campaign_run, capsys):
+  """A traceback before; the run counted as meta-tested without its per-episode file."""
+  from tools.long_runs import campaign
+  from tests.test_bad_inputs import assert_user_error
+  cdir, wd = finished_campaign_run
+  before = _files(wd)
+  _full(metrics.episode_accs_path(wd, 'test'))
+  with pytest.raises(SystemExit) as e:
+    campaign.main(['sitting', f'--campaign_dir={cdir}'])
+  assert_user_error(e.value.code, capsys.readouterr().err,
+                    f'disk full at {cdir}: free space or choose another --campaign_dir')
+  assert _files(wd) == before
+  assert runs.plan(str(cdir))[2]['action'] == 'eval'      # not meta-tested
+
+
+def test_sigterm_during_a_sittings_meta_test(finished_campaign_run, monkeypatch):
+  """The meta-test stops at its next batch keeping the episodes it finished (and nothing else),
+  no run starts after it, the sitting's row says so, and the next sitting continues the run's
+  meta-test (tests/test_meta_test_resume.py: to the uninterrupted result)."""
+  from tools.long_runs import sitting
+  cdir, wd = finished_campaign_run
+  real, batches = keys.eval_batch_keys, []
+
+  def batch_keys(*a):           # SIGTERM while the first batch of episodes is computed
+    batches.append(a[-1])
+    if len(batches) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a)
+  monkeypatch.setattr(keys, 'eval_batch_keys', batch_keys)
+  before = _files(wd)
+  said = []
+  s = sitting.sitting(str(cdir), 3600.0, log=said.append)
+  assert batches == [0] and s['stopped'] == 'interrupted (SIGTERM)'
+  (entry,) = s['runs']
+  assert entry.pop('eval_s') >= 0
+  assert entry == {'name': 'tiny_metadrop_exact', 'from': 4, 'to': 4, 'minutes': 0.0,
+                   'evaluated': False, 'eval_episodes_done': 4,
+                   'stopped': 'meta-test interrupted (SIGTERM)'}
+  assert any('meta-test interrupted (SIGTERM) at 4/8 episodes' in l and 'continues it first' in l
+             for l in said)
+  assert sorted(set(_files(wd)) - set(before)) == ['eval_partial_test.npz']
+  assert [r['action'] for r in runs.plan(str(cdir))] == ['train', 'train', 'eval', 'train']
+
+
+def test_a_nan_meta_test_result_is_never_written(trained, tmp_path, monkeypatch):
+  wd = _copy(trained[0], tmp_path / 'wd')
+  real = evaluation.evaluate
+
+  def nan_episode(*a, **k):
+    r = real(*a, **k)
+    accs = r['accs'].astype(np.float64)
+    accs[1] = np.nan
+    return {**r, **metrics.summarize(accs), 'accs': accs}
+  monkeypatch.setattr(evaluation, 'evaluate', nan_episode)
+  with pytest.raises(FloatingPointError, match=r'the query mean and ci95 of checkpoint 4 are not '
+                                               r'finite.*no result written'):
+    evaluation.evaluate_checkpoint(None, wd)
+  assert not [f for f in os.listdir(wd) if f.startswith(('results', 'episode_accs'))]
+
+
+def test_eval_while_a_training_holds_the_workdir_says_so(trained, tmp_path):
+  wd = _copy(trained[0], tmp_path / 'wd')
+  assert workdir_lib.lock_holder(wd) is None
+  with workdir_lib.locked(wd):
+    assert workdir_lib.lock_holder(wd) == str(os.getpid())
+    with pytest.warns(RuntimeWarning, match=rf'{wd} is in use by a training \(pid {os.getpid()}\): '
+                                            r'evaluating its newest checkpoint so far, step 4 '
+                                            r'of 4'):
+      evaluation.evaluate_checkpoint(None, wd)
+  assert workdir_lib.lock_holder(wd) is None
+
+
+@pytest.mark.parametrize('how', ['deleted', 'replaced'])
+def test_a_workdir_deleted_while_training(tmp_path, monkeypatch, how):
+  """The run re-created parts of it (a checkpoint, a run log) and ended with exit code 0,
+  without config.json, metrics or events. Now it stops at its next write, saying why."""
+  import shutil
+  wd = str(tmp_path / 'w')
+  real = workdir_lib.save_metrics_window
+
+  def then_delete(workdir, step, window):
+    real(workdir, step, window)
+    if step == 2:
+      shutil.rmtree(workdir)
+      if how == 'replaced':
+        os.makedirs(workdir)
+        open(os.path.join(workdir, 'other'), 'w').close()
+  monkeypatch.setattr(workdir_lib, 'save_metrics_window', then_delete)
+  with pytest.raises(workdir_lib.WorkdirError, match='deleted or replaced while this run trained: '
+                                                     'nothing more is written there') as e:
+    train.train(small(), wd)
+  assert '\n' not in str(e.value)
+  assert (os.listdir(wd) == ['other']) if how == 'replaced' else not os.path.exists(wd)
+
+
+def test_num_steps_below_the_checkpoint_is_refused_and_changes_nothing(trained, tmp_path,
+                                                                       monkeypatch, capsys):
+  """It said "finished" and rewrote config.json with the lower num_steps."""
+  from tests.test_bad_inputs import assert_user_error, run_launch
+  wd = _copy(trained[0], tmp_path / 'wd')
+  before = _files(wd)
+  with pytest.raises(config_lib.ConfigError, match=r'num_steps=3 is below the step of .*checkpoint '
+                                                   r'\(4; config\.json says num_steps=4\)'):
+    train.train(small(num_steps=3), wd)
+  rc, _, err = run_launch(monkeypatch, capsys, '--config=configs/tiny.py', f'--workdir={wd}',
+                          '--config.model.num_layers=1', '--config.num_steps=3')
+  assert_user_error(rc, err, 'num_steps=3 is below', 'nothing was changed',
+                    '--config.num_steps=4 or more')
+  assert _files(wd) == before
+
+
+def test_num_steps_lowered_above_the_checkpoint_is_said(tmp_path):
+  wd = str(tmp_path)
+  train.train(small(max_steps_per_run=2), wd)                 # at step 2 of 4
+  with pytest.warns(RuntimeWarning, match='num_steps lowered from 4 to 3: this run now ends at '
+                                          'step 3'):
+    status = train.train(small(num_steps=3), wd)
+  assert status['step'] == 3 and status['done']
+  assert workdir_lib.load_run_config(wd).num_steps == 3
+
+
+def test_other_data_between_two_sittings_is_refused(tmp_path, monkeypatch):
+  """A data.path moved to another copy (a different zip) between two sittings trained one run
+  on two data sets without a word; the workdir records the arrays it trains on."""
+  from metadrop_jax import data as data_lib
+  wd = str(tmp_path / 'w')
+  train.train(small(max_steps_per_run=2), wd)
+  with open(os.path.join(wd, 'data.json')) as f:
+    assert set(json.load(f)) == {'train'}
+  real = data_lib.load_split
+
+  def other_copy(cfg, split):          # the same shape, one class replaced
+    a = real(cfg, split).copy()
+    a[0] = a[1]
+    return a
+  monkeypatch.setattr(data_lib, 'load_split', other_copy)
+  before = _files(wd)
+  with pytest.raises(workdir_lib.WorkdirError, match=r'the train data of synthetic at /elsewhere '
+                                                     r'is not what .* trained on \(now CRC-32 '
+                                                     r'\w{8}, shape .*data\.json records CRC-32 '
+                                                     r'\w{8}') as e:
+    train.train(small(**{'data.path': '/elsewhere'}), wd)
+  assert '\n' not in str(e.value)
+  assert _files(wd) == before
+  monkeypatch.setattr(data_lib, 'load_split', real)
+  assert train.train(small(), wd)['step'] == 4       # the same data again: it resumes
+
+
+def test_a_clock_jump_does_not_cut_a_training(tmp_path, monkeypatch):
+  """The time limit counted wall time: the system clock set 2 h ahead mid-run stopped a run
+  with 60 minutes to go (and one set back would let it overrun)."""
+  real_time, offset = time.time, [0.0]
+  monkeypatch.setattr(time, 'time', lambda: real_time() + offset[0])
+  real = workdir_lib.save_metrics_window
+
+  def jump(workdir, step, window):
+    real(workdir, step, window)
+    offset[0] = 7200.0
+  monkeypatch.setattr(workdir_lib, 'save_metrics_window', jump)
+  status = train.train(small(max_minutes_per_run=60.0), str(tmp_path))
+  assert status['stopped'] == 'finished' and status['step'] == 4
+  assert status['minutes_this_run'] < 60
+
+
+def test_a_clock_jump_does_not_cut_a_sitting(tmp_path, monkeypatch):
+  from tests.test_long_runs_state import quiet
+  from tools.long_runs import sitting
+  calls = []
+  real_time, offset = time.time, [0.0]
+  monkeypatch.setattr(time, 'time', lambda: real_time() + offset[0])
+
+  def fake(cfg, wd):      # the clock jumps 2 h while the first run trains
+    calls.append(os.path.basename(wd))
+    offset[0] = 7200.0
+    return {'step': 5, 'num_steps': cfg.num_steps, 'stopped': 'time limit', 'done': False,
+            'minutes_this_run': 0.01, 'state': None}
+  monkeypatch.setattr(train, 'train', fake)
+  precision = jax.config.jax_default_matmul_precision
+  try:
+    cdir = str(tmp_path / 'camp')
+    runs.init_campaign(cdir, ['tiny'])
+    sitting.sitting(cdir, 600.0, log=quiet)
+    assert len(calls) == 4                        # every run had its share
+    # a --deadline counts from the command's start: 590 of 600 s gone, too little for a run
+    calls.clear()
+    sitting.sitting(cdir, 600.0, started=time.monotonic() - 590.0, log=quiet)
+    assert calls == []
+  finally:
+    jax.config.update('jax_default_matmul_precision', precision)
+
+
+# ==== the ETA, the metrics window, a failed checkpoint save =====================================
+
+def test_the_eta_counts_checkpoints_once_timed(tmp_path, monkeypatch, capsys):
+  """The first ETA timed two steps without checkpoint or validation (30-50x too low when they
+  are frequent). Now it names what it leaves out and is said again with their cost."""
+  real = workdir_lib.save_checkpoint
+  monkeypatch.setattr(workdir_lib, 'save_checkpoint',
+                      lambda *a: (time.sleep(0.5), real(*a)))
+  train.train(small(num_steps=8, checkpoint_every=4), str(tmp_path))
+  eta = [l for l in capsys.readouterr().err.splitlines() if 'remaining steps' in l]
+  assert len(eta) == 2, eta
+  assert eta[0].endswith('2 checkpoints not counted yet (the ETA is said again once the first of '
+                         'each is timed)')
+  each = re.search(r'for the 4 remaining steps \(1 checkpoint x ([\d.]+) s included\)$', eta[1])
+  assert each and float(each.group(1)) >= 0.5, eta[1]
+
+
+def test_the_eta_of_validations_leaves_out_their_compile():
+  c = small(num_steps=100, val_every=10, checkpoint_every=50)
+  eta = train.Eta(c, validating=True)
+  assert eta.message(2, 'gpu') is None                       # no step timed yet
+  eta.step_s = 0.01
+  assert eta.message(3, 'gpu').endswith('2 checkpoints and 10 validations not counted yet (the '
+                                        'ETA is said again once the first of each is timed)')
+  assert eta.message(4, 'gpu') is None                       # nothing new
+  eta.time_validation(0.0, [5.0, 5.5, 6.0, 6.5])              # the first batch compiled for 5 s
+  assert eta.validation_s == 2.0
+  assert eta.message(10, 'gpu') is None                      # the checkpoint is still untimed
+  eta.checkpoint_s = 1.0
+  # 90 steps x 0.01 s + 2 checkpoints x 1 s + 9 validations x 2 s = 20.9 s
+  assert eta.message(10, 'gpu') == ('meta-train: 0.01 s/step on gpu -> ETA 0.3 min for the 90 '
+                                    'remaining steps (2 checkpoints x 1 s, 9 validations x 2 s '
+                                    'included)')
+  assert eta.message(11, 'gpu') is None
+
+
+def test_a_cut_or_stale_metrics_window_is_said_on_resume(tmp_path):
+  """A cut metrics_window.json was read as empty without a word: the first row after the
+  resume then averaged fewer steps."""
+  wd = str(tmp_path)
+  path = tmp_path / 'metrics_window.json'
+  workdir_lib.save_metrics_window(wd, 4, [{'train/loss': np.float32(1.5)}])
+  assert workdir_lib.load_metrics_window(wd, 4) == [{'train/loss': np.float32(1.5)}]
+  text = path.read_text()
+  path.write_text(text[:len(text) // 2])
+  with pytest.warns(RuntimeWarning, match=r'metrics_window\.json is unreadable .*averages only the '
+                                          r'steps from 5 on; training goes on'):
+    assert workdir_lib.load_metrics_window(wd, 4) == []
+  workdir_lib.save_metrics_window(wd, 2, [{'train/loss': np.float32(1.5)}])
+  with pytest.warns(RuntimeWarning, match='of step 2, older than the checkpoint resumed from'):
+    assert workdir_lib.load_metrics_window(wd, 4) == []
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    assert workdir_lib.load_metrics_window(wd, 1) == []      # a newer one: restore said it
+    assert workdir_lib.load_metrics_window(wd, 0) == []
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_writing(tmp_path, monkeypatch):
+  """orbax's threads each logged a traceback of the full disk and left a half-written folder:
+  a checkpoint that does not fit is refused first (one line, with the sizes), and a save that
+  fails all the same (the disk filled meanwhile) leaves no temporary folder."""
+  import shutil
+  from metadrop_jax import cli
+  c = small()
+  wd = str(tmp_path)
+  mgr = workdir_lib.checkpoint_manager(wd, c)
+  state, _ = meta.create_state(keys.run_keys(c)[0], c)
+  real = shutil.disk_usage
+  monkeypatch.setattr(shutil, 'disk_usage', lambda p: real(p)._replace(free=100 << 10))
+  with pytest.raises(OSError) as e:
+    workdir_lib.save_checkpoint(mgr, wd, 2, state)
+  assert e.value.errno == errno.ENOSPC and os.listdir(mgr.directory) == []
+  assert re.fullmatch(rf'disk full at {wd} \(checkpoint 2 needs about \d+ KiB, 100 KiB are free\): '
+                      'free space or choose another --workdir', cli.error_line(e.value))
+  monkeypatch.setattr(shutil, 'disk_usage', real)
+
+  def full(step, args):      # what orbax leaves when tensorstore meets a full disk
+    os.makedirs(os.path.join(mgr.directory, f'{step}.orbax-checkpoint-tmp', 'default'))
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing local file: No space left on device')
+  monkeypatch.setattr(mgr, 'save', full)
+  with pytest.raises(ValueError, match='No space left'):
+    workdir_lib.save_checkpoint(mgr, wd, 2, state)
+  assert os.listdir(mgr.directory) == []
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_does_not_fit_on_a_real_tmpfs(tmp_path):
+  """A 48 KiB tmpfs (a mount namespace of its own): config and logs fit, the first checkpoint
+  does not. One line (orbax's threads logged tracebacks before it), nothing half-written."""
+  import shutil
+  if not shutil.which('unshare') or subprocess.run(
+      ['unshare', '-rm', 'true'], capture_output=True).returncode:
+    pytest.skip('no user and mount namespaces here (unshare -rm)')
+  mnt = tmp_path / 'mnt'
+  mnt.mkdir()
+  script = (f'mount -t tmpfs -o size=48k tmpfs {mnt} && {sys.executable} launch.py '
+            f'--config=configs/tiny.py --workdir={mnt}/w --mode=train --config.num_steps=2 '
+            '--config.checkpoint_every=2 --config.val_every=0 --config.progress_bar=False; '
+            f'echo rc=$?; ls -a {mnt}/w/checkpoints')
+  p = subprocess.run(['unshare', '-rm', 'sh', '-c', script], cwd=ROOT, capture_output=True,
+                     text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert 'rc=2' in p.stdout, p.stdout + p.stderr[-3000:]
+  assert 'Traceback' not in p.stderr and 'orbax' not in p.stderr, p.stderr[-3000:]
+  errors = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and re.fullmatch(
+      rf'error: disk full at {mnt}/w \(checkpoint 2 needs about \d+ KiB, \d+ KiB are free\): '
+      'free space or choose another --workdir', errors[0]), errors
+  assert 'orbax-checkpoint-tmp' not in p.stdout

@@ -34,7 +34,8 @@ quiet = lambda *_: None
 
 def fake_run(wd, step, *, nbytes=2000, evaluated=False, sittings=1):
   """A run folder at ``step`` as train() leaves it: config.json, one checkpoint with its
-  SHA-256 in checkpoint_hashes.json, runs.jsonl (and results.json when meta-tested)."""
+  SHA-256 in checkpoint_hashes.json, runs.jsonl (and results.json with the per-episode
+  accuracies when meta-tested)."""
   ck = wd / 'checkpoints' / str(step)
   ck.mkdir(parents=True)
   data = os.urandom(nbytes)
@@ -46,6 +47,7 @@ def fake_run(wd, step, *, nbytes=2000, evaluated=False, sittings=1):
       json.dumps({'step': step, 'minutes_this_run': 1.0, 'n': i}) + '\n' for i in range(sittings)))
   if evaluated:
     (wd / 'results.json').write_text(json.dumps({'step': step, 'accuracy': 50.0, 'ci95': 1.0}))
+    metrics.save_npy_atomic(metrics.episode_accs_path(str(wd), 'test'), [0.5] * 10)
 
 
 def row(start, **more):

@@ -80,7 +80,8 @@ def test_a_sitting_cut_inside_a_meta_test_hands_it_to_the_next(finished, tmp_pat
          'log': lines.append}
   entry = sitting.meta_test(ctx, {'name': 'r'}, cfg, {'name': 'r', 'from': 4, 'to': 4})
   assert entry['evaluated'] is False and entry['eval_episodes_done'] == 4
-  assert 'meta-test cut at 4/8 episodes' in lines[-1] and 'continues it first' in lines[-1]
+  assert 'meta-test interrupted (SIGTERM) at 4/8 episodes' in lines[-1]
+  assert 'continues it first' in lines[-1]
   ctx['stop'] = types.SimpleNamespace(requested=None)
   entry = sitting.meta_test(ctx, {'name': 'r'}, cfg, {'name': 'r', 'from': 4, 'to': 4})
   assert entry['evaluated'] is True and 'meta-test' in lines[-1]

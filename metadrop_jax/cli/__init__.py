@@ -12,6 +12,7 @@ one of them, and launch.py, the same way: one line ``error: <problem>: <fix>``, 
 import contextlib
 import errno
 import os
+import re
 import sys
 
 EXIT_USER_ERROR = 2
@@ -38,16 +39,20 @@ def exception_chain(e: BaseException):
     e = e.__cause__ or e.__context__
 
 
-def error_line(e: BaseException, workdir: str | None = None) -> str | None:
-  """The one line for an error a user can fix; None for anything else."""
+def error_line(e: BaseException, workdir: str | None = None,
+               option: str = '--workdir') -> str | None:
+  """The one line for an error a user can fix; None for anything else. ``workdir``: where the
+  command writes (named by ``option``), for an error that names no file."""
   for x in exception_chain(e):
     # An OSError with its errno, or (tensorstore, under orbax) only the OS's words in a message.
     if ((isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT)) or
         any(t in str(x) for t in ('No space left on device', 'Disk quota exceeded'))):
       where = getattr(x, 'filename', None) or workdir or os.getcwd()
-      return f'disk full at {where}: free space or choose another --workdir'
+      how_much = re.search(r'\(([^()]*needs about[^()]*)\)', str(x))   # (a refused checkpoint)
+      how_much = f' ({how_much.group(1)})' if how_much else ''
+      return f'disk full at {where}{how_much}: free space or choose another {option}'
     if isinstance(x, OSError) and x.errno == errno.EROFS:
-      return f'read-only file system at {x.filename or workdir}: choose a writable --workdir'
+      return f'read-only file system at {x.filename or workdir}: choose a writable {option}'
   ours = [c for c in (_loaded('metadrop_jax.config', 'ConfigError'),
                       _loaded('metadrop_jax.data.cache', 'DataError'),
                       _loaded('metadrop_jax.workdir', 'WorkdirError'),

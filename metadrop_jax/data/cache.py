@@ -22,7 +22,8 @@ Omniglot's 72 MiB 0.08 s: cheap enough to check the whole array rather than a sa
 images replaced, rows swapped, any single-bit or burst error up to 32 bits with certainty, other
 changes with probability 1 - 2**-32); it is a check against accidents and disk corruption, not
 against deliberate forgery (the source files' sha256 is recorded for provenance). A cache built
-before this check existed gets its CRC recorded at its first load.
+before this check existed (no CRC-32 in its manifest) is rebuilt from the source: its arrays
+cannot be told intact, and recording the CRC of what is there would bless any damage.
 """
 
 from __future__ import annotations
@@ -170,10 +171,16 @@ def read_manifest(directory: Path):
     return None
 
 
+def _unchecked_splits(manifest) -> list[str]:
+  """The splits of a manifest without a CRC-32 (a cache built before the content check)."""
+  return sorted(s for s, e in (manifest or {}).get('splits', {}).items()
+                if not (isinstance(e, dict) and e.get('crc32')))
+
+
 def manifest_matches(manifest, key: Mapping, files: list[dict], directory: Path) -> bool:
   if not manifest or manifest.get('key') != dict(key):
     return False
-  if not _same_files(manifest.get('source_files', []), files):
+  if not _same_files(manifest.get('source_files', []), files) or _unchecked_splits(manifest):
     return False
   return all((directory / f'{s}.npy').is_file() for s in manifest.get('splits', {}))
 
@@ -202,6 +209,11 @@ def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[],
       (directory / MANIFEST).unlink()   # a rebuild in progress is never mistaken for a valid cache
   except OSError as e:
     raise write_error(e, directory) from e
+  unchecked = _unchecked_splits(manifest) if not force and manifest else []
+  if unchecked:
+    log(f'{directory / MANIFEST} records no CRC-32 of {", ".join(unchecked)} (a cache built '
+        'before the content check): rebuilt from the source, since its arrays cannot be told '
+        'intact')
   log(f'preparing {dataset} into {directory} (done once; later runs load the arrays) ...')
   t0 = time.time()
   try:
@@ -245,7 +257,7 @@ def prepare(*, dataset: str, cache_dir, key: Mapping, source_files: Callable[[],
   return directory, manifest
 
 
-def load(directory: Path, manifest: dict, split: str, log=print) -> np.ndarray:
+def load(directory: Path, manifest: dict, split: str) -> np.ndarray:
   """Loads one prepared split and checks it against the manifest (shape, dtype, CRC-32)."""
   path = directory / f'{split}.npy'
   try:
@@ -260,28 +272,15 @@ def load(directory: Path, manifest: dict, split: str, log=print) -> np.ndarray:
   if list(a.shape) != want or a.dtype != np.uint8:
     raise DataError(f'{path}: holds {a.dtype} {list(a.shape)}, manifest says uint8 {want}; '
                     f'delete {directory} to rebuild it')
+  if not entry.get('crc32'):     # (prepare rebuilds such a cache; here it is refused)
+    raise DataError(f'{path}: {directory / MANIFEST} records no CRC-32 of it, so it cannot be '
+                    f'told intact; delete {directory} to rebuild it from the source')
   got = content_crc32(a)
-  if 'crc32' not in entry:
-    # A cache from before the content check: record the digest now, check it from now on.
-    _record_crc32(directory, split, got)
-    entry['crc32'] = got
-    log(f'{path}: recorded its CRC-32 in {directory / MANIFEST} (checked at every later load)')
-  elif got != entry['crc32']:
+  if got != entry['crc32']:
     raise DataError(f'{path}: contents changed since the cache was built (CRC-32 {got}, '
                     f'{MANIFEST} says {entry["crc32"]}): the prepared array was modified or '
                     f'corrupted; delete {directory} to rebuild it from the source')
   return a
-
-
-def _record_crc32(directory: Path, split: str, crc: str) -> None:
-  manifest = read_manifest(directory)
-  if not manifest or split not in manifest.get('splits', {}):
-    return
-  manifest['splits'][split]['crc32'] = crc
-  try:
-    _atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
-  except OSError:
-    pass   # a read-only cache stays usable, just unchecked
 
 
 def describe(e: BaseException) -> str:

@@ -11,7 +11,8 @@
 created by the first sitting with the four Table-1 settings (``--campaign_settings`` for another
 list). ``plan`` and ``report`` never create or change it. Errors a user must fix (a damaged
 campaign.json, a folder of runs without one, an option that does not fit the campaign) print one
-line, ``error: <problem>: <fix>``, and exit with code 2; nothing is written.
+line, ``error: <problem>: <fix>``, and exit with code 2; nothing is written. A full disk in a
+sitting is one line too (what it was writing is left as it was before).
 """
 
 from __future__ import annotations
@@ -89,16 +90,25 @@ def fail(message: str):
 def main(argv=None) -> int:
   ap = _parser()
   a = ap.parse_args(_with_command(list(sys.argv[1:] if argv is None else argv)))
+  from metadrop_jax import cli
   try:
     return _main(a)
   except runs_lib.CampaignError as e:
     fail(e)
+  except Exception as e:  # pylint: disable=broad-except
+    line = cli.error_line(e, a.campaign_dir, '--campaign_dir')   # a full disk, a read-only one
+    if line is None:
+      raise
+    fail(line)
 
 
 def _options(a) -> tuple[dict, dict, float]:
-  """(--campaign_overrides, --formulation, the sitting's budget in seconds), checked before
-  anything is read or written."""
+  """(--campaign_overrides, --formulation, the sitting's budget in seconds from now), checked
+  before anything is read or written."""
   from metadrop_jax.cli import parse_overrides
+  if os.path.exists(a.campaign_dir) and not os.path.isdir(a.campaign_dir):
+    raise runs_lib.CampaignError(f'--campaign_dir={a.campaign_dir} is a file, not a folder: '
+                                 'choose another path')
   overrides = parse_overrides(a.campaign_overrides)
   if a.cmd != 'sitting':
     return overrides, {}, 0.0
@@ -129,6 +139,7 @@ def _options(a) -> tuple[dict, dict, float]:
 
 def _main(a) -> int:
   cdir = a.campaign_dir
+  started = time.monotonic()       # the budget (and --deadline) counts from here
   overrides, formulation, budget_s = _options(a)
   # plan and report never write the campaign's state: a missing campaign is created by a sitting
   camp = runs_lib.open_campaign(cdir, a.campaign_settings, overrides, create=a.cmd == 'sitting')
@@ -145,7 +156,7 @@ def _main(a) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')   # TF only comes with the TFDS source
   from tools.long_runs import sitting
   summary = sitting.sitting(cdir, budget_s, precision_choice=a.precision_choice,
-                            formulation=formulation,
+                            formulation=formulation, started=started,
                             formulation_xla_flags=a.formulation_xla_flags if formulation else None)
   print(json.dumps(summary, indent=2))
   return 0

@@ -110,16 +110,9 @@ def read_jsonl_tail(path):
 def write_atomic(path: str, data) -> None:
   """Writes ``data`` (bytes or text) to ``path`` through a temp file beside it and os.replace:
   a write cut at any point leaves the old file or none, never half of the new one."""
-  tmp = f'{path}.tmp.{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as f:
-      f.write(data.encode() if isinstance(data, str) else data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  from metadrop_jax import metrics
+  data = data.encode() if isinstance(data, str) else data
+  metrics.write_atomic(path, lambda f: f.write(data))
 
 
 def copy_atomic(src: str, dst: str) -> None:

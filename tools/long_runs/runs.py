@@ -157,7 +157,8 @@ def workdir_of(cdir: str, run: dict) -> str:
 def progress(cdir: str, run: dict) -> dict[str, Any]:
   """Steps done (from the checkpoint directory names), sittings, minutes, results; ``problem``:
   why the run cannot train now (a cut config.json), else None. A cut results.json reads as none
-  (with a warning): the run is meta-tested again."""
+  (with a warning): the run is meta-tested again; so is one whose per-episode accuracies are
+  missing (the paired interval of the gain needs them)."""
   import warnings
   r = state.read_run(workdir_of(cdir, run))
   if r['unread']:
@@ -171,7 +172,9 @@ def progress(cdir: str, run: dict) -> dict[str, Any]:
           'minutes': sum(float(s.get('minutes_this_run', 0.0)) for s in sittings),
           'devices': sorted({str(s.get('device', '?')) for s in sittings}),
           'trained': bool(num_steps) and step >= num_steps, 'problem': problem or None,
-          'evaluated': res is not None and res.get('step') == step, 'results': res}
+          'evaluated': res is not None and res.get('step') == step and os.path.exists(
+              metrics_lib.episode_accs_path(workdir_of(cdir, run), 'test')),
+          'results': res}
 
 
 def data_available(config) -> bool:

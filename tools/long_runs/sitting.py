@@ -11,9 +11,11 @@ whose data is not on this machine is skipped.
 
 Every run is ``train.train`` with ``max_minutes_per_run``: checkpointed atomically, so a sitting
 cut at any point loses at most the steps since the run's last checkpoint. Ctrl-C or SIGTERM stops
-the whole sitting: the run in training saves its step and stops, no other run starts, and the
-sitting's row says so. A run whose files need a fix (a cut config.json, a checkpoint that cannot
-be restored) is skipped with a warning; the others train.
+the whole sitting: the run in training saves its step and stops, a meta-test stops at its next
+batch of episodes with nothing written, no other run starts, and the sitting's row says so. The
+budget is counted on the monotonic clock: a change of the system time does not move it. A run
+whose files need a fix (a cut config.json, a checkpoint that cannot be restored) is skipped with
+a warning; the others train.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ EVAL_MIN_S = {'accelerator': 60.0, 'cpu': 10.0}
 
 def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
             precision_choice: str | None = None, formulation: dict | None = None,
-            formulation_xla_flags: str | None = None, log=print) -> dict:
-  """Trains the campaign's next runs for ``budget_s`` seconds (wall clock, compile included),
+            formulation_xla_flags: str | None = None, started: float | None = None,
+            log=print) -> dict:
+  """Trains the campaign's next runs for ``budget_s`` seconds (elapsed time, compile included),
   checkpointing each; meta-tests runs that finish; regenerates the tables. Returns a summary.
+  The budget counts on the monotonic clock from ``started`` (a ``time.monotonic()``; default:
+  now), so a change of the system time (NTP, a VM resumed) cannot stretch or cut it.
   ``formulation``: execution fields (:data:`runs.FORMULATION_FIELDS`) set on every run it
   trains; ``formulation_xla_flags``: the XLA flags it was measured with (recorded with it for
   this kind of device; the process must already run under them, XLA_FLAGS)."""
@@ -55,8 +60,8 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   unfinished = swap.unfinished(cdir)
   if unfinished:
     raise runs_lib.CampaignError(unfinished)
-  t_start = time.time()
-  deadline = t_start + budget_s
+  t_start, t_mono = time.time(), time.monotonic()
+  deadline = (t_mono if started is None else started) + budget_s
   camp = runs_lib.load_campaign(cdir)
   formulation = runs_lib.resolve_formulation(cdir, camp, runs_lib.check_formulation(formulation),
                                              formulation_xla_flags)
@@ -90,7 +95,7 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
   if stop.requested:
     summary['stopped'] = f'interrupted ({stop.requested})'
     log(f'[campaign] {stop.requested}: the sitting stops here (every run checkpointed)')
-  summary['seconds'] = round(time.time() - t_start, 1)
+  summary['seconds'] = round(time.monotonic() - t_mono, 1)
   metrics_lib.append_jsonl(os.path.join(cdir, 'sittings.jsonl'), summary)
   reports.write_reports(cdir)
   return summary
@@ -115,16 +120,19 @@ def meta_test(ctx, run: dict, cfg, entry: dict) -> dict:
   next sitting continues it first (evaluation.evaluate_checkpoint), so a finished run is always
   meta-tested, however little time the sitting that finished it had left."""
   from metadrop_jax import evaluation
-  t0 = time.time()
+  t0 = time.monotonic()
   wd = runs_lib.workdir_of(ctx['cdir'], run)
   r = evaluation.evaluate_checkpoint(
-      cfg, wd, should_stop=lambda: bool(ctx['stop'].requested) or time.time() > ctx['deadline'])
-  entry['eval_s'] = round(time.time() - t0, 1)
+      cfg, wd, should_stop=lambda: (ctx['stop'].requested is not None or
+                                    time.monotonic() > ctx['deadline']))
+  entry['eval_s'] = round(time.monotonic() - t0, 1)
   if r is None:
     done = evaluation.load_partial(wd, cfg, entry['to']) or {'accs': ()}
-    entry.update(evaluated=False, eval_episodes_done=len(done['accs']))
-    ctx['log'](f"[campaign] {run['name']}: meta-test cut at {len(done['accs'])}/"
-               f"{cfg.eval.num_episodes} episodes ({entry['eval_s']} s): the next sitting "
+    why = (f"interrupted ({ctx['stop'].requested})" if ctx['stop'].requested is not None else
+           'cut by the deadline')
+    entry.update(evaluated=False, eval_episodes_done=len(done['accs']), stopped=f'meta-test {why}')
+    ctx['log'](f"[campaign] {run['name']}: meta-test {why} at {len(done['accs'])}/"
+               f"{cfg.eval.num_episodes} episodes ({entry['eval_s']} s), kept: the next sitting "
                'continues it first')
     return entry
   entry.update(evaluated=True, accuracy=r['accuracy'], ci95=r['ci95'])
@@ -154,7 +162,7 @@ def meta_test_finished(ctx, rows) -> list[dict]:
   out = []
   for row in rows:
     if (ctx['stop'].requested or row['action'] != 'eval' or not row['data_here'] or
-        ctx['deadline'] - time.time() <= ctx['eval_min_s']):
+        ctx['deadline'] - time.monotonic() <= ctx['eval_min_s']):
       continue
     run = runs_lib.run_of(ctx['camp'], row['name'])
     entry = {'name': run['name'], 'from': row['step'], 'to': row['step'], 'minutes': 0.0}
@@ -185,7 +193,7 @@ def train_group(ctx, members) -> tuple[list[dict], bool]:
   from metadrop_jax import data as data_lib
   from metadrop_jax import train
   stop, log = ctx['stop'], ctx['log']
-  left = lambda: ctx['deadline'] - time.time()
+  left = lambda: ctx['deadline'] - time.monotonic()
   out = []
   # the run that is behind goes first: when a sitting is too short to split, the two methods of
   # a setting still advance in turn
@@ -195,12 +203,12 @@ def train_group(ctx, members) -> tuple[list[dict], bool]:
       break
     run = runs_lib.run_of(ctx['camp'], row['name'])
     cfg = runs_lib.config_lib_override(runs_lib.run_config(run, ctx['camp']), ctx['formulation'])
-    t_data = time.time()
+    t_data = time.monotonic()
     # prepares the cache outside the run's share
     if _guarded(ctx, run['name'], 'data', lambda: data_lib.load_split(cfg.data, 'train')) is None:
       continue
-    if time.time() - t_data > 1:
-      log(f"[campaign] {cfg.data.name} data ready in {time.time() - t_data:.0f} s")
+    if time.monotonic() - t_data > 1:
+      log(f"[campaign] {cfg.data.name} data ready in {time.monotonic() - t_data:.0f} s")
     share = left() / (len(members) - i)
     if share < ctx['min_share_s']:
       if left() < ctx['min_share_s']:
