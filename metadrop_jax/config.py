@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.channels = 32           # conv channels (64 Omniglot, 32 miniImageNet)
   c.model.num_layers = 4          # conv blocks
   c.model.bn_eps = 1e-3           # TF's batch_norm default
+  # 'auto' fields (conv_impl, pool_impl, task_map) are resolved when a run is created and the
+  # values recorded in its config.json (meta.resolve_auto; a resumed run keeps them)
   c.model.conv_impl = 'auto'      # 'xla' (lax.conv) | 'im2col' (patches @ kernel) | 'auto'
                                   # (im2col: nets.resolve_conv_impl)
   c.model.fuse_noise_conv = True  # compute theta and phi convs of a block as one conv

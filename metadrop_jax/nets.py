@@ -74,15 +74,15 @@ def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
 
 
 def resolve_pool_impl(impl: str, backend: str | None = None) -> str:
-  """'auto' -> 'select' on accelerators (no scatter in the derivative: 1.5x the whole step on
-  an H200), 'reduce_window' on the CPU, where the committed CPU results were trained with it and
-  reproduce to the digit. 'select' is faster on the CPU too (1.36x the Omniglot 20-way 1-shot
-  Meta-dropout step on 2 cores, 1.50x MAML's; docs/performance.md): both pick the same elements,
-  to every derivative order,
-  but the compiled steps round differently, so the CPU default stays what those runs used."""
-  if impl != 'auto':
-    return impl
-  return 'reduce_window' if (backend or jax.default_backend()) == 'cpu' else 'select'
+  """'auto' -> 'select' on every backend: no scatter in the derivative (1.5x the whole step on
+  an H200; 1.08-1.62x on a 2-core CPU at the eight paper settings, docs/performance.md). Both
+  formulations pick the same elements, to every derivative order, but the compiled steps round
+  differently, so a run keeps the value it was created with: a new run records the resolved
+  value in its config.json (:func:`metadrop_jax.meta.resolve_auto`), and the 'auto' of a
+  config.json written before runs recorded it is read with the rule of its time
+  (:data:`metadrop_jax.workdir.LEGACY_AUTO`: 'reduce_window' on the CPU)."""
+  del backend   # the same on every backend measured so far
+  return 'select' if impl == 'auto' else impl
 
 
 def spec_from_config(config, image_shape: tuple[int, int, int]) -> NetSpec:

@@ -19,7 +19,8 @@ from metadrop_jax import meta
 from metadrop_jax import nets
 from tests.conftest import tiny
 
-REFERENCE = {'model.conv_impl': 'xla', 'model.task_map': 'vmap', 'model.inner_loop': 'unroll',
+REFERENCE = {'model.conv_impl': 'xla', 'model.pool_impl': 'reduce_window',
+             'model.task_map': 'vmap', 'model.inner_loop': 'unroll',
              'model.fuse_noise_conv': False}
 FAST_PATHS = {
     'im2col': {'model.conv_impl': 'im2col'},
@@ -32,8 +33,9 @@ FAST_PATHS = {
     'im2col_bf16_x3': {'model.conv_impl': 'im2col', 'model.dot_algorithm': 'bf16_x3'},
     'all': {'model.conv_impl': 'im2col', 'model.fuse_noise_conv': True,
             'model.inner_loop': 'scan', 'model.task_map': 'map'},
-    'defaults': {'model.conv_impl': 'auto', 'model.fuse_noise_conv': True,
-                 'model.inner_loop': 'unroll', 'model.task_map': 'auto'},
+    'defaults': {'model.conv_impl': 'auto', 'model.pool_impl': 'auto',
+                 'model.fuse_noise_conv': True, 'model.inner_loop': 'unroll',
+                 'model.task_map': 'auto'},
 }
 
 
@@ -105,12 +107,19 @@ def test_fast_path_meta_gradient_matches_reference(method, path):
 
 def test_defaults_resolve_per_backend():
   spec = meta.spec_from_config(tiny())
-  assert spec.net.conv_impl == 'im2col'
-  assert spec.net.pool_impl == ('reduce_window' if jax.default_backend() == 'cpu' else 'select')
+  assert spec.net.conv_impl == 'im2col' and spec.net.pool_impl == 'select'
+  """Today's rules (a new run's): select pooling and im2col on every backend. A run's own
+  record wins over them (tests/test_train.py: committed runs keep reduce_window)."""
   assert spec.task_map == 'vmap' and spec.inner_loop == 'unroll'
-  assert nets.resolve_pool_impl('auto', 'gpu') == 'select'
-  assert nets.resolve_pool_impl('auto', 'cpu') == 'reduce_window'
-  assert nets.resolve_conv_impl('xla') == 'xla'
+  for backend in ('cpu', 'gpu'):
+    resolved = meta.resolve_auto(tiny(), backend=backend).model
+    assert (resolved.conv_impl, resolved.pool_impl, resolved.task_map) == (
+        'im2col', 'select', 'vmap')
+  recorded = {'model.pool_impl': 'reduce_window', 'model.task_map': 'map'}
+  resolved = meta.resolve_auto(tiny(**{'model.task_map': 'vmap'}), recorded).model
+  assert (resolved.pool_impl, resolved.task_map) == ('reduce_window', 'vmap')  # explicit wins
+  assert tiny().model.pool_impl == 'auto'            # the given config is left as it was
+  assert nets.resolve_conv_impl('xla') == 'xla' and nets.resolve_pool_impl('select') == 'select'
 
 
 def test_first_order_scan_matches_unroll():
