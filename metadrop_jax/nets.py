@@ -44,6 +44,7 @@ class NetSpec:
   method: str = 'metadrop'
   bn_eps: float = 1e-3
   bn_backward: str = 'exact'      # 'exact' | 'constant'; set by meta.MetaSpec from meta_gradient
+  bn_impl: str = 'two_pass'       # batch-norm statistics: 'two_pass' | 'one_pass' (same function)
   conv_impl: str = 'xla'          # resolved: 'xla' | 'im2col'
   pool_impl: str = 'reduce_window'  # 'reduce_window' | 'select' (same values and derivatives)
   dot_algorithm: str = 'default'  # im2col GEMMs: 'default' | 'bf16_x3' | 'bf16_x6' | 'tf32_x3'
@@ -95,6 +96,7 @@ def spec_from_config(config, image_shape: tuple[int, int, int]) -> NetSpec:
       num_layers=config.model.num_layers,
       method=config.method,
       bn_eps=config.model.bn_eps,
+      bn_impl=config.model.bn_impl,
       conv_impl=impl,
       pool_impl=resolve_pool_impl(config.model.pool_impl),
       dot_algorithm=config.model.dot_algorithm,
@@ -183,39 +185,80 @@ def conv3x3(x: jax.Array, w: jax.Array, b: jax.Array, impl: str, dtype: str = 'f
   return y + b
 
 
-def batch_norm(x: jax.Array, beta: jax.Array, eps: float, backward: str = 'exact') -> jax.Array:
+BN_IMPLS = ('two_pass', 'one_pass')
+
+
+def batch_moments(x: jax.Array, impl: str = 'two_pass') -> tuple[jax.Array, jax.Array]:
+  """``(x - mean, var)`` of ``x: [N, H, W, C]`` per channel, over N, H, W.
+
+  ``'two_pass'``: the mean, then ``var = mean((x - mean)^2)``: two dependent reads of ``x``.
+
+  ``'one_pass'``: both from sums of the shifted values ``d = x - s`` in one read of ``x`` (XLA
+  fuses the two sibling reductions into one kernel): ``m1 = mean(d)``, ``m2 = mean(d^2)``,
+  ``x - mean = d - m1`` and ``var = m2 - m1^2``. The shift ``s`` is a cheap per-channel
+  estimate of the mean: the first example's centre pixel (a value of the same channel, away
+  from the zero-padded border), under ``stop_gradient``.
+
+  Numerics: ``m2 - m1^2`` cancels; its rounding error relative to ``var`` grows like
+  ``1 + (mean - s)^2 / var``, the squared z-score of the shift. With ``s = 0`` (the textbook
+  one-pass formula) that is ``(mean / std)^2``, unbounded for a channel with a large offset; with
+  ``s`` a sample of the channel it is that sample's z-score, O(1) for these conv outputs, so the
+  result stays within float32 rounding of the two-pass one (tests/test_fast_paths.py compares
+  both, and the full meta-gradients). ``var`` is clamped at 0 (rounding could make a constant
+  channel's slightly negative; mathematically it is >= 0, so the function is unchanged).
+
+  Derivatives: for every ``s``, ``d - m1 = x - mean`` and ``m2 - m1^2 = var`` exactly, so both
+  are functions of ``x`` alone; their partial derivatives in ``s`` vanish identically, and
+  cutting ``s`` off with ``stop_gradient`` leaves every derivative of every order (the
+  second-order meta-gradient) that of the two-pass formula.
+  """
+  axes = (0, 1, 2)
+  if impl == 'two_pass':
+    mean = jnp.mean(x, axis=axes)
+    return x - mean, jnp.mean(jnp.square(x - mean), axis=axes)
+  if impl != 'one_pass':
+    raise ValueError(f"batch_norm impl={impl!r}: use one of {BN_IMPLS}")
+  s = jax.lax.stop_gradient(x[0, x.shape[1] // 2, x.shape[2] // 2])
+  d = x - s
+  m1 = jnp.mean(d, axis=axes)
+  m2 = jnp.mean(jnp.square(d), axis=axes)
+  return d - m1, jnp.maximum(m2 - jnp.square(m1), 0.0)
+
+
+def batch_norm(x: jax.Array, beta: jax.Array, eps: float, backward: str = 'exact',
+               impl: str = 'two_pass') -> jax.Array:
   """Transductive batch norm: statistics of this batch over N, H, W; offset only, no scale.
 
   Matches ``tf.contrib.layers.batch_norm(is_training=True, scale=False, epsilon=1e-3)`` in value
   and first derivative. ``backward='exact'`` differentiates it exactly to every order;
   ``backward='constant'`` keeps the exact first derivative but makes that backward pass a
   constant to any further differentiation, which is what the authors' TF graph computes for the
-  meta-gradient (docs/authors_gradient.md).
+  meta-gradient (docs/authors_gradient.md). ``impl``: how the statistics are computed
+  (:func:`batch_moments`; the same function either way).
   """
   if backward == 'constant':
-    return _batch_norm_constant_backward(x, beta, eps)
+    return _batch_norm_constant_backward(x, beta, eps, impl)
   if backward != 'exact':
     raise ValueError(f"batch_norm backward={backward!r}: use 'exact' or 'constant'")
-  mean = jnp.mean(x, axis=(0, 1, 2))
-  var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
-  return (x - mean) * jax.lax.rsqrt(var + eps) + beta
+  centred, var = batch_moments(x, impl)
+  return centred * jax.lax.rsqrt(var + eps) + beta
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _batch_norm_constant_backward(x, beta, eps):
-  return batch_norm(x, beta, eps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _batch_norm_constant_backward(x, beta, eps, impl):
+  return batch_norm(x, beta, eps, impl=impl)
 
 
-def _bn_fwd(x, beta, eps):
-  return batch_norm(x, beta, eps), (x, beta)
+def _bn_fwd(x, beta, eps, impl):
+  return batch_norm(x, beta, eps, impl=impl), (x, beta)
 
 
-def _bn_bwd(eps, residuals, g):
+def _bn_bwd(eps, impl, residuals, g):
   # The exact vector-Jacobian product, detached: its value is the true first derivative, its own
   # derivative (w.r.t. x, beta and the incoming cotangent g) is zero. In TF 2.x compat.v1 the
   # second derivative of FusedBatchNormGrad comes back None inside the v1 tf.map_fn the authors
   # use, which is this.
-  _, vjp = jax.vjp(lambda xx, bb: batch_norm(xx, bb, eps), *residuals)
+  _, vjp = jax.vjp(lambda xx, bb: batch_norm(xx, bb, eps, impl=impl), *residuals)
   return jax.tree.map(jax.lax.stop_gradient, vjp(g))
 
 
@@ -322,8 +365,8 @@ def forward_features(params: Params, x: jax.Array, key: jax.Array | None, spec: 
       u, kl = spec.row.perturb(spec, mu, a, keys[l], sample)
       kl_total = kl_total + kl
     feats[f'u{l}'] = u
-    h = max_pool(jax.nn.relu(batch_norm(u, bn[name]['beta'], spec.bn_eps, spec.bn_backward)),
-                 spec.pool_impl)
+    h = max_pool(jax.nn.relu(batch_norm(u, bn[name]['beta'], spec.bn_eps, spec.bn_backward,
+                                        spec.bn_impl)), spec.pool_impl)
     h = _mix(h, mix, l + 1)
   feat = h.reshape(h.shape[0], -1)
   logits = feat @ theta['dense']['w'] + theta['dense']['b']

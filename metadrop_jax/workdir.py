@@ -43,7 +43,7 @@ LOOP_FIELDS = ('max_steps_per_run', 'max_minutes_per_run', 'progress_bar', 'log_
                'val_every', 'checkpoint_every', 'keep_checkpoints', 'num_steps', 'eval',
                'data.cache_dir', 'data.path', 'data.ilsvrc_path', 'data.source',
                'model.conv_impl', 'model.pool_impl', 'model.fuse_noise_conv', 'model.task_map',
-               'model.inner_loop', 'model.dot_algorithm', 'name')
+               'model.inner_loop', 'model.dot_algorithm', 'model.bn_impl', 'name')
 
 
 class WorkdirError(RuntimeError):
