@@ -9,7 +9,7 @@ import os
 
 from tools.long_runs import runs as runs_lib
 from tools.long_runs.procs import read_json
-from tools.long_runs.gpu_check import formulation_key
+from tools.long_runs.gpu_check import overrides_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER_SETTINGS = ('omniglot_20way1shot', 'omniglot_20way5shot', 'mimgnet_5way1shot',
@@ -178,6 +178,15 @@ def reference_cell(overrides: dict, cells: dict, xla_flags: str | None = None) -
   return None
 
 
+def smoke_keys(given: str, runs: list, cells: dict) -> str:
+  """The formulations the smoke test checks (gpu_check --conv_impls): ``given`` and what every
+  cell of the planned formulation ``runs`` computes (:func:`gpu_check.overrides_key`), so that
+  a new cell can train in the job that times it."""
+  keys = [k for k in given.split(',') if k]
+  keys += [overrides_key(cells[c][0]) for _, _, names in runs for c in names if c in cells]
+  return ','.join(dict.fromkeys(keys))
+
+
 def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
   """The formulation a sitting trains with: the fastest reproducible cell of the formulations
   benchmark (steps dispatched back to back) whose conv formulation passed the smoke test, if it
@@ -192,8 +201,7 @@ def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
   reproducible = set((form.get('determinism') or {}).get('reproducible') or ())
   passed = (smoke or {}).get('pass_highest_by_conv_impl') or {}
   ok = [r for r in rows if (r.get('deterministic_ops') or r['cell'] in reproducible) and
-        passed.get(formulation_key(r['overrides'].get('model.conv_impl', 'xla'),
-                                   r['overrides'].get('model.dot_algorithm', 'default')), False)]
+        passed.get(overrides_key(r['overrides']), False)]
   if not ok:
     return {**none, 'why': 'no reproducible cell whose conv formulation passed the smoke test'}
   best = min(ok, key=lambda r: r['ms_per_iter_pipelined'])
@@ -215,8 +223,8 @@ def formulation_checked(smoke: dict | None, overrides: dict):
   from metadrop_jax import nets
   if not smoke or not smoke.get('rows'):
     return None
-  key = formulation_key(nets.resolve_conv_impl(overrides.get('model.conv_impl', 'auto')),
-                        overrides.get('model.dot_algorithm', 'default'))
+  key = overrides_key({**overrides, 'model.conv_impl': nets.resolve_conv_impl(
+      overrides.get('model.conv_impl', 'auto'))})
   by = smoke.get('pass_highest_by_conv_impl') or {}
   return bool(by.get(key, False))
 
