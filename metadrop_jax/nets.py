@@ -193,8 +193,9 @@ def batch_moments(x: jax.Array, impl: str = 'two_pass') -> tuple[jax.Array, jax.
 
   ``'two_pass'``: the mean, then ``var = mean((x - mean)^2)``: two dependent reads of ``x``.
 
-  ``'one_pass'``: both from sums of the shifted values ``d = x - s`` in one read of ``x`` (XLA
-  fuses the two sibling reductions into one kernel): ``m1 = mean(d)``, ``m2 = mean(d^2)``,
+  ``'one_pass'``: both from sums of the shifted values ``d = x - s``, which need one read of
+  ``x`` (two sibling reductions that XLA:GPU can fuse into one kernel; XLA:CPU runs them as two):
+  ``m1 = mean(d)``, ``m2 = mean(d^2)``,
   ``x - mean = d - m1`` and ``var = m2 - m1^2``. The shift ``s`` is a cheap per-channel
   estimate of the mean: the first example's centre pixel (a value of the same channel, away
   from the zero-padded border), under ``stop_gradient``.
@@ -202,9 +203,11 @@ def batch_moments(x: jax.Array, impl: str = 'two_pass') -> tuple[jax.Array, jax.
   Numerics: ``m2 - m1^2`` cancels; its rounding error relative to ``var`` grows like
   ``1 + (mean - s)^2 / var``, the squared z-score of the shift. With ``s = 0`` (the textbook
   one-pass formula) that is ``(mean / std)^2``, unbounded for a channel with a large offset; with
-  ``s`` a sample of the channel it is that sample's z-score, O(1) for these conv outputs, so the
-  result stays within float32 rounding of the two-pass one (tests/test_fast_paths.py compares
-  both, and the full meta-gradients). ``var`` is clamped at 0 (rounding could make a constant
+  ``s`` a sample of the channel it is that sample's squared z-score, small unless the sample is
+  an outlier of its channel. The two-pass formula has its own error in the mean of a channel far
+  from 0, which the shift avoids: against float64, the one-pass result is about as close as the
+  two-pass one, and closer for such channels (tests/test_fast_paths.py compares both, and the
+  full meta-gradients). ``var`` is clamped at 0 (rounding could make a constant
   channel's slightly negative; mathematically it is >= 0, so the function is unchanged).
 
   Derivatives: for every ``s``, ``d - m1 = x - mean`` and ``m2 - m1^2 = var`` exactly, so both

@@ -143,10 +143,11 @@ def _stored_config(workdir: str) -> dict | None:
 
 
 # What 'auto' (or a missing field) meant in a config.json written before runs recorded the
-# values their 'auto' fields resolved to (meta.resolve_auto): the rules every such run was
-# trained, resumed and evaluated with, on the backend of the process reading it (as they were
-# applied then). Every committed CPU run in results/ holds 'auto' and reads as im2col,
-# reduce_window and vmap (tests/test_train.py checks each one).
+# values their 'auto' fields resolved to (meta.resolve_auto): the rules such runs were resumed
+# and evaluated with until then, on the backend of the process reading it (as they were applied
+# then). On the CPU they never changed: every committed CPU run in results/ holds 'auto' and
+# reads as im2col, reduce_window and vmap, what it trained with (tests/test_train.py checks each
+# one). (On a GPU, 'auto' meant lax.conv before 2026-12-04; no committed run says 'auto' there.)
 LEGACY_AUTO = {
     'model.conv_impl': lambda backend: 'im2col',
     'model.pool_impl': lambda backend: 'reduce_window' if backend == 'cpu' else 'select',
