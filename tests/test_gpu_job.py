@@ -380,11 +380,14 @@ def test_the_triton_tf32x3_cells_fill_the_autotune_cache_before_they_read_it(tmp
   env = autotune.xla_env(f'{runs.DETERMINISTIC_OPS} {flags}')
   assert cache.is_dir() and env['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] == 'none'
   assert 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES' not in autotune.xla_env(runs.DETERMINISTIC_OPS)
+  ov, det, extra = f.CELLS[fill]      # (this module's own copy: the cache in tmp_path)
+  f.CELLS[fill] = (ov, det, extra.replace(autotune.CACHE_DIR, str(cache)))
   for c in ('select_im2col', fill):
     env = f.cell_env(c, '--xla_gpu_deterministic_ops=true --xla_other=1')
     assert env['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] == 'none'
     assert ('--xla_gpu_deterministic_ops=true' in env['XLA_FLAGS']) == (c == 'select_im2col')
     assert '--xla_other=1' in env['XLA_FLAGS']
+  f.CELLS[fill] = (ov, det, extra)
   # the reading cells compiled the filling cell's kernels, or not
   cfg = lambda x: {'gemms': {'triton_configs': {x: 12}}}
   rows = [{'cell': fill, **cfg('A')}, {'cell': read, **cfg('A')},
