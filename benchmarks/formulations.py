@@ -7,13 +7,17 @@ same function (tests/test_fast_paths.py); what differs is speed, and on a GPU th
 
 Cells are compiled in parallel, one process each, a wave at a time; once a wave has compiled,
 its processes are timed one after the other, so the timing of one never shares the device or
-the host with another's compile. Per cell:
+the host with another's compile. A cell that fills XLA's autotune cache compiles in a wave before
+the cells that read it (:func:`waves`); no other cell sees an autotune cache (:func:`cell_env`).
+Per cell:
 
 * compile s; ms/iter as the median of ``--iters`` steps each waited for (latency), as the mean
   of ``--iters`` steps dispatched back to back, and as the mean with one step queued behind the
   running one (how train.py dispatches);
 * the counts of ops in the optimised HLO that matter on a GPU (sort, while, scatter,
-  select-and-scatter, grouped convolutions, cuDNN convolutions, GEMMs, transposes, fusions);
+  select-and-scatter, grouped convolutions, cuDNN convolutions, GEMMs, transposes, fusions), and
+  what became of its dots (:func:`gemm_counts`): Triton GEMM fusions, cuBLAS GEMM calls or other
+  dots, with the tile configs of the Triton ones;
 * a SHA-256 of the state after warm-up + timed steps (cells with identical numerics agree; two
   processes of one cell, '<cell>' and '<cell>_again', agree only if the device computes
   deterministically and both compilations chose the same kernels) and the last loss;
@@ -31,6 +35,7 @@ device against one run alone.
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import hashlib
 import json
@@ -45,8 +50,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import provenance  # noqa: E402  (benchmarks/provenance.py)
+from tools.long_runs import autotune  # noqa: E402  (no jax: XLA's autotune cache)
+from tools.long_runs import runs as runs_lib  # noqa: E402  (no jax: the XLA flags of a run)
 
-DET = '--xla_gpu_deterministic_ops=true'
+DET = runs_lib.DETERMINISTIC_OPS
 NO_CMD_BUFFER = '--xla_gpu_enable_command_buffer='
 # Deterministic kernels without --xla_gpu_deterministic_ops: that flag also switches the autotuner
 # off (XLA takes the first cuDNN / GEMM candidate), this one only excludes the kernels that are
@@ -54,10 +61,21 @@ NO_CMD_BUFFER = '--xla_gpu_enable_command_buffer='
 # select-and-scatter, so only with select pooling) and keeps autotuning. Which kernels the
 # autotuner picks can differ between compilations: a cell with it counts as reproducible only if
 # two processes of it (the '<cell>' and '<cell>_again' pair) end in the same state.
-EXCLUDE_NONDET = '--xla_gpu_exclude_nondeterministic_ops=true'
+EXCLUDE_NONDET = runs_lib.EXCLUDE_NONDET
 # every GEMM may become a Triton fusion (the autotuner weighs it against cuBLAS), which can read
 # its operand's producers (the im2col patches) inside the GEMM instead of from memory
 TRITON_GEMM = '--xla_gpu_triton_gemm_any=true'
+# Triton GEMMs only: with the cuBLAS fallback off the autotuner keeps no cuBLAS candidate for a
+# GEMM fusion (xla/debug_options_flags.cc: "Allow GEMM fusion autotuning to fall back to cuBLAS
+# when that is faster"). A dot with an explicit algorithm such as TF32_TF32_F32_X3 is one Triton
+# kernel then (three TF32 products per tile in registers), not the three cuBLAS GEMMs and the
+# split/sum passes XLA makes of it otherwise; 'highest'-precision dots stay with cuBLAS.
+TRITON_ONLY = f'{TRITON_GEMM} --xla_gpu_cublas_fallback=false'
+# XLA's per-fusion autotune cache (tools/long_runs/autotune.py): the '_fill' cell compiles without
+# deterministic ops, autotunes and writes it; the cells with deterministic ops and the same flag
+# read it (instead of taking the first candidate); a cell that reads it never compiles beside one
+# that fills it (:func:`waves`). Every other cell runs without one (:func:`cell_env`).
+AUTOTUNE_CACHE = autotune.CACHE
 AGAIN = '_again'
 # Conv formulations whose kernels no XLA flag governs: a Pallas kernel is compiled by Triton, not
 # chosen among XLA's kernels, so deterministic ops say nothing about it. It is deterministic by
@@ -116,8 +134,23 @@ CELLS = {
                                   False, f'{EXCLUDE_NONDET} {TRITON_GEMM}'),
     'select_im2col_excl_triton_again': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select'},
                                         False, f'{EXCLUDE_NONDET} {TRITON_GEMM}'),
+    # batch-norm statistics in one read of the activations (model.bn_impl, nets.batch_moments)
+    'select_im2col_bn1': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
+                           'model.bn_impl': 'one_pass'}, True, ''),
+    # the im2col GEMMs as 3 TF32 products in one Triton kernel each, autotuned once (the '_fill'
+    # cell, without deterministic ops) and read from the cache by the deterministic cells
+    'select_im2col_tf32x3_triton_fill': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
+                                          'model.dot_algorithm': 'tf32_x3'}, False,
+                                         f'{TRITON_ONLY} {AUTOTUNE_CACHE}'),
+    'select_im2col_tf32x3_triton': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
+                                     'model.dot_algorithm': 'tf32_x3'}, True,
+                                    f'{TRITON_ONLY} {AUTOTUNE_CACHE}'),
+    'select_im2col_tf32x3_triton_again': ({'model.conv_impl': 'im2col', 'model.pool_impl': 'select',
+                                           'model.dot_algorithm': 'tf32_x3'}, True,
+                                          f'{TRITON_ONLY} {AUTOTUNE_CACHE}'),
 }
-DEFAULT_TRACE = ('baseline', 'select', 'select_im2col', 'select_im2col_triton')
+DEFAULT_TRACE = ('baseline', 'select', 'select_im2col', 'select_im2col_triton', 'select_im2col_bn1',
+                 'select_im2col_tf32x3_triton')
 
 HLO_OPS = {
     'sort': r'\bsort\(',
@@ -139,16 +172,124 @@ def hlo_counts(text: str) -> dict[str, int]:
   return {k: len(re.findall(p, text)) for k, p in HLO_OPS.items()}
 
 
+# What XLA:GPU makes of a dot: a Triton GEMM fusion (its backend_config's kind; the tile config
+# beside it), a cuBLAS call (the custom call's target), or a cuDNN GEMM fusion.
+TRITON_GEMM_KINDS = ('__triton_gemm', '__triton_nested_gemm_fusion')
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+) \(.*\) -> .* \{$')
+_CALLS = re.compile(r'(?:calls|to_apply|body|condition)=%?([\w.\-]+)')
+_FUSION_KIND = re.compile(r'"kind":"([^"]+)"')
+_TILING = re.compile(r'"(triton_gemm_config|block_level_fusion_config)":(\{(?:[^{}]|\{[^{}]*\})*\})')
+
+
+def gemm_counts(text: str) -> dict:
+  """What the dots of an optimised HLO module became: ``triton_gemm`` (fusions of kind
+  :data:`TRITON_GEMM_KINDS`, one dot each), ``cublas_gemm`` (``__cublas$gemm`` /
+  ``__cublas$lt$matmul`` custom calls: a dot XLA split into 3 products for a multi-pass
+  algorithm is 3 of them), ``cudnn_fusion``, ``other_dot`` (dot instructions anywhere else: the
+  CPU's, or ones no GPU library took), ``algorithms`` (how many instructions carry each dot
+  algorithm, e.g. ``dot_tf32_tf32_f32_x3``) and ``triton_configs`` (the tile config of every
+  Triton GEMM fusion, as XLA prints it, and how many fusions have it: two compilations that
+  chose the same kernels list the same)."""
+  comp, calls, triton_comps = None, {}, set()
+  dots_in = collections.Counter()
+  out = {'triton_gemm': 0, 'cublas_gemm': 0, 'cudnn_fusion': 0, 'other_dot': 0}
+  algorithms, configs = collections.Counter(), collections.Counter()
+  for line in text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      comp = m.group(1)
+      continue
+    if ' = ' not in line or comp is None:
+      continue
+    calls.setdefault(comp, set()).update(_CALLS.findall(line))
+    for alg in re.findall(r'algorithm=(dot_[\w]+)', line):
+      algorithms[alg] += 1
+    if re.search(r'\sdot\(', line):
+      dots_in[comp] += 1
+    target = re.search(r'custom_call_target="([^"]+)"', line)
+    if target and target.group(1).startswith('__cublas$'):
+      out['cublas_gemm'] += 1
+    if ' fusion(' in line:
+      kind = _FUSION_KIND.search(line)
+      if kind and kind.group(1) in TRITON_GEMM_KINDS:
+        out['triton_gemm'] += 1
+        triton_comps.update(_CALLS.findall(line))
+        tiling = _TILING.search(line)
+        configs[tiling.group(2) if tiling else '?'] += 1
+      elif kind and kind.group(1) == '__cudnn$fusion':
+        out['cudnn_fusion'] += 1
+  inside, todo = set(), list(triton_comps)
+  while todo:                     # the computations a Triton fusion calls, nested ones included
+    c = todo.pop()
+    if c not in inside:
+      inside.add(c)
+      todo.extend(calls.get(c, ()))
+  out['other_dot'] = sum(n for c, n in dots_in.items() if c not in inside)
+  out['algorithms'] = dict(algorithms)
+  out['triton_configs'] = dict(configs.most_common())
+  return out
+
+
+def fills_cache(name: str) -> bool:
+  """A cell that autotunes into a named autotune cache: no deterministic ops, the cache flag."""
+  _, det, extra = CELLS[name]
+  return not det and autotune.named_cache(extra) is not None
+
+
+def reads_cache(name: str) -> bool:
+  """A cell with deterministic ops that looks its kernels up in a named autotune cache."""
+  _, det, extra = CELLS[name]
+  return det and autotune.named_cache(extra) is not None
+
+
+def waves(cells: list[str], parallel: int) -> list[list[str]]:
+  """The cells in waves of at most ``parallel`` compiles, in the given order, except that the
+  cells that fill an autotune cache come first, in waves completed by cells that do not read
+  one: a reading cell never compiles beside a filling one (before the cache is written)."""
+  chunk = lambda cs: [cs[i:i + parallel] for i in range(0, len(cs), parallel)]
+  fill = [c for c in cells if fills_cache(c)]
+  first = fill + [c for c in cells if not fills_cache(c) and not reads_cache(c)]
+  head = first[:-(-len(fill) // parallel) * parallel]
+  return chunk(head) + chunk([c for c in cells if c not in head])
+
+
 def cell_env(name: str, base_flags: str) -> dict:
-  """The environment of a cell's process: XLA_FLAGS with or without deterministic ops."""
+  """The environment of a cell's process: XLA_FLAGS with or without deterministic ops and the
+  cell's own. No cell uses the autotune cache jax would attach to the compilation cache (that one
+  would carry a cell's autotuning into every deterministic cell compiled after it): a cell
+  autotunes, or takes the first candidates, on its own, unless it names a cache."""
   _, det, extra = CELLS[name]
   flags = ' '.join(f for f in base_flags.split() if 'xla_gpu_deterministic_ops' not in f)
   flags = ' '.join(x for x in (flags, DET if det else '', extra) if x)
   env = dict(os.environ)
-  env['XLA_FLAGS'] = flags
+  env.update(autotune.xla_env(flags))
+  env['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] = 'none'
   env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'   # many processes share the card
   env['PYTHONUNBUFFERED'] = '1'
   return env
+
+
+def _entries(folder: str | None) -> int | None:
+  return len(os.listdir(folder)) if folder and os.path.isdir(folder) else None
+
+
+def autotune_check(rows) -> dict:
+  """Whether the cells that read an autotune cache compiled the Triton GEMM kernels of the cell
+  that filled it: per reading cell, the same tile configs (a hit for every fusion), or not (some
+  fusion missed the cache and took the first candidate)."""
+  by = {r['cell']: r for r in rows if 'error' not in r and 'gemms' in r}
+  fills = {c: r for c, r in by.items() if c in CELLS and fills_cache(c)}
+  out = {}
+  for c, r in by.items():
+    if c not in CELLS or not reads_cache(c):
+      continue
+    ov, _, extra = CELLS[c]
+    fill = next((f for f, fr in fills.items()
+                 if CELLS[f][0] == ov and CELLS[f][2] == extra), None)
+    if fill is not None:
+      out[c] = {'fill': fill, 'same_triton_configs':
+                r['gemms']['triton_configs'] == by[fill]['gemms']['triton_configs']}
+  return out
 
 
 def state_digest(state) -> str:
@@ -185,11 +326,14 @@ def worker(a: dict) -> None:
   import jax
   import numpy as np
   config, state, images, train_key, step = build_cell(a)
+  cache = autotune.named_cache(os.environ.get('XLA_FLAGS', ''))
+  cache_before = _entries(cache)
   t0 = time.perf_counter()
   compiled = step.lower(state, images, train_key).compile()
   compile_s = time.perf_counter() - t0
   hlo_text = compiled.as_text()
   counts = hlo_counts(hlo_text)
+  gemms = gemm_counts(hlo_text)
   print('READY ' + json.dumps({'compile_s': compile_s}), flush=True)
   if sys.stdin.readline().strip() != 'GO':
     return
@@ -245,7 +389,9 @@ def worker(a: dict) -> None:
       **flops_lib.utilisation(config, pipelined, dev.device_kind),
       'ms_per_iter': 1e3 * float(np.median(lat)), 'ms_per_iter_min': 1e3 * float(np.min(lat)),
       'ms_per_iter_pipelined': 1e3 * pipelined, 'ms_per_iter_bounded': 1e3 * bounded,
-      'compile_s': compile_s, 'hlo': counts,
+      'compile_s': compile_s, 'hlo': counts, 'gemms': gemms,
+      **({'autotune_cache': {'dir': cache, 'entries_before': cache_before,
+                             'entries_after': _entries(cache)}} if cache else {}),
       'loss': loss, 'state_sha256': digest, 'steps': a['warmup'] + 3 * a['iters'],
       'peak_mem_bytes': peak, 'device': f'{dev.platform}:{dev.device_kind}',
       'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', '')}), flush=True)
@@ -344,8 +490,7 @@ def wait_for_process(pid: int, until: float, log) -> None:
 
 def run_cells(cells, a, base, deadline, log) -> list[dict]:
   rows = []
-  for w in range(0, len(cells), a.parallel):
-    wave = cells[w:w + a.parallel]
+  for w, wave in enumerate(waves(cells, a.parallel)):
     if time.time() > deadline - 10:
       rows += [{'cell': c, 'error': 'not run: deadline'} for c in wave]
       continue
@@ -359,7 +504,7 @@ def run_cells(cells, a, base, deadline, log) -> list[dict]:
     t_wave = time.time()
     for c, k in kids.items():
       k.ready = k.wait_for('READY', deadline - 5)
-    log(f'wave {w // a.parallel + 1}: {len(wave)} cells compiled in {time.time() - t_wave:.0f} s')
+    log(f'wave {w + 1}: {len(wave)} cells compiled in {time.time() - t_wave:.0f} s')
     wait_for_process(a.wait_pid, deadline - 30, log)
     for c, k in kids.items():
       row = {'cell': c, 'overrides': CELLS[c][0], 'deterministic_ops': CELLS[c][1],
@@ -370,7 +515,8 @@ def run_cells(cells, a, base, deadline, log) -> list[dict]:
       if k.result is not None:
         row.update(k.result)
         log(f"  {c:<24} {row['ms_per_iter']:8.2f} ms/iter ({row['ms_per_iter_pipelined']:.2f} "
-            f"pipelined)  compile {row['compile_s']:5.1f} s  {row['state_sha256']}")
+            f"pipelined)  compile {row['compile_s']:5.1f} s  {row['state_sha256']}  "
+            f"{format_gemms(row.get('gemms'))}")
       else:
         row['error'] = ('not timed: deadline' if k.ready is not None else
                         'no compile before the deadline or crashed: ' + k.error_tail()[-300:])
@@ -467,13 +613,22 @@ def determinism(rows) -> dict:
   return out
 
 
+def format_gemms(g: dict | None) -> str:
+  """'dots: 12 triton, 0 cublas, 0 other' (or '' for a record from before the count)."""
+  if not g:
+    return ''
+  return (f"dots: {g['triton_gemm']} triton, {g['cublas_gemm']} cublas, {g['other_dot']} other"
+          + (f", {g['cudnn_fusion']} cudnn" if g.get('cudnn_fusion') else ''))
+
+
 def format_table(summary) -> str:
   rows = summary['rows']
   base = next((r for r in rows if r['cell'] == 'baseline' and 'error' not in r), None)
   lines = [f"{summary['config']} {summary['method']} ({summary['gradient']}), precision "
            f"{summary['precision']}, {summary.get('device')}, jax {summary.get('jax')}",
            f"{'cell':<24}{'det':>5}{'ms/it':>9}{'pipel.':>9}{'vs base':>8}{'compile':>8}"
-           f"{'sort':>5}{'while':>6}{'scat':>5}{'s&s':>4}{'grpconv':>8}{'  state'}"]
+           f"{'sort':>5}{'while':>6}{'scat':>5}{'s&s':>4}{'grpconv':>8}{'triton':>7}"
+           f"{'cublas':>7}{'dot':>5}{'  state'}"]
   for r in rows:
     if 'error' in r:
       lines.append(f"{r['cell']:<24} {r['error'][:70]}")
@@ -485,7 +640,11 @@ def format_table(summary) -> str:
     lines.append(f"{r['cell']:<24}{det:>5}"
                  f"{r['ms_per_iter']:9.2f}{r['ms_per_iter_pipelined']:9.2f}{ratio:7.2f}x"
                  f"{r['compile_s']:8.1f}{h['sort']:5d}{h['while']:6d}{h['scatter']:5d}"
-                 f"{h['select_and_scatter']:4d}{h['grouped_conv']:8d}  {r['state_sha256'][:8]}")
+                 f"{h['select_and_scatter']:4d}{h['grouped_conv']:8d}"
+                 + (''.join(f"{g[k]:{w}d}" for k, w in (('triton_gemm', 7), ('cublas_gemm', 7),
+                                                        ('other_dot', 5)))
+                    if (g := r.get('gemms')) else f"{'-':>7}{'-':>7}{'-':>5}")
+                 + f"  {r['state_sha256'][:8]}")
   for r in summary.get('concurrent', []):
     if 'error' in r:
       lines.append(f"{r['copies']} x {r['cell']}: {r['error']}")
@@ -499,6 +658,9 @@ def format_table(summary) -> str:
                  f"pipelined {w['overrides']} {w['extra_flags']}".rstrip())
   for k, v in summary.get('determinism', {}).items():
     lines.append(f'{k}: {v}')
+  for c, v in summary.get('autotune', {}).items():
+    lines.append(f"{c}: Triton tile configs {'the same as' if v['same_triton_configs'] else 'NOT those of'}"
+                 f" {v['fill']} (the autotune cache it filled)")
   return '\n'.join(lines)
 
 
@@ -573,6 +735,7 @@ def main(argv=None):
   if done:
     summary['device'], summary['jax'] = done[0]['device'], done[0]['jax']
   summary['determinism'] = determinism(summary['rows'])
+  summary['autotune'] = autotune_check(summary['rows'])
   summary['winner'] = fastest(summary['rows'], summary['determinism']['reproducible'])
   save()
   ns = [int(x) for x in a.concurrent.split(',') if x]

@@ -17,6 +17,8 @@ XLA's thunk executor), and prints
   around the traced steps: wall - busy is what the device waited for the host (launch gaps);
 * the split by category: conv, dot/GEMM, reduce, elementwise, copy/transpose/layout,
   scatter/select-and-scatter, sort, other;
+* achieved GB/s of every reduction kernel (bytes read and written per call, from its operand and
+  output shapes in the optimised HLO, over its mean time): which reductions are slow;
 * what each top kernel computes, where the optimised HLO lies beside the trace
   (``optimized_hlo.txt.gz``, written by the capture here and by ``benchmarks/formulations.py``):
   the HLO instruction it runs (XLA names its kernels after them), its output and operand shapes,
@@ -181,7 +183,46 @@ def summarise(events: list[dict], steps: int, wall_s_per_step: float | None = No
   }
   if out['wall_ms_per_step']:
     out['host_gap_ms_per_step'] = out['wall_ms_per_step'] - out['busy_ms_per_step']
+  if hlo:
+    out['reductions'] = reduction_bandwidth(
+        [(n, v[0], v[1], desc_of(n, v[2])) for n, v in by_name.items()
+         if cat_of(n, v[2]) == 'reduce'], steps)
   return out
+
+
+# bytes per element of the HLO element types (pred and the 8-bit ones: 1)
+_DTYPE_BYTES = {'f64': 8, 's64': 8, 'u64': 8, 'c64': 8, 'c128': 16, 'f32': 4, 's32': 4, 'u32': 4,
+                'f16': 2, 'bf16': 2, 's16': 2, 'u16': 2}
+
+
+def shape_bytes(shapes: str) -> int:
+  """The bytes of every array shape in ``shapes`` ('f32[4,64] f32[4,64]': 2048)."""
+  total = 0
+  for dtype, dims in re.findall(r'\b(pred|[subfc]\d+|bf16|f8\w*)\[([\d,]*)\]', shapes):
+    n = 1
+    for d in filter(None, dims.split(',')):
+      n *= int(d)
+    total += n * _DTYPE_BYTES.get(dtype, 1)
+  return total
+
+
+def reduction_bandwidth(kernels, steps: int) -> list[dict]:
+  """Achieved GB/s of each reduction kernel ``(name, calls, total_us, description)``: the bytes it
+  reads and writes per call (its operands' and outputs' shapes in the optimised HLO; an operand
+  read twice counts once, so this is a lower bound) over its mean time per call. Slowest first
+  by time per step; kernels without a description (no HLO instruction of that name) are left
+  out."""
+  out = []
+  for name, calls, total_us, d in kernels:
+    if not d or not calls or total_us <= 0:
+      continue
+    moved = shape_bytes(d['shape']) + sum(shape_bytes(o) for o in d['operands'])
+    mean_s = total_us / calls / 1e6
+    out.append({'name': name, 'instruction': d['instruction'], 'calls': calls,
+                'us_per_step': total_us / steps, 'mean_us': 1e6 * mean_s, 'bytes': moved,
+                'gb_per_s': moved / mean_s / 1e9, 'shape': d['shape'], 'operands': d['operands'],
+                'jax_ops': d['jax_ops'][:2], 'source': d['source'][:2]})
+  return sorted(out, key=lambda r: -r['us_per_step'])
 
 
 HLO_FILE = 'optimized_hlo.txt.gz'
@@ -344,6 +385,15 @@ def format_profile(p: dict) -> str:
                  f"{r['category']:<12}{r['name'][:90]}")
     if r.get('hlo'):
       lines.append(' ' * 34 + format_hlo(r['hlo']))
+  if p.get('reductions'):
+    lines.append('reductions: achieved GB/s = bytes read + written per call (operand and output '
+                 'shapes of the optimised HLO) / mean time')
+    lines.append(f"{'us/step':>9}{'calls':>7}{'mean us':>9}{'MB':>9}{'GB/s':>8}  kernel")
+    for r in p['reductions'][:15]:
+      where = '; '.join(r['source'] or r['jax_ops'])
+      lines.append(f"{r['us_per_step']:9.1f}{r['calls']:7d}{r['mean_us']:9.1f}"
+                   f"{r['bytes'] / 1e6:9.1f}{r['gb_per_s']:8.1f}  {r['name'][:48]} "
+                   f"{r['shape'][:30]} {where}"[:200])
   return '\n'.join(lines)
 
 

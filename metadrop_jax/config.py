@@ -20,6 +20,7 @@ CONV_IMPLS = ('auto', 'xla', 'im2col', 'pallas')
 TASK_MAPS = ('auto', 'vmap', 'map')
 INNER_LOOPS = ('unroll', 'scan')
 POOL_IMPLS = ('auto', 'reduce_window', 'select')
+BN_IMPLS = ('two_pass', 'one_pass')       # nets.BN_IMPLS
 DOT_ALGORITHMS = ('default', 'bf16_x3', 'bf16_x6', 'tf32_x3')   # nets.DOT_ALGORITHMS
 # How the meta-gradient treats the inner loop (README, "Which meta-gradient"):
 #   'exact'       second order through the unrolled inner loop: the method as the paper states it;
@@ -82,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.channels = 32           # conv channels (64 Omniglot, 32 miniImageNet)
   c.model.num_layers = 4          # conv blocks
   c.model.bn_eps = 1e-3           # TF's batch_norm default
+  c.model.bn_impl = 'two_pass'    # batch-norm statistics: 'two_pass' (mean, then variance) |
+                                  # 'one_pass' (shifted sums in one read; nets.batch_moments)
+  # 'auto' fields (conv_impl, pool_impl, task_map) are resolved when a run is created and the
+  # values recorded in its config.json (meta.resolve_auto; a resumed run keeps them)
   c.model.conv_impl = 'auto'      # 'xla' (lax.conv) | 'im2col' (patches @ kernel) | 'pallas'
                                   # (one kernel, no patches in memory; float32 at 3xTF32 on a
                                   # GPU: metadrop_jax/kernels/conv3x3.py) | 'auto' (im2col:
@@ -270,6 +275,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.meta_gradient in META_GRADIENTS,
        f'meta_gradient={config.meta_gradient!r}: choose one of {META_GRADIENTS}')
   need(config.model.bn_eps > 0, f'model.bn_eps={config.model.bn_eps}: must be > 0')
+  need(config.model.bn_impl in BN_IMPLS,
+       f'model.bn_impl={config.model.bn_impl!r}: choose one of {BN_IMPLS}')
   ev = config.eval
   for f in ('num_episodes', 'mc_samples', 'batch_tasks', 'val_episodes', 'val_mc_samples'):
     need(isinstance(ev[f], int) and ev[f] >= 1, f'eval.{f}={ev[f]!r}: must be an integer >= 1')

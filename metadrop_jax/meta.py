@@ -69,6 +69,38 @@ class MetaSpec:
     return self.meta_gradient == 'first_order'
 
 
+def resolve_task_map(impl: str, backend: str | None = None) -> str:
+  """'auto' -> 'vmap' on every backend (measured, docs/performance.md: lax.map was slower on the
+  CPU too)."""
+  del backend
+  return 'vmap' if impl == 'auto' else impl
+
+
+# The execution fields whose 'auto' a run resolves once, when it is created, and records in its
+# config.json, with the rule that resolves each (field, backend) -> value.
+AUTO_FIELDS = {'model.conv_impl': nets.resolve_conv_impl,
+               'model.pool_impl': nets.resolve_pool_impl,
+               'model.task_map': resolve_task_map}
+
+
+def resolve_auto(config, recorded: dict | None = None, backend: str | None = None):
+  """A copy of ``config`` whose :data:`AUTO_FIELDS` hold concrete values where they say 'auto':
+  the run's own (``recorded``: its config.json, flattened, as
+  :func:`metadrop_jax.workdir.run_config` passes it) where there is one, else today's rule on
+  ``backend`` (default: this process's). A value other than 'auto' is kept: an explicit choice
+  wins over the record (these fields may change between sittings, workdir.LOOP_FIELDS)."""
+  import jax
+  backend = backend or jax.default_backend()
+  out = config.copy_and_resolve_references()
+  for field, rule in AUTO_FIELDS.items():
+    section, name = field.split('.')
+    if out[section][name] != 'auto':
+      continue
+    have = (recorded or {}).get(field, 'auto')
+    out[section][name] = have if have != 'auto' else rule('auto', backend)
+  return out
+
+
 def spec_from_config(config, mc_samples: int | None = None,
                      image_shape: tuple[int, int, int] | None = None) -> MetaSpec:
   """The static spec of ``config``. ``image_shape`` (H, W, C) defaults to the data set's;
@@ -77,9 +109,7 @@ def spec_from_config(config, mc_samples: int | None = None,
   m = config.methods
   if image_shape is None:
     image_shape = data_lib.image_shape(config.data)
-  task_map = config.model.task_map
-  if task_map == 'auto':  # measured (docs/performance.md): lax.map was slower on CPU too
-    task_map = 'vmap'
+  task_map = resolve_task_map(config.model.task_map)
   return MetaSpec(
       net=nets.spec_from_config(config, image_shape),
       inner_steps=config.inner_steps,

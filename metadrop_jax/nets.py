@@ -44,6 +44,7 @@ class NetSpec:
   method: str = 'metadrop'
   bn_eps: float = 1e-3
   bn_backward: str = 'exact'      # 'exact' | 'constant'; set by meta.MetaSpec from meta_gradient
+  bn_impl: str = 'two_pass'       # batch-norm statistics: 'two_pass' | 'one_pass' (same function)
   conv_impl: str = 'xla'          # resolved: 'xla' | 'im2col' | 'pallas'
   pool_impl: str = 'reduce_window'  # 'reduce_window' | 'select' (same values and derivatives)
   dot_algorithm: str = 'default'  # im2col GEMMs: 'default' | 'bf16_x3' | 'bf16_x6' | 'tf32_x3'
@@ -74,15 +75,15 @@ def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
 
 
 def resolve_pool_impl(impl: str, backend: str | None = None) -> str:
-  """'auto' -> 'select' on accelerators (no scatter in the derivative: 1.5x the whole step on
-  an H200), 'reduce_window' on the CPU, where the committed CPU results were trained with it and
-  reproduce to the digit. 'select' is faster on the CPU too (1.36x the Omniglot 20-way 1-shot
-  Meta-dropout step on 2 cores, 1.50x MAML's; docs/performance.md): both pick the same elements,
-  to every derivative order,
-  but the compiled steps round differently, so the CPU default stays what those runs used."""
-  if impl != 'auto':
-    return impl
-  return 'reduce_window' if (backend or jax.default_backend()) == 'cpu' else 'select'
+  """'auto' -> 'select' on every backend: no scatter in the derivative (1.5x the whole step on
+  an H200; 1.08-1.62x on a 2-core CPU at the eight paper settings, docs/performance.md). Both
+  formulations pick the same elements, to every derivative order, but the compiled steps round
+  differently, so a run keeps the value it was created with: a new run records the resolved
+  value in its config.json (:func:`metadrop_jax.meta.resolve_auto`), and the 'auto' of a
+  config.json written before runs recorded it is read with the rule of its time
+  (:data:`metadrop_jax.workdir.LEGACY_AUTO`: 'reduce_window' on the CPU)."""
+  del backend   # the same on every backend measured so far
+  return 'select' if impl == 'auto' else impl
 
 
 def spec_from_config(config, image_shape: tuple[int, int, int]) -> NetSpec:
@@ -95,6 +96,7 @@ def spec_from_config(config, image_shape: tuple[int, int, int]) -> NetSpec:
       num_layers=config.model.num_layers,
       method=config.method,
       bn_eps=config.model.bn_eps,
+      bn_impl=config.model.bn_impl,
       conv_impl=impl,
       pool_impl=resolve_pool_impl(config.model.pool_impl),
       dot_algorithm=config.model.dot_algorithm,
@@ -195,47 +197,91 @@ def _pallas():
   return kernel
 
 
+BN_IMPLS = ('two_pass', 'one_pass')
+
+
+def batch_moments(x: jax.Array, impl: str = 'two_pass') -> tuple[jax.Array, jax.Array]:
+  """``(x - mean, var)`` of ``x: [N, H, W, C]`` per channel, over N, H, W.
+
+  ``'two_pass'``: the mean, then ``var = mean((x - mean)^2)``: two dependent reads of ``x``.
+
+  ``'one_pass'``: both from sums of the shifted values ``d = x - s``, which need one read of
+  ``x`` (two sibling reductions that XLA:GPU can fuse into one kernel; XLA:CPU runs them as two):
+  ``m1 = mean(d)``, ``m2 = mean(d^2)``,
+  ``x - mean = d - m1`` and ``var = m2 - m1^2``. The shift ``s`` is a cheap per-channel
+  estimate of the mean: the first example's centre pixel (a value of the same channel, away
+  from the zero-padded border), under ``stop_gradient``.
+
+  Numerics: ``m2 - m1^2`` cancels; its rounding error relative to ``var`` grows like
+  ``1 + (mean - s)^2 / var``, the squared z-score of the shift. With ``s = 0`` (the textbook
+  one-pass formula) that is ``(mean / std)^2``, unbounded for a channel with a large offset; with
+  ``s`` a sample of the channel it is that sample's squared z-score, small unless the sample is
+  an outlier of its channel. The two-pass formula has its own error in the mean of a channel far
+  from 0, which the shift avoids: against float64, the one-pass result is about as close as the
+  two-pass one, and closer for such channels (tests/test_fast_paths.py compares both, and the
+  full meta-gradients). ``var`` is clamped at 0 (rounding could make a constant
+  channel's slightly negative; mathematically it is >= 0, so the function is unchanged).
+
+  Derivatives: for every ``s``, ``d - m1 = x - mean`` and ``m2 - m1^2 = var`` exactly, so both
+  are functions of ``x`` alone; their partial derivatives in ``s`` vanish identically, and
+  cutting ``s`` off with ``stop_gradient`` leaves every derivative of every order (the
+  second-order meta-gradient) that of the two-pass formula.
+  """
+  axes = (0, 1, 2)
+  if impl == 'two_pass':
+    mean = jnp.mean(x, axis=axes)
+    return x - mean, jnp.mean(jnp.square(x - mean), axis=axes)
+  if impl != 'one_pass':
+    raise ValueError(f"batch_norm impl={impl!r}: use one of {BN_IMPLS}")
+  s = jax.lax.stop_gradient(x[0, x.shape[1] // 2, x.shape[2] // 2])
+  d = x - s
+  m1 = jnp.mean(d, axis=axes)
+  m2 = jnp.mean(jnp.square(d), axis=axes)
+  return d - m1, jnp.maximum(m2 - jnp.square(m1), 0.0)
+
+
 def batch_norm(x: jax.Array, beta: jax.Array, eps: float, backward: str = 'exact',
-               stats=None) -> jax.Array:
+               impl: str = 'two_pass', stats=None) -> jax.Array:
   """Transductive batch norm: statistics of this batch over N, H, W; offset only, no scale.
 
   Matches ``tf.contrib.layers.batch_norm(is_training=True, scale=False, epsilon=1e-3)`` in value
   and first derivative. ``backward='exact'`` differentiates it exactly to every order;
   ``backward='constant'`` keeps the exact first derivative but makes that backward pass a
   constant to any further differentiation, which is what the authors' TF graph computes for the
-  meta-gradient (docs/authors_gradient.md). ``stats``: ``(mean, var)`` of ``x`` computed with it
-  (the Pallas conv's epilogue: :func:`metadrop_jax.kernels.conv3x3.conv3x3_stats`, whose
-  derivatives w.r.t. its output are exact); 'exact' only.
+  meta-gradient (docs/authors_gradient.md). ``impl``: how the statistics are computed
+  (:func:`batch_moments`; the same function either way). ``stats``: ``(mean, var)`` of ``x``
+  computed with it (the Pallas conv's epilogue: :func:`metadrop_jax.kernels.conv3x3.conv3x3_stats`,
+  whose derivatives w.r.t. its output are exact); 'exact' only, and it replaces ``impl``.
   """
   if stats is not None and backward != 'exact':
     raise ValueError(f"batch_norm stats are for backward='exact' only, got {backward!r}")
   if backward == 'constant':
-    return _batch_norm_constant_backward(x, beta, eps)
+    return _batch_norm_constant_backward(x, beta, eps, impl)
   if backward != 'exact':
     raise ValueError(f"batch_norm backward={backward!r}: use 'exact' or 'constant'")
   if stats is None:
-    mean = jnp.mean(x, axis=(0, 1, 2))
-    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    centred, var = batch_moments(x, impl)
   else:
     mean, var = stats
-  return (x - mean) * jax.lax.rsqrt(var + eps) + beta
+    centred = x - mean
+  return centred * jax.lax.rsqrt(var + eps) + beta
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _batch_norm_constant_backward(x, beta, eps):
-  return batch_norm(x, beta, eps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _batch_norm_constant_backward(x, beta, eps, impl):
+  return batch_norm(x, beta, eps, impl=impl)
 
 
-def _bn_fwd(x, beta, eps):
-  return batch_norm(x, beta, eps), (x, beta)
+def _bn_fwd(x, beta, eps, impl):
+  return batch_norm(x, beta, eps, impl=impl), (x, beta)
 
 
-def _bn_bwd(eps, residuals, g):
+def _bn_bwd(eps, impl, residuals, g):
   # The exact vector-Jacobian product, detached: its value is the true first derivative, its own
   # derivative (w.r.t. x, beta and the incoming cotangent g) is zero. In TF 2.x compat.v1 the
   # second derivative of FusedBatchNormGrad comes back None inside the v1 tf.map_fn the authors
   # use, which is this.
-  _, vjp = jax.vjp(lambda xx, bb: batch_norm(xx, bb, eps), *residuals)
+  _, vjp = jax.vjp(lambda xx, bb: batch_norm(xx, bb, eps, impl=impl), *residuals)
   return jax.tree.map(jax.lax.stop_gradient, vjp(g))
 
 
@@ -348,7 +394,7 @@ def forward_features(params: Params, x: jax.Array, key: jax.Array | None, spec: 
       kl_total = kl_total + kl
     feats[f'u{l}'] = u
     h = max_pool(jax.nn.relu(batch_norm(u, bn[name]['beta'], spec.bn_eps, spec.bn_backward,
-                                        stats)), spec.pool_impl)
+                                        spec.bn_impl, stats)), spec.pool_impl)
     h = _mix(h, mix, l + 1)
   feat = h.reshape(h.shape[0], -1)
   logits = feat @ theta['dense']['w'] + theta['dense']['b']

@@ -147,6 +147,8 @@ def train(config, workdir: str) -> dict[str, Any]:
 def _train(config, workdir: str, stop: StopOnSignal) -> dict[str, Any]:
   ident = workdir_lib.identity(workdir)
   workdir_lib.check_run_config(workdir, config)
+  # 'auto' execution fields: what this run recorded, or (a new run) today's rules, recorded below
+  config = workdir_lib.run_config(workdir, config)
   train_np = data_lib.load_split(config.data, 'train')
   val_np = data_lib.load_split(config.data, 'val') if config.val_every else None
   workdir_lib.check_split(train_np, config, 'train')

@@ -46,7 +46,7 @@ LOOP_FIELDS = ('max_steps_per_run', 'max_minutes_per_run', 'progress_bar', 'log_
                'val_every', 'checkpoint_every', 'keep_checkpoints', 'num_steps', 'eval',
                'data.cache_dir', 'data.path', 'data.ilsvrc_path', 'data.source',
                'model.conv_impl', 'model.pool_impl', 'model.fuse_noise_conv', 'model.task_map',
-               'model.inner_loop', 'model.dot_algorithm', 'name')
+               'model.inner_loop', 'model.dot_algorithm', 'model.bn_impl', 'name')
 
 
 class WorkdirError(RuntimeError):
@@ -185,16 +185,45 @@ def _stored_config(workdir: str) -> dict | None:
   return _upgrade(stored)
 
 
+# What 'auto' (or a missing field) meant in a config.json written before runs recorded the
+# values their 'auto' fields resolved to (meta.resolve_auto): the rules such runs were resumed
+# and evaluated with until then, on the backend of the process reading it (as they were applied
+# then). On the CPU they never changed: every committed CPU run in results/ holds 'auto' and
+# reads as im2col, reduce_window and vmap, what it trained with (tests/test_train.py checks each
+# one). (On a GPU, 'auto' meant lax.conv before 2026-12-04; no committed run says 'auto' there.)
+LEGACY_AUTO = {
+    'model.conv_impl': lambda backend: 'im2col',
+    'model.pool_impl': lambda backend: 'reduce_window' if backend == 'cpu' else 'select',
+    'model.task_map': lambda backend: 'vmap',
+}
+
+
 def _upgrade(stored: dict) -> dict:
   """A config.json written by an earlier version in today's form: ``meta_lr`` became one field
   (it was ``meta_lr``, None meaning ``meta_lr_by_method[method]``: the rate the run trained
-  with); ``data.omniglot_split`` did not exist (every such run used 'vinyals')."""
+  with); ``data.omniglot_split`` did not exist (every such run used 'vinyals'); an 'auto' (or
+  missing) execution field is what it resolved to then (:data:`LEGACY_AUTO`)."""
   by_method = stored.pop('meta_lr_by_method', None)
   if by_method is not None and stored.get('meta_lr') is None:
     stored['meta_lr'] = by_method.get(stored.get('method'))
   if isinstance(stored.get('data'), dict):   # written before data.omniglot_split existed
     stored['data'].setdefault('omniglot_split', 'vinyals')
+  model = stored.get('model')
+  if isinstance(model, dict):
+    for field, rule in LEGACY_AUTO.items():
+      name = field.split('.', 1)[1]
+      if model.get(name, 'auto') == 'auto':
+        model[name] = rule(jax.default_backend())
   return stored
+
+
+def run_config(workdir: str, config) -> ml_collections.ConfigDict:
+  """``config`` with its 'auto' execution fields resolved for the run in ``workdir``
+  (:func:`meta.resolve_auto`): a run keeps what its config.json records (so a resumed or
+  evaluated run computes what it trained with, bit for bit), a new run gets today's rules on
+  this backend, and its config.json then records the values (:func:`write_run_config`)."""
+  stored = _stored_config(workdir)
+  return meta.resolve_auto(config, flatten(stored) if stored else None)
 
 
 def check_run_config(workdir: str, config, doing: str = 'resuming') -> None:
@@ -247,9 +276,10 @@ def check_num_steps(workdir: str, config, step: int) -> str | None:
 
 
 def check_or_write_run_config(workdir: str, config) -> None:
-  """:func:`check_run_config`, then stores config.json."""
+  """:func:`check_run_config`, then stores config.json (its 'auto' fields resolved:
+  :func:`run_config`)."""
   check_run_config(workdir, config)
-  write_run_config(workdir, config)
+  write_run_config(workdir, run_config(workdir, config))
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -437,6 +467,7 @@ def restore(workdir: str, config=None) -> tuple[Any, meta.TrainState]:
     config = load_run_config(workdir)
   else:
     check_run_config(workdir, config, doing='evaluating it with this config')
+    config = run_config(workdir, config)
   config_lib.validate(config)
   init_key, _ = keys_lib.run_keys(config)
   template, _ = meta.create_state(init_key, config)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 
 import jax
@@ -118,8 +119,12 @@ def test_window_dry_run_on_cpu(tmp_path):
     pytest.skip(f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: a 60-s budget '
                 'cannot be judged on a machine this busy (CI runs it on an idle one)')
   out, cdir = tmp_path / 'out', tmp_path / 'camp'
+  tuned = tmp_path / 'autotune'        # XLA's autotune cache of an earlier job: carried on
+  tuned.mkdir()
+  (tuned / 'fusion.textproto').write_text('tuned')
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'OUT': str(out),
          'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
+         'METADROP_AUTOTUNE_CACHE_DIR': str(tuned),
          'METADROP_DATA_DIR': str(tmp_path / 'data'), 'METADROP_WINDOW_DATA': '0',
          'PYTHON': sys.executable}
   cmd = ['bash', 'scripts/device_window.sh', '60', f'--campaign_dir={cdir}',
@@ -166,6 +171,10 @@ def test_window_dry_run_on_cpu(tmp_path):
       np.testing.assert_array_equal(u, v)
     assert not (repo / 'camp' / x['name'] / 'tb').exists()
   assert (repo / 'camp' / 'status.md').exists()
+  assert json.loads((repo / '.gpu_cache' / 'autotune_cache.json').read_text())['jax'] == (
+      s['phases']['info']['result']['versions']['jax'])
+  with tarfile.open(repo / '.gpu_cache' / 'autotune_cache.tgz') as tar:
+    assert tar.getnames() == ['fusion.textproto']
   assert list((repo / 'docs' / 'bench' / 'windows').glob('*.json'))
   # a finished run is a released model: meta-testing the unpacked checkpoint here gives the
   # window's number (same episodes and noise; bit-equal on the same platform)

@@ -14,11 +14,11 @@ import pathlib
 import re
 
 import hypothesis
-import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from metadrop_jax import episodes as episodes_lib
 from metadrop_jax import meta
@@ -26,7 +26,8 @@ from metadrop_jax import nets
 from metadrop_jax.kernels import conv3x3 as pallas_conv
 from tests.conftest import tiny
 
-REFERENCE = {'model.conv_impl': 'xla', 'model.task_map': 'vmap', 'model.inner_loop': 'unroll',
+REFERENCE = {'model.conv_impl': 'xla', 'model.pool_impl': 'reduce_window',
+             'model.task_map': 'vmap', 'model.inner_loop': 'unroll',
              'model.fuse_noise_conv': False}
 FAST_PATHS = {
     'im2col': {'model.conv_impl': 'im2col'},
@@ -37,12 +38,14 @@ FAST_PATHS = {
     'im2col_select_pool': {'model.conv_impl': 'im2col', 'model.pool_impl': 'select'},
     # interpret mode on the CPU: the kernels' code, float32 products of the 3xTF32 split parts
     'pallas': {'model.conv_impl': 'pallas'},
+    'bn_one_pass': {'model.bn_impl': 'one_pass'},
     # XLA:CPU computes bf16_x3 as float32: this checks the plumbing; the GPU smoke test, accuracy
     'im2col_bf16_x3': {'model.conv_impl': 'im2col', 'model.dot_algorithm': 'bf16_x3'},
     'all': {'model.conv_impl': 'im2col', 'model.fuse_noise_conv': True,
             'model.inner_loop': 'scan', 'model.task_map': 'map'},
-    'defaults': {'model.conv_impl': 'auto', 'model.fuse_noise_conv': True,
-                 'model.inner_loop': 'unroll', 'model.task_map': 'auto'},
+    'defaults': {'model.conv_impl': 'auto', 'model.pool_impl': 'auto',
+                 'model.fuse_noise_conv': True, 'model.inner_loop': 'unroll',
+                 'model.task_map': 'auto'},
 }
 
 
@@ -120,13 +123,20 @@ def test_fast_path_meta_gradient_matches_reference(method, path):
 
 
 def test_defaults_resolve_per_backend():
+  """Today's rules (a new run's): select pooling and im2col on every backend. A run's own
+  record wins over them (tests/test_train.py: committed runs keep reduce_window)."""
   spec = meta.spec_from_config(tiny())
-  assert spec.net.conv_impl == 'im2col'
-  assert spec.net.pool_impl == ('reduce_window' if jax.default_backend() == 'cpu' else 'select')
+  assert spec.net.conv_impl == 'im2col' and spec.net.pool_impl == 'select'
   assert spec.task_map == 'vmap' and spec.inner_loop == 'unroll'
-  assert nets.resolve_pool_impl('auto', 'gpu') == 'select'
-  assert nets.resolve_pool_impl('auto', 'cpu') == 'reduce_window'
-  assert nets.resolve_conv_impl('xla') == 'xla'
+  for backend in ('cpu', 'gpu'):
+    resolved = meta.resolve_auto(tiny(), backend=backend).model
+    assert (resolved.conv_impl, resolved.pool_impl, resolved.task_map) == (
+        'im2col', 'select', 'vmap')
+  recorded = {'model.pool_impl': 'reduce_window', 'model.task_map': 'map'}
+  resolved = meta.resolve_auto(tiny(**{'model.task_map': 'vmap'}), recorded).model
+  assert (resolved.pool_impl, resolved.task_map) == ('reduce_window', 'vmap')  # explicit wins
+  assert tiny().model.pool_impl == 'auto'            # the given config is left as it was
+  assert nets.resolve_conv_impl('xla') == 'xla' and nets.resolve_pool_impl('select') == 'select'
 
 
 def test_first_order_scan_matches_unroll():
@@ -337,3 +347,85 @@ def test_pallas_conv_lowers_to_triton_for_cuda(monkeypatch):
         assert ir.Module.parse(m).operation.verify(), name
   # forward, input gradient and weight gradient of the first and second derivative: every kernel
   assert all(n >= 3 for n in counts.values()), counts
+
+
+# ------------------------------------------------------------------------------------------------
+# batch norm in one pass (model.bn_impl='one_pass', nets.batch_moments)
+# ------------------------------------------------------------------------------------------------
+
+def _bn_input(offset, scale, seed=0):
+  """[N, H, W, C] activations with a per-channel offset far from 0 (the case a textbook
+  one-pass variance gets wrong) and per-channel scales."""
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(k1, (6, 5, 7, 3)) * (scale * jnp.array([1.0, 0.1, 3.0]))
+  return x + offset * jnp.array([1.0, -2.0, 0.5]) + 0.3 * jax.random.normal(k2, (1, 1, 1, 3))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _bn_parts(x, beta, w, v, impl, backward):
+  """Batch norm's value, its gradient in (x, beta) of a scalar loss, and the gradient of
+  <grad_x loss, v>: the outer derivative the second-order meta-gradient takes of it."""
+  f = lambda xx, bb: jnp.sum(w * jnp.tanh(nets.batch_norm(xx, bb, 1e-3, backward, impl)))
+  g = jax.grad(f, argnums=(0, 1))
+  gg = jax.grad(lambda xx, bb: jnp.vdot(g(xx, bb)[0], v), argnums=(0, 1))
+  return nets.batch_norm(x, beta, 1e-3, backward, impl), g(x, beta), gg(x, beta)
+
+
+@pytest.mark.parametrize('backward', ['exact', 'constant'])
+@hypothesis.given(offset=st.floats(-50.0, 50.0), scale=st.floats(0.05, 5.0))
+@hypothesis.example(offset=50.0, scale=0.05)   # mean 1000 std: unshifted sums would lose it all
+def test_one_pass_batch_norm_is_the_two_pass_function(backward, offset, scale):
+  """Value, first derivative and the derivative of the backward pass (zero for 'constant', the
+  authors' meta-gradient) of batch norm with one-pass statistics: as close to float64 as the
+  two-pass formula's in float32 (closer where the channels sit far from 0: the shift takes the
+  offset out before anything is summed)."""
+  x = _bn_input(offset, scale)
+  args = (x, jnp.array([0.1, -0.2, 0.3]), jax.random.normal(jax.random.key(7), x.shape),
+          jax.random.normal(jax.random.key(8), x.shape))
+  with jax.enable_x64(True):
+    exact = jax.tree.map(np.asarray, _bn_parts(*(a.astype(jnp.float64) for a in args),
+                                               'two_pass', backward))
+  err = lambda got: [float(np.max(np.abs(np.asarray(g, np.float64) - r)) /
+                           max(float(np.max(np.abs(r))), 1e-30))
+                     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(exact))
+                     if np.max(np.abs(r)) > 0]
+  one = _bn_parts(*args, 'one_pass', backward)
+  for e1, e2 in zip(err(one), err(_bn_parts(*args, 'two_pass', backward))):
+    assert e1 <= 2 * e2 + 1e-5, (e1, e2)
+  if backward == 'constant':
+    assert all(float(jnp.max(jnp.abs(a))) == 0.0 for a in jax.tree.leaves(one[2]))
+
+
+def test_one_pass_statistics_in_float64_and_a_constant_channel():
+  """In float64 the two agree to 1e-12 (the same function); a constant channel has variance 0
+  (not a rounding-negative one) and a finite output."""
+  with jax.enable_x64(True):
+    x = _bn_input(30.0, 1.0).astype(jnp.float64)
+    for a, b in zip(nets.batch_moments(x, 'one_pass'), nets.batch_moments(x, 'two_pass')):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+  const = jnp.full((4, 3, 3, 2), 7.25)
+  centred, var = nets.batch_moments(const, 'one_pass')
+  assert float(jnp.max(jnp.abs(centred))) == 0.0 and float(jnp.max(var)) == 0.0
+  assert bool(jnp.all(jnp.isfinite(nets.batch_norm(const, jnp.zeros(2), 1e-3, impl='one_pass'))))
+  with pytest.raises(ValueError, match='one_pass'):
+    nets.batch_moments(const, 'three_pass')
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_with(method, gradient):
+  return _meta_grad(_config(method, {}, meta_gradient=gradient))
+
+
+@pytest.mark.parametrize('method', ['metadrop', 'maml'])
+def test_one_pass_batch_norm_authors_meta_gradient(method):
+  """The authors' meta-gradient (every batch norm's backward constant to the outer gradient)
+  with one-pass statistics equals the reference's; the exact one is FAST_PATHS['bn_one_pass']."""
+  ref_loss, _, ref = _reference_with(method, 'authors')
+  loss, _, got = _meta_grad(_config(method, FAST_PATHS['bn_one_pass'], meta_gradient='authors'))
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+  gscale = max(float(np.max(np.abs(r))) for r in jax.tree.leaves(ref))
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-5 * gscale)
+  assert _rel_l2(got, ref) < 1e-4
+  # the authors' computation differs from the exact one: this compares like with like
+  assert _rel_l2(_reference(method)[2], ref) > 1e-3

@@ -6,6 +6,7 @@ import json
 import os
 import tarfile
 
+import pytest
 
 from tools.long_runs import choices, fingerprint, records
 
@@ -325,7 +326,7 @@ def test_a_pallas_cell_trains_only_if_its_two_processes_agreed():
 def test_the_job_times_the_pallas_cell_and_checks_its_formulation_by_default():
   """The GPU job's defaults: both processes of the Pallas cell among the formulations it times
   (right after today's winner, so that a short job still reaches them), and its conv
-  formulation among those the smoke test checks against float64."""
+  formulation among those the smoke test checks against float64 in a job that times it."""
   from tools.long_runs import window
   ap = window._parser()
   a = ap.parse_args(['run', '--budget_s=60'])
@@ -333,7 +334,10 @@ def test_the_job_times_the_pallas_cell_and_checks_its_formulation_by_default():
   assert set(cells) <= set(_formulations().CELLS)
   assert cells.index('select_pallas') == cells.index('select_im2col') + 1
   assert cells.index('select_pallas_again') == cells.index('select_pallas') + 1
-  assert 'pallas' in a.smoke_conv_impls.split(',')
+  from tools.long_runs import choices
+  planned = [('omniglot_20way1shot', 'metadrop', cells)]   # a wave that times every cell
+  assert 'pallas' in choices.smoke_keys(a.smoke_conv_impls, planned,
+                                        _formulations().CELLS).split(',')
   measured = {'baseline', 'select', 'select_im2col'}
   mode, todo = choices.formulation_plan('auto', cells, measured, 'select_im2col')
   assert todo[:3] == ['select_im2col', 'select_pallas', 'select_pallas_again']
@@ -367,3 +371,197 @@ def test_a_formulation_that_fails_on_the_device_fails_its_smoke_check_alone(monk
   assert len(out['rows']) == 4
   text = gpu_check.format_check(out)
   assert 'RuntimeError: Triton: cannot compile: FAIL' in text and text.count('PASS') == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton GEMMs and XLA's autotune cache (benchmarks/formulations.py, tools/long_runs)
+# ------------------------------------------------------------------------------------------------
+
+TRITON_HLO = """HloModule jit_train_step
+
+%nested_lhs.1 (p0: f32[4,784,576]) -> f32[4,784,576] {
+  %p0 = f32[4,784,576]{2,1,0} parameter(0)
+  ROOT %bitcast.9 = f32[4,784,576]{2,1,0} bitcast(%p0)
+}
+
+%gemm_fusion_dot.3 (p0: f32[4,784,576], p1: f32[4,576,128]) -> f32[4,784,128] {
+  %p0 = f32[4,784,576]{2,1,0} parameter(0)
+  %lhs = f32[4,784,576]{2,1,0} fusion(%p0), kind=kCustom, calls=%nested_lhs.1
+  %p1 = f32[4,576,128]{2,1,0} parameter(1)
+  ROOT %dot.3 = f32[4,784,128]{2,1,0} dot(%lhs, %p1), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}, algorithm=dot_tf32_tf32_f32_x3
+}
+
+%gemm_fusion_dot.4 (p0: f32[4,196,576], p1: f32[4,576,128]) -> f32[4,196,128] {
+  %p0 = f32[4,196,576]{2,1,0} parameter(0)
+  %p1 = f32[4,576,128]{2,1,0} parameter(1)
+  ROOT %dot.4 = f32[4,196,128]{2,1,0} dot(%p0, %p1), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}, algorithm=dot_tf32_tf32_f32_x3
+}
+
+%fused_reduce.5 (p0: f32[4,10]) -> f32[4] {
+  %p0 = f32[4,10]{1,0} parameter(0)
+  ROOT %dot.5 = f32[4]{0} dot(%p0, %p0), lhs_batch_dims={0}, lhs_contracting_dims={1}, rhs_batch_dims={0}, rhs_contracting_dims={1}
+}
+
+ENTRY %main.9 (a: f32[4,784,576], b: f32[4,576,128], c: f32[4,196,576], d: f32[4,10], e: f32[32,64], f: f32[64,8]) -> f32[4,784,128] {
+  %a = f32[4,784,576]{2,1,0} parameter(0)
+  %b = f32[4,576,128]{2,1,0} parameter(1)
+  %c = f32[4,196,576]{2,1,0} parameter(2)
+  %d = f32[4,10]{1,0} parameter(3)
+  %e = f32[32,64]{1,0} parameter(4)
+  %f = f32[64,8]{1,0} parameter(5)
+  %gemm_fusion_dot.3.0 = f32[4,784,128]{2,1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_dot.3, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_nested_gemm_fusion","block_level_fusion_config":{"output_tiles":[{"sizes":["1","64","128"]}],"num_warps":"4","num_ctas":"1","num_stages":"3"}}}
+  %gemm_fusion_dot.4.0 = f32[4,196,128]{2,1,0} fusion(%c, %b), kind=kCustom, calls=%gemm_fusion_dot.4, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_gemm","triton_gemm_config":{"block_m":"32","block_n":"64","block_k":"32","split_k":"1","num_stages":"4","num_warps":"4","num_ctas":"1"}}}
+  %loop_dot_fusion.5 = f32[4]{0} fusion(%d), kind=kLoop, calls=%fused_reduce.5
+  %custom-call.6 = (f32[32,8]{1,0}, s8[0]{0}) custom-call(%e, %f), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"precision_config":{"algorithm":"ALG_DOT_TF32_TF32_F32"}}}
+  %custom-call.7 = (f32[32,8]{1,0}, s8[0]{0}) custom-call(%e, %f), custom_call_target="__cublas$lt$matmul", backend_config={}
+  ROOT %r = f32[4,784,128]{2,1,0} add(%gemm_fusion_dot.3.0, %gemm_fusion_dot.3.0)
+}
+"""
+
+
+def test_the_gemm_count_names_what_each_dot_became():
+  """Triton GEMM fusions (both kinds XLA prints) with their tile configs, cuBLAS calls (both
+  targets), and the dots outside any Triton fusion; a dot inside a Triton fusion's (nested)
+  computations is that fusion's, not another one."""
+  f = _formulations()
+  g = f.gemm_counts(TRITON_HLO)
+  assert (g['triton_gemm'], g['cublas_gemm'], g['cudnn_fusion'], g['other_dot']) == (2, 2, 0, 1)
+  assert g['algorithms'] == {'dot_tf32_tf32_f32_x3': 2}
+  assert len(g['triton_configs']) == 2 and all(v == 1 for v in g['triton_configs'].values())
+  assert any('"block_m":"32"' in k for k in g['triton_configs'])
+  assert any('"output_tiles"' in k for k in g['triton_configs'])
+  assert f.format_gemms(g) == 'dots: 2 triton, 2 cublas, 1 other'
+  from tools.long_runs import reports     # the job's closing table says it beside the timing
+  row = {**_row('select_im2col_tf32x3_triton', 9.5, 'abcdef12', True), 'ms_per_iter': 9.9,
+         'compile_s': 30.0, 'gemms': g}
+  text = reports.format_window({'phases': {'bench': {'result': {'formulations': {'rows': [row]}}}}})
+  assert '9.50 pipelined' in text and 'dots 2 triton 2 cublas 1 other' in text
+  # the cuBLAS path of the same dots: each split into 3 GEMMs, nothing for Triton
+  cublas = '\n'.join(f'  %cc.{i} = (f32[8,8]{{1,0}}, s8[0]{{0}}) custom-call(%e, %f), '
+                     'custom_call_target="__cublas$gemm"' for i in range(6))
+  g = f.gemm_counts('ENTRY %main (e: f32[8,8]) -> f32[8,8] {\n' + cublas + '\n}\n')
+  assert (g['triton_gemm'], g['cublas_gemm'], g['other_dot']) == (0, 6, 0)
+
+
+def test_the_triton_tf32x3_cells_fill_the_autotune_cache_before_they_read_it(tmp_path):
+  """The '_fill' cell (no deterministic ops) autotunes into the named cache and compiles in an
+  earlier wave than the deterministic cells that read it; every cell runs without the cache jax
+  would attach, the cells that name one with that one; the flags are XLA's names."""
+  from tools.long_runs import autotune, runs
+  f = _formulations()
+  fill, read = 'select_im2col_tf32x3_triton_fill', 'select_im2col_tf32x3_triton'
+  for c in (fill, read, read + f.AGAIN):
+    ov, _, extra = f.CELLS[c]
+    assert ov['model.dot_algorithm'] == 'tf32_x3'
+    assert {'--xla_gpu_triton_gemm_any=true', '--xla_gpu_cublas_fallback=false',
+            f'--xla_gpu_per_fusion_autotune_cache_dir={autotune.CACHE_DIR}'} <= set(extra.split())
+  assert f.fills_cache(fill) and not f.reads_cache(fill)
+  assert f.reads_cache(read) and not f.fills_cache(read) and not f.reads_cache('select_im2col')
+  w = f.waves(['select_im2col', read, 'select_im2col_bn1', fill, read + f.AGAIN, 'baseline'], 3)
+  assert w == [[fill, 'select_im2col', 'select_im2col_bn1'], [read, read + f.AGAIN, 'baseline']]
+  assert f.waves([fill, read], 6) == [[fill], [read]]
+  assert f.waves(['select_im2col', 'baseline', 'select'], 2) == [
+      ['select_im2col', 'baseline'], ['select']]                       # no cache: as given
+  cache = tmp_path / 'tuned'
+  flags = f.CELLS[read][2].replace(autotune.CACHE_DIR, str(cache))
+  env = autotune.xla_env(f'{runs.DETERMINISTIC_OPS} {flags}')
+  assert cache.is_dir() and env['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] == 'none'
+  assert 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES' not in autotune.xla_env(runs.DETERMINISTIC_OPS)
+  ov, det, extra = f.CELLS[fill]      # (this module's own copy: the cache in tmp_path)
+  f.CELLS[fill] = (ov, det, extra.replace(autotune.CACHE_DIR, str(cache)))
+  for c in ('select_im2col', fill):
+    env = f.cell_env(c, '--xla_gpu_deterministic_ops=true --xla_other=1')
+    assert env['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] == 'none'
+    assert ('--xla_gpu_deterministic_ops=true' in env['XLA_FLAGS']) == (c == 'select_im2col')
+    assert '--xla_other=1' in env['XLA_FLAGS']
+  f.CELLS[fill] = (ov, det, extra)
+  # the reading cells compiled the filling cell's kernels, or not
+  cfg = lambda x: {'gemms': {'triton_configs': {x: 12}}}
+  rows = [{'cell': fill, **cfg('A')}, {'cell': read, **cfg('A')},
+          {'cell': read + f.AGAIN, **cfg('B')}, {'cell': 'select_im2col', **cfg('?')}]
+  assert f.autotune_check(rows) == {read: {'fill': fill, 'same_triton_configs': True},
+                                    read + f.AGAIN: {'fill': fill, 'same_triton_configs': False}}
+  summary = {'config': 'omni', 'method': 'metadrop', 'gradient': 'authors', 'precision': 'highest',
+             'rows': [], 'autotune': f.autotune_check(rows)}
+  assert 'NOT those of' in f.format_table(summary)
+
+
+def test_the_smoke_test_checks_what_the_planned_cells_compute():
+  """One-pass batch norm and multi-pass GEMMs change the arithmetic: a cell with them is judged
+  by the check of its own formulation key, which the job's smoke test adds for planned cells."""
+  from tools.long_runs import gpu_check
+  f = _formulations()
+  key = gpu_check.overrides_key(f.CELLS['select_im2col_bn1'][0])
+  assert key == 'im2col+bn_one_pass'
+  assert gpu_check.parse_key(key) == ('im2col', 'default', 'one_pass')
+  assert gpu_check.parse_key('im2col:tf32_x3') == ('im2col', 'tf32_x3', 'two_pass')
+  assert gpu_check.parse_key(gpu_check.formulation_key('im2col', 'bf16_x6', 'one_pass')) == (
+      'im2col', 'bf16_x6', 'one_pass')
+  runs_planned = [('omni', 'metadrop', ['select_im2col', 'select_im2col_bn1',
+                                       'select_im2col_tf32x3_triton', 'not_a_cell'])]
+  assert choices.smoke_keys('im2col', runs_planned, f.CELLS) == (
+      'im2col,im2col+bn_one_pass,im2col:tf32_x3')
+  rows = [_row('select_im2col', 18.0, 'b', True),
+          {**_row('select_im2col_bn1', 15.0, 'c', True),
+           'overrides': f.CELLS['select_im2col_bn1'][0]}]
+  smoke = {'rows': [1], 'pass_highest_by_conv_impl': {'im2col': True}}
+  assert choices.choose_formulation({'rows': rows}, smoke)['cell'] == 'select_im2col'
+  smoke['pass_highest_by_conv_impl']['im2col+bn_one_pass'] = True
+  c = choices.choose_formulation({'rows': rows}, smoke)
+  assert c['cell'] == 'select_im2col_bn1' and c['overrides']['model.bn_impl'] == 'one_pass'
+  assert choices.formulation_checked(smoke, c['overrides']) is True
+  assert choices.formulation_checked(smoke, {'model.dot_algorithm': 'tf32_x3'}) is False
+
+
+def test_the_autotune_cache_travels_with_its_jax_version_and_card(tmp_path):
+  """Packed by the job, kept here in .gpu_cache/ with the jax version and card it was tuned
+  with, unpacked by device_window.sh on the next machine, and emptied there if either differs."""
+  from tools.long_runs import autotune, unpack
+  tuned = tmp_path / 'tuned'
+  tuned.mkdir()
+  (tuned / 'abc.textproto').write_text('config')
+  src = tmp_path / 'out'
+  src.mkdir()
+  assert records.pack_cache(str(tuned), str(src / autotune.ARCHIVE), 1 << 20) == 1
+  ident = autotune.identity('0.11.2', 'NVIDIA H200')
+  summary = {'start': '2026-12-08T10:00:00Z', 'phases': {}, 'autotune_cache': ident}
+  repo = tmp_path / 'repo'
+  unpack.record_window(summary, str(src), str(repo))
+  kept = repo / '.gpu_cache'
+  assert json.loads((kept / autotune.META).read_text()) == ident
+  with tarfile.open(kept / autotune.ARCHIVE) as tar:
+    assert tar.getnames() == ['abc.textproto']
+  meta = str(kept / autotune.META)
+  logged = []
+  assert autotune.check(str(tuned), meta, ident, logged.append) == 1
+  assert autotune.check(str(tuned), str(tmp_path / 'none.json'), {}, logged.append) == 1
+  assert not logged
+  other = autotune.identity('0.11.3', 'NVIDIA H200')
+  assert autotune.check(str(tuned), meta, other, logged.append) == 0
+  assert os.listdir(tuned) == [] and 'emptied' in logged[0]
+  shell = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            'tools', 'long_runs', 'device_window.sh')).read()
+  assert f'.gpu_cache/{autotune.ARCHIVE} -C "$METADROP_AUTOTUNE_CACHE_DIR"' in shell
+
+
+@pytest.mark.slow
+def test_a_formulations_run_on_the_cpu_records_its_dots(tmp_path):
+  """benchmarks/formulations.py end to end on the tiny config (one cell, its own process): the
+  record counts the step's dots (XLA:CPU's: no Triton or cuBLAS) beside its timing."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'f.json'
+  r = subprocess.run([sys.executable, 'benchmarks/formulations.py', '--config=tiny',
+                      '--cells=select_im2col_bn1', '--iters=1', '--warmup=1', '--parallel=1',
+                      '--concurrent=', '--trace=', '--set=model.num_layers=1',
+                      '--set=inner_steps=1', f'--out={out}'],
+                     cwd=root, capture_output=True, text=True, timeout=600,
+                     env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert r.returncode == 0, r.stderr[-2000:]
+  row = json.loads(out.read_text())['rows'][0]
+  assert 'error' not in row, row
+  g = row['gemms']
+  assert g['other_dot'] > 0 and g['triton_gemm'] == g['cublas_gemm'] == 0
+  assert 'autotune_cache' not in row
+  assert f"dots: 0 triton, 0 cublas, {g['other_dot']} other" in r.stdout

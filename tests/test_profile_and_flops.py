@@ -84,6 +84,9 @@ def test_parser_on_a_real_cpu_trace(tmp_path):
   assert ps.format_hlo(dots[0]) in ps.format_profile(p)
   # every op that runs a GEMM counts as one, whatever XLA:CPU named its fusion
   assert all(r['category'] == 'dot' for r in described if r['hlo']['ops'].get('dot'))
+  # the batch-norm statistics and the other reductions, each with its bytes and bandwidth
+  assert p['reductions'] and all(r['bytes'] > 0 and r['gb_per_s'] > 0 for r in p['reductions'])
+  assert any(s.startswith('nets.py:') for r in p['reductions'] for s in r['source'])
 
 
 GPU_HLO = """HloModule jit_train_step
@@ -138,6 +141,30 @@ def test_kernels_are_named_by_the_optimised_hlo(tmp_path):
   assert d['jax_ops'][0] == 'jvp(batch_norm)/reduce_sum'
   assert d['source'] == ['nets.py:196 batch_norm']
   assert 'hlo' not in top['sm80_xmma_gemm_f32f32']
+
+
+def test_reductions_report_their_achieved_bandwidth(tmp_path):
+  """Per reduction kernel: the bytes its HLO instruction reads and writes per call (operand and
+  output shapes) over its mean time. The batch-norm statistics fusion of GPU_HLO reads
+  f32[4,300,28,28,64] and writes two f32[4,64]: 240,846,848 bytes in 900 us per call."""
+  ps = _module('profile_step')
+  with gzip.open(tmp_path / 'x.trace.json.gz', 'wt') as f:
+    json.dump(_gpu_trace([(7, 'input_reduce_fusion_7', 'command_buffer_1', 0.0, 800.0),
+                          (7, 'input_reduce_fusion_7', 'command_buffer_1', 900.0, 1000.0),
+                          (7, 'sm80_xmma_gemm_f32f32', 'command_buffer_1', 2000.0, 50.0)]), f)
+  with gzip.open(tmp_path / ps.HLO_FILE, 'wt') as f:
+    f.write(GPU_HLO)
+  p = ps.parse(str(tmp_path), steps=2)
+  (r,) = p['reductions']                              # the GEMM is no reduction
+  assert r['instruction'] == 'input_reduce_fusion.7' and r['calls'] == 2
+  assert r['bytes'] == 4 * 300 * 28 * 28 * 64 * 4 + 2 * 4 * 64 * 4 == 240_846_848
+  assert r['mean_us'] == pytest.approx(900.0) and r['us_per_step'] == pytest.approx(900.0)
+  assert r['gb_per_s'] == pytest.approx(240_846_848 / 900e-6 / 1e9)
+  assert 'GB/s' in ps.format_profile(p) and f"{r['gb_per_s']:8.1f}" in ps.format_profile(p)
+  assert ps.shape_bytes('(bf16[2,3], pred[5], s8[0])') == 12 + 5
+  # without the optimised HLO there is nothing to measure bytes by
+  (tmp_path / ps.HLO_FILE).unlink()
+  assert 'reductions' not in ps.parse(str(tmp_path), steps=2)
 
 
 CPU_HLO = """HloModule jit_train_step

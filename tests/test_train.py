@@ -34,6 +34,15 @@ def params_of(workdir, config):
                                                     template))
 
 
+AUTO_FIELDS = ('conv_impl', 'pool_impl', 'task_map')
+
+
+def _model_fields(path):
+  with open(path) as f:
+    model = json.load(f)['model']
+  return {k: model.get(k) for k in AUTO_FIELDS}
+
+
 @pytest.mark.parametrize('sampler', ['device', 'host'])
 def test_resume_equals_uninterrupted(tmp_path, sampler):
   c = small(**{'data.sampler': sampler})
@@ -46,11 +55,71 @@ def test_resume_equals_uninterrupted(tmp_path, sampler):
   resumed = s2['state']
   for a, b in zip(jax.tree.leaves(jax.device_get(straight)), jax.tree.leaves(jax.device_get(resumed))):
     np.testing.assert_array_equal(a, b)
+  # a new run records what its 'auto' fields resolved to (today's rules: select on the CPU too)
+  assert c.model.pool_impl == 'auto'
+  for d in ('a', 'b'):
+    assert _model_fields(tmp_path / d / 'config.json') == {
+        'conv_impl': 'im2col', 'pool_impl': 'select', 'task_map': 'vmap'}
   # the metric logs agree too (rows past the checkpoint are not duplicated)
   rows = lambda d: [json.loads(l) for l in open(tmp_path / d / 'metrics.jsonl')]
   ra, rb = rows('a'), rows('b')
   strip = lambda rs: [{k: v for k, v in r.items() if k != 'train/steps_per_sec'} for r in rs]
   assert strip(ra) == strip(rb)
+
+
+def test_an_old_auto_config_resumes_and_evaluates_as_it_trained(tmp_path):
+  """A config.json written before runs recorded their resolved values holds 'auto' (or lacks
+  model.pool_impl: the fidelity runs'); on the CPU such a run trained with reduce_window, and
+  resuming or evaluating it, with its own config or an 'auto' one, keeps that."""
+  rw = {'model.pool_impl': 'reduce_window', 'val_every': 0, 'model.num_layers': 1}
+  straight = train.train(small(**rw), str(tmp_path / 'a'))['state']
+  old = str(tmp_path / 'b')
+  assert train.train(small(max_steps_per_run=4, **rw), old)['step'] == 4
+  path = os.path.join(old, 'config.json')
+  with open(path) as f:
+    cfg = json.load(f)
+  cfg['model'].update(conv_impl='auto', task_map='auto')
+  del cfg['model']['pool_impl']
+  with open(path, 'w') as f:
+    json.dump(cfg, f)
+  auto = small(val_every=0, **{'model.num_layers': 1})
+  assert auto.model.pool_impl == 'auto'
+  want = {'conv_impl': 'im2col', 'pool_impl': 'reduce_window', 'task_map': 'vmap'}
+  for c in (workdir_lib.load_run_config(old), workdir_lib.run_config(old, auto),
+            workdir_lib.restore(old)[0], workdir_lib.restore(old, auto)[0]):
+    assert {k: c.model[k] for k in AUTO_FIELDS} == want
+  workdir_lib.check_run_config(old, small(**rw))     # the values it resolved to: the same run
+  assert workdir_lib.run_config(str(tmp_path / 'new'), auto).model.pool_impl == 'select'
+  resumed = train.train(auto, old)
+  assert (resumed['step'], resumed['done']) == (6, True)
+  for a, b in zip(jax.tree.leaves(jax.device_get(straight)),
+                  jax.tree.leaves(jax.device_get(resumed['state']))):
+    np.testing.assert_array_equal(a, b)
+  assert _model_fields(path) == want                 # recorded now
+
+
+def test_every_committed_run_resolves_to_what_it_trained_with():
+  """results/**/config.json: each run's execution fields, read today, are the ones it trained
+  with: its recorded value, or what 'auto' gave on the backend its sittings ran on (runs.jsonl)
+  under the rules of the time (im2col, vmap; reduce_window on the CPU, select elsewhere)."""
+  import glob
+  from metadrop_jax import meta
+  paths = sorted(glob.glob(os.path.join(ROOT, 'results', '**', 'config.json'), recursive=True))
+  assert len(paths) >= 40
+  for path in paths:
+    wd = os.path.dirname(path)
+    with open(os.path.join(wd, 'runs.jsonl')) as f:
+      backends = {json.loads(line)['backend'] for line in f if line.strip()}
+    assert len(backends) == 1, (wd, backends)
+    then = {'conv_impl': 'im2col', 'task_map': 'vmap',
+            'pool_impl': 'reduce_window' if backends == {'cpu'} else 'select'}
+    raw = _model_fields(path)
+    want = {k: then[k] if raw[k] in ('auto', None) else raw[k] for k in AUTO_FIELDS}
+    cfg = workdir_lib.load_run_config(wd)
+    assert {k: cfg.model[k] for k in AUTO_FIELDS} == want, wd
+    spec = meta.spec_from_config(workdir_lib.run_config(wd, cfg))
+    assert (spec.net.conv_impl, spec.net.pool_impl, spec.task_map) == (
+        want['conv_impl'], want['pool_impl'], want['task_map']), wd
 
 
 def test_refuses_resume_with_different_config(tmp_path):
@@ -156,7 +225,7 @@ def test_a_resumed_sitting_in_the_same_process_compiles_nothing(tmp_path):
   c = tiny('metadrop', num_steps=4, max_steps_per_run=2, checkpoint_every=2, log_every=2,
            val_every=0, **{'model.num_layers': 1})
   assert train.train(c, str(tmp_path))['step'] == 2
-  step_fn = meta.compiled('train', c, lambda: None, None)
+  step_fn = meta.compiled('train', workdir_lib.run_config(str(tmp_path), c), lambda: None, None)
   size = step_fn._cache_size()
   assert train.train(c, str(tmp_path))['step'] == 4
   assert step_fn._cache_size() == size

@@ -9,12 +9,22 @@ import os
 
 from tools.long_runs import runs as runs_lib
 from tools.long_runs.procs import read_json
-from tools.long_runs.gpu_check import formulation_key
+from tools.long_runs.gpu_check import overrides_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER_SETTINGS = ('omniglot_20way1shot', 'omniglot_20way5shot', 'mimgnet_5way1shot',
                   'mimgnet_5way5shot')
 TF32_MIN_SPEEDUP = 1.25   # TF32 trains the campaign only if it is at least this much faster
+# The formulations cells a GPU job times where its card kind has no timing (benchmarks/
+# formulations.py CELLS), in this order: the measuring cap may leave the last for the next job,
+# so the levers most likely to reach the step-time target come first.
+FORMULATION_CELLS = (
+    'baseline', 'select', 'select_im2col', 'select_pallas', 'select_pallas_again',
+    'select_im2col_bn1', 'select_im2col_tf32x3_triton_fill', 'select_im2col_tf32x3_triton',
+    'select_im2col_tf32x3_triton_again', 'select_im2col_excl', 'select_im2col_excl_again',
+    'select_im2col_triton', 'select_im2col_excl_triton', 'select_im2col_excl_triton_again',
+    'select_nondet', 'select_nondet_again', 'select_im2col_nondet', 'baseline_nondet',
+    'select_unfused', 'select_scan', 'select_map', 'select_no_cmd_buffer', 'select_im2col_scan')
 
 
 def next_run_cell(cdir: str):
@@ -183,6 +193,15 @@ def reference_cell(overrides: dict, cells: dict, xla_flags: str | None = None) -
   return None
 
 
+def smoke_keys(given: str, runs: list, cells: dict) -> str:
+  """The formulations the smoke test checks (gpu_check --conv_impls): ``given`` and what every
+  cell of the planned formulation ``runs`` computes (:func:`gpu_check.overrides_key`), so that
+  a new cell can train in the job that times it."""
+  keys = [k for k in given.split(',') if k]
+  keys += [overrides_key(cells[c][0]) for _, _, names in runs for c in names if c in cells]
+  return ','.join(dict.fromkeys(keys))
+
+
 def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
   """The formulation a sitting trains with: the fastest reproducible cell of the formulations
   benchmark (steps dispatched back to back) whose conv formulation passed the smoke test, if it
@@ -202,9 +221,7 @@ def choose_formulation(form: dict | None, smoke: dict | None) -> dict:
     # agreement); records from before it: deterministic ops
     return r['cell'] in judged if judged is not None else bool(r.get('deterministic_ops'))
   passed = (smoke or {}).get('pass_highest_by_conv_impl') or {}
-  ok = [r for r in rows if reproducible(r) and
-        passed.get(formulation_key(r['overrides'].get('model.conv_impl', 'xla'),
-                                   r['overrides'].get('model.dot_algorithm', 'default')), False)]
+  ok = [r for r in rows if reproducible(r) and passed.get(overrides_key(r['overrides']), False)]
   if not ok:
     return {**none, 'why': 'no reproducible cell whose conv formulation passed the smoke test'}
   best = min(ok, key=lambda r: r['ms_per_iter_pipelined'])
@@ -226,8 +243,8 @@ def formulation_checked(smoke: dict | None, overrides: dict):
   from metadrop_jax import nets
   if not smoke or not smoke.get('rows'):
     return None
-  key = formulation_key(nets.resolve_conv_impl(overrides.get('model.conv_impl', 'auto')),
-                        overrides.get('model.dot_algorithm', 'default'))
+  key = overrides_key({**overrides, 'model.conv_impl': nets.resolve_conv_impl(
+      overrides.get('model.conv_impl', 'auto'))})
   by = smoke.get('pass_highest_by_conv_impl') or {}
   return bool(by.get(key, False))
 

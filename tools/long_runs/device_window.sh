@@ -5,7 +5,7 @@
 #   OUT=/where/results/go bash scripts/device_window.sh BUDGET_S [window run options...]
 #
 # Installs the copied wheels (.whl/: what the machine's Python lacks), lays out the copied data
-# (.gpu_data/) and compile cache (.gpu_cache/), then runs `python -m tools.long_runs.window run`
+# (.gpu_data/), compile cache and autotune cache (.gpu_cache/), then runs `python -m tools.long_runs.window run`
 # (smoke test, benchmark + torch peer, campaign sitting, packing into $OUT) under `timeout`.
 # Everything, packing included, ends within BUDGET_S seconds of the start of this script: give
 # the job a time limit of BUDGET_S plus its start-up and the copying back.
@@ -32,6 +32,11 @@ export METADROP_DATA_DIR=${METADROP_DATA_DIR:-/tmp/metadrop_data}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/metadrop_jax_cache}
 mkdir -p "$JAX_COMPILATION_CACHE_DIR"
 [ -f .gpu_cache/jax_cache.tgz ] && tar xzf .gpu_cache/jax_cache.tgz -C "$JAX_COMPILATION_CACHE_DIR"
+# XLA's per-fusion autotune cache of the formulations that name it (tools/long_runs/runs.py);
+# the job empties it if it was tuned with another jax version or card
+export METADROP_AUTOTUNE_CACHE_DIR=${METADROP_AUTOTUNE_CACHE_DIR:-/tmp/metadrop_autotune_cache}
+mkdir -p "$METADROP_AUTOTUNE_CACHE_DIR"
+[ -f .gpu_cache/autotune_cache.tgz ] && tar xzf .gpu_cache/autotune_cache.tgz -C "$METADROP_AUTOTUNE_CACHE_DIR"
 if command -v nvidia-smi >/dev/null 2>&1; then
   # run-to-run determinism on the GPU (no autotuning, no atomics): a resumed sitting computes
   # what an uninterrupted one would; the benchmark measures its cost.

@@ -118,10 +118,30 @@ def _problem(setting: str, method: str, gradient: str, overrides=None):
   return cfg, jax.device_get(state.params), jax.device_get(ep), jax.random.PRNGKey(2)
 
 
-def formulation_key(conv_impl: str, dot_algorithm: str = 'default') -> str:
-  """'xla', 'im2col' or 'im2col:bf16_x3': how rows and the formulations benchmark name a conv
-  formulation."""
-  return conv_impl if dot_algorithm in ('default', None) else f'{conv_impl}:{dot_algorithm}'
+BN_SUFFIX = '+bn_'
+
+
+def formulation_key(conv_impl: str, dot_algorithm: str = 'default',
+                    bn_impl: str = 'two_pass') -> str:
+  """'xla', 'im2col', 'im2col:bf16_x3' or 'im2col+bn_one_pass': how rows and the formulations
+  benchmark name what a formulation computes (the conv, the GEMMs' dot algorithm, the batch
+  norm's statistics: the fields whose arithmetic differs, so each needs its own check)."""
+  key = conv_impl if dot_algorithm in ('default', None) else f'{conv_impl}:{dot_algorithm}'
+  return key if bn_impl in ('two_pass', None) else f'{key}{BN_SUFFIX}{bn_impl}'
+
+
+def overrides_key(overrides: dict, conv_default: str = 'xla') -> str:
+  """:func:`formulation_key` of a formulation's config overrides."""
+  return formulation_key(overrides.get('model.conv_impl', conv_default),
+                         overrides.get('model.dot_algorithm', 'default'),
+                         overrides.get('model.bn_impl', 'two_pass'))
+
+
+def parse_key(key: str) -> tuple[str, str, str]:
+  """(conv_impl, dot_algorithm, bn_impl) of a :func:`formulation_key`."""
+  key, _, bn = key.partition(BN_SUFFIX)
+  conv, _, algorithm = key.partition(':')
+  return conv, algorithm or 'default', bn or 'two_pass'
 
 
 def _grad(cfg, params, ep, key, *, device, dtype, conv_impl):
@@ -129,10 +149,10 @@ def _grad(cfg, params, ep, key, *, device, dtype, conv_impl):
   import jax
   import numpy as np
   from metadrop_jax import meta
-  impl, _, algorithm = conv_impl.partition(':')
+  impl, algorithm, bn_impl = parse_key(conv_impl)
   spec = meta.spec_from_config(cfg)
   spec = dataclasses.replace(spec, net=dataclasses.replace(
-      spec.net, conv_impl=impl, dot_algorithm=algorithm or 'default'))
+      spec.net, conv_impl=impl, dot_algorithm=algorithm, bn_impl=bn_impl))
   def cast(v):
     v = np.asarray(v)
     return v.astype(dtype) if v.dtype.kind == 'f' else v
@@ -248,8 +268,9 @@ def main(argv=None):
   ap.add_argument('--precisions', default='highest,default',
                   help="matmul precisions on the device: 'highest' (float32), 'default' (TF32)")
   ap.add_argument('--conv_impls', default='im2col',
-                  help='conv formulations checked on the device: xla, im2col, pallas, or '
-                       'im2col:<dot algorithm> (im2col:bf16_x3; config.DOT_ALGORITHMS)')
+                  help='formulations checked on the device: xla, im2col, pallas, '
+                       'im2col:<dot algorithm> (im2col:bf16_x3; config.DOT_ALGORITHMS), each '
+                       'optionally +bn_<bn_impl> (im2col+bn_one_pass; config.BN_IMPLS)')
   ap.add_argument('--out', default='')
   a = ap.parse_args(argv)
   from metadrop_jax.cli import parse_overrides

@@ -58,7 +58,7 @@ JOB=$((TREE + WHL + OMNI + CACHE))
 LIMIT=$((LIMIT_MIB * 1024 * 1024))
 if [ "$WHL" -eq 0 ]; then echo "warning: no .whl/: run bash scripts/pack_device_wheels.sh first"; fi
 COPY=".whl .gpu_data/omniglot .gpu_data/COMMIT"
-if [ -f .gpu_cache/jax_cache.tgz ]; then COPY="$COPY .gpu_cache"; fi
+if [ -f .gpu_cache/jax_cache.tgz ] || [ -f .gpu_cache/autotune_cache.tgz ]; then COPY="$COPY .gpu_cache"; fi
 PARTS_APART=()
 rm -rf .gpu_data/mimg
 if [ $MIMG = 1 ]; then

@@ -48,6 +48,7 @@ class Job:
   bench_end: float = 0.0
   measure_end: float = float('inf')    # benchmark and torch peer together end by then
   bench_rows: list = dataclasses.field(default_factory=list)
+  formulation_cells: dict = dataclasses.field(default_factory=dict)   # formulations.CELLS
 
   @classmethod
   def start(cls, a) -> Job:
@@ -147,15 +148,17 @@ def info_phase(job: Job) -> dict:
 
 def start_smoke(job: Job) -> None:
   """The smoke test (mostly the float64 reference on the CPU) starts beside the benchmark (on the
-  GPU): the benchmark compiles meanwhile and starts timing once it is done. With ``--smoke=auto``
-  it is not run when a committed result of this card kind and numerics fingerprint passed every
-  formulation this job may train with."""
+  GPU): the benchmark compiles meanwhile and starts timing once it is done. It checks the
+  formulations of ``--smoke_conv_impls`` and those the planned formulation cells compute
+  (:func:`choices.smoke_keys`). With ``--smoke=auto`` it is not run when a committed result of
+  this card kind and numerics fingerprint passed every one of them."""
   a = job.a
   from tools.long_runs import fingerprint
   digest = fingerprint.numerics_fingerprint(job.result('info').get('versions', {}).get('jax', ''))
   rec = choices.smoke_on_record(job.device_kind, digest) if a.smoke == 'auto' else None
-  needed = set(a.smoke_conv_impls.split(','))
-  if rec and all((rec.get('pass_highest_by_conv_impl') or {}).get(k) for k in needed):
+  keys = choices.smoke_keys(a.smoke_conv_impls, job.bench_cells if job.bench_mode ==
+                           'formulations' else [], job.formulation_cells)
+  if rec and all((rec.get('pass_highest_by_conv_impl') or {}).get(k) for k in keys.split(',')):
     job.smoke_record = rec
     job.log(f"smoke test passed on record ({rec['on_record']}, fingerprint {digest}): "
             'not run again')
@@ -163,7 +166,7 @@ def start_smoke(job: Job) -> None:
   cmd = [job.py, '-m', 'tools.long_runs.gpu_check', f'--setting={a.smoke_setting}',
          f'--gradients={a.smoke_gradients}', f"--out={job.path('smoke.json')}"]
   cmd += [f'--set={x}' for x in a.smoke_set.split(',') if x]
-  cmd += [f'--precisions={a.smoke_precisions}', f'--conv_impls={a.smoke_conv_impls}']
+  cmd += [f'--precisions={a.smoke_precisions}', f'--conv_impls={keys}']
   job.smoke_proc = procs.Background(job.log, cmd, job.path('smoke.log'), job.measuring_env)
   job.smoke_end = time.time() + SMOKE_FRACTION * a.budget_s
 
@@ -221,6 +224,7 @@ def plan_formulations(job: Job) -> None:
       'formulations', os.path.join(ROOT, 'benchmarks', 'formulations.py'))
   formulations = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(formulations)
+  job.formulation_cells = formulations.CELLS
   first, cdir = a.bench_configs.split(',')[0], os.path.abspath(a.campaign_dir)
   reference = choices.reference_cell(choices.recorded(cdir, job.device_kind), formulations.CELLS,
                                      choices.recorded_flags(cdir, job.device_kind))

@@ -1,6 +1,7 @@
 """What a GPU job brings back besides the campaign's state: the newest entries of the sittings'
-compile cache (packed on the GPU machine), and, unpacked here, its formulation timings and the
-profile tables of its traces beside the job's record in docs/bench/windows/."""
+compile cache (packed on the GPU machine; XLA's autotune cache too: tools/long_runs/autotune.py),
+and, unpacked here, its formulation timings and the profile tables of its traces beside the job's
+record in docs/bench/windows/."""
 
 from __future__ import annotations
 

@@ -243,14 +243,19 @@ def format_window(s: dict) -> str:
       lines.append(f"form  {r['cell']:<22} {str(r['error'])[:60]}")
     else:
       det = runs_lib.determinism_label(r['deterministic_ops'], r.get('extra_flags', ''))
+      g = r.get('gemms')     # what its dots became (benchmarks/formulations.py gemm_counts)
+      dots = (f"  dots {g['triton_gemm']} triton {g['cublas_gemm']} cublas {g['other_dot']} other"
+              if g else '')
       lines.append(f"form  {r['cell']:<22} {det:<7}"
                    f"{r['ms_per_iter']:7.2f} ms/it {r['ms_per_iter_pipelined']:7.2f} pipelined  "
-                   f"compile {r['compile_s']:5.1f} s  {r['state_sha256'][:8]}")
+                   f"compile {r['compile_s']:5.1f} s  {r['state_sha256'][:8]}{dots}")
   for r in fm.get('concurrent', []):
     lines.append(f"form  {r['copies']} x {r['cell']}: " + (
         str(r['error']) if 'error' in r else f"{r['aggregate_steps_per_s']:.1f} steps/s in all"))
   if fm.get('determinism'):
     lines.append(f"form  determinism {fm['determinism']}")
+  if fm.get('autotune'):
+    lines.append(f"form  autotune cache {fm['autotune']}")
   fc = s.get('formulation_choice')
   if fc:
     flags = f" XLA_FLAGS {fc['xla_flags']!r}" if fc.get('xla_flags') is not None else ''

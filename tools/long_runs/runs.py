@@ -231,7 +231,8 @@ def resolve_precision(cdir: str, camp: dict, choice: str | None) -> str:
 # rounding, tests/test_fast_paths.py, and on the device to the smoke test's bound, gpu_check;
 # workdir.LOOP_FIELDS lets a run change them between sittings).
 FORMULATION_FIELDS = ('model.conv_impl', 'model.pool_impl', 'model.fuse_noise_conv',
-                      'model.task_map', 'model.inner_loop', 'model.dot_algorithm')
+                      'model.task_map', 'model.inner_loop', 'model.dot_algorithm',
+                      'model.bn_impl')
 
 
 def check_formulation(formulation: dict | None) -> dict:

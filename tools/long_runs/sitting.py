@@ -24,6 +24,7 @@ import math
 import os
 import time
 
+from tools.long_runs import autotune
 from tools.long_runs import reports
 from tools.long_runs import runs as runs_lib
 from tools.long_runs import swap
@@ -70,6 +71,9 @@ def sitting(cdir: str, budget_s: float, *, eval_min_s: float | None = None,
     log(f'[campaign] WARNING: {flags_problem}')
   precision = runs_lib.resolve_precision(cdir, camp, precision_choice)
   jax.config.update('jax_default_matmul_precision', precision)
+  if 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES' in autotune.xla_env(os.environ.get('XLA_FLAGS', '')):
+    # the formulation's autotune cache (named in XLA_FLAGS), not the compilation cache's own
+    jax.config.update('jax_persistent_cache_enable_xla_caches', 'none')
   eval_min_s, min_share_s = _minimum_times(jax.default_backend() != 'cpu', budget_s, eval_min_s)
   summary = {'start': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t_start)),
              'budget_s': budget_s, 'backend': jax.default_backend(),

@@ -38,6 +38,7 @@ import tarfile
 import zlib
 
 from metadrop_jax import metrics as metrics_lib
+from tools.long_runs import autotune
 from tools.long_runs import reports
 from tools.long_runs import state
 from tools.long_runs import swap
@@ -291,7 +292,8 @@ def unpack_campaign(tar, cdir: str, force, skip, log) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 def record_window(summary: dict, src: str, repo: str) -> str:
-  """window.json and the log's tail under docs/bench/windows/; the compile cache in .gpu_cache/."""
+  """window.json and the log's tail under docs/bench/windows/; the compile cache and the
+  autotune cache in .gpu_cache/."""
   info = (summary['phases'].get('info') or {}).get('result') or {}
   kind = str(info.get('device_kind', 'unknown')).replace(' ', '_').replace(os.sep, '_')
   bench_dir = os.path.join(repo, 'docs', 'bench', 'windows')
@@ -305,6 +307,9 @@ def record_window(summary: dict, src: str, repo: str) -> str:
     os.makedirs(os.path.join(repo, '.gpu_cache'), exist_ok=True)
     copy_atomic(os.path.join(src, 'jax_cache.tgz'),
                 os.path.join(repo, '.gpu_cache', 'jax_cache.tgz'))
+  tuned = summary.get('autotune_cache') or {}
+  autotune.keep(src, repo, autotune.identity(
+      tuned.get('jax', ''), tuned.get('device_kind', info.get('device_kind', ''))))
   return base
 
 

@@ -32,6 +32,7 @@ import shutil
 import sys
 import time
 
+from tools.long_runs import autotune
 from tools.long_runs import choices
 from tools.long_runs import pack as pack_lib
 from tools.long_runs import phases
@@ -59,6 +60,10 @@ def run_window(a) -> dict:
   job.log(f"devices {job.result('info').get('devices')}")
   for name, state in (job.result('info').get('data') or {}).items():
     job.log(f'data {name}: {state}')   # e.g. which miniImageNet parts are still needed
+  job.summary['autotune_cache'] = {
+      **tuned_for(job), 'entries_at_start': autotune.check(
+          autotune.CACHE_DIR, os.path.join(ROOT, '.gpu_cache', autotune.META), tuned_for(job),
+          job.log)}
   phases.plan_bench(job)
   phases.start_smoke(job)
   run_phase(job, 'bench', phases.bench_phase)
@@ -67,6 +72,12 @@ def run_window(a) -> dict:
   choose(job)
   run_phase(job, 'campaign', campaign_phase)
   return finish(job)
+
+
+def tuned_for(job: Job) -> dict:
+  """The jax version and card of this job: what XLA's autotune results are valid for."""
+  return autotune.identity(job.result('info').get('versions', {}).get('jax', ''),
+                           job.device_kind)
 
 
 def choose(job: Job) -> None:
@@ -178,6 +189,13 @@ def finish(job: Job) -> dict:
     log(f'compile cache: the {n} newest entries packed' if n else 'compile cache: nothing packed')
     if n:
       extra['jax_cache.tgz'] = job.path('jax_cache.tgz')
+  tuned = autotune.CACHE_DIR if a.pack_cache else ''
+  if tuned and os.path.isdir(tuned) and os.listdir(tuned):
+    n = records.pack_cache(tuned, job.path(autotune.ARCHIVE), limits.max_file_bytes - pack_lib.MiB)
+    summary.setdefault('autotune_cache', {})['entries_packed'] = n
+    log(f'autotune cache: {n} entries packed')
+    if n:
+      extra[autotune.ARCHIVE] = job.path(autotune.ARCHIVE)
   summary['accounting'] = accounting(job)
   files = pack_lib.pack(a.out, job.work, os.path.abspath(a.campaign_dir), since=job.t0,
                         summary=summary, log=log, cache_dir='', extra=extra, limits=limits)
@@ -248,20 +266,17 @@ def _parser() -> argparse.ArgumentParser:
                       'campaign trains with, and the sitting trains with the fastest; none left: '
                       'the job only trains. formulations: the cells as given. full / quick: '
                       "benchmarks/meta_step.py's cells (all / the campaign's next run)")
-  r.add_argument('--formulations_cells', default='baseline,select,select_im2col,select_pallas,'
-                 'select_pallas_again,select_nondet,'
-                 'select_nondet_again,select_im2col_nondet,baseline_nondet,select_unfused,'
-                 'select_scan,select_map,select_no_cmd_buffer,select_im2col_scan,'
-                 'select_im2col_excl,select_im2col_excl_again,select_im2col_triton,'
-                 'select_im2col_excl_triton,select_im2col_excl_triton_again')
+  r.add_argument('--formulations_cells', default=','.join(choices.FORMULATION_CELLS),
+                 help='the cells --bench=auto times where untimed, in this order')
   r.add_argument('--formulations_parallel', type=int, default=6)
   r.add_argument('--formulations_concurrent', default='',
                  help='copies of the fastest cell trained at once, e.g. 2,4 (H200, 2026-12-04: '
                       'no gain, the step keeps the card busy)')
   r.add_argument('--smoke_precisions', default='highest,default')
-  r.add_argument('--smoke_conv_impls', default='im2col,pallas',
-                 help="conv formulations the smoke test checks (gpu_check --conv_impls); the "
-                      "sitting trains only if its own passed")
+  r.add_argument('--smoke_conv_impls', default='im2col',
+                 help="formulations the smoke test checks (gpu_check --conv_impls) besides "
+                      "those of the planned formulation cells; the sitting trains only if its "
+                      "own passed")
   r.add_argument('--bench_configs', default=','.join(choices.PAPER_SETTINGS))
   r.add_argument('--bench_gradient', default='authors')
   r.add_argument('--bench_set', default='', help='config overrides of every benchmark cell '
