@@ -565,12 +565,17 @@ def git_commit(path: str = os.path.dirname(os.path.abspath(__file__))) -> str:
 
 
 def provenance() -> dict:
-  """Commit, jax version and device of this process (stored with every sitting and result)."""
-  # METADROP_COMMIT: set where the code runs from a copy without .git (a GPU job's machine)
-  commit = os.environ.get('METADROP_COMMIT', '') or git_commit()
+  """Commit, jax version and device of this process (stored with every sitting and result). The
+  commit is the checkout's when this module was imported: the code the process loaded, even when
+  the checkout moves on while a long run trains."""
+  commit = _COMMIT_AT_IMPORT
   dev = jax.devices()[0]
   return {'commit': commit or 'unknown', 'jax': jax.__version__, 'backend': jax.default_backend(),
           'device': getattr(dev, 'device_kind', str(dev)), 'device_count': jax.device_count()}
+
+
+# METADROP_COMMIT: set where the code runs from a copy without .git (a GPU job's machine)
+_COMMIT_AT_IMPORT = os.environ.get('METADROP_COMMIT', '') or git_commit()
 
 
 def append_run_log(workdir: str, row: dict) -> None:

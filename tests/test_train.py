@@ -229,3 +229,12 @@ def test_a_resumed_sitting_in_the_same_process_compiles_nothing(tmp_path):
   size = step_fn._cache_size()
   assert train.train(c, str(tmp_path))['step'] == 4
   assert step_fn._cache_size() == size
+
+
+def test_provenance_names_the_code_the_process_loaded(monkeypatch):
+  """A long run records the commit of the code it imported, not the checkout's HEAD when it ends
+  (a run of hours outlives commits made meanwhile)."""
+  from metadrop_jax import workdir as workdir_lib
+  loaded = workdir_lib.provenance()['commit']
+  monkeypatch.setattr(workdir_lib, 'git_commit', lambda *a, **k: 'moved-on')
+  assert workdir_lib.provenance()['commit'] == loaded != 'moved-on'
