@@ -126,7 +126,9 @@ def _mini_tree(tmp_path: pathlib.Path) -> pathlib.Path:
   tree = tmp_path / 'tree'
   for f in ('tools/__init__.py', 'tools/long_runs/__init__.py', 'tools/long_runs/data_parts.py',
             'tools/long_runs/procs.py', 'tools/long_runs/device_data.sh',
-            'tools/long_runs/pack_device_data.sh'):
+            'tools/long_runs/pack_device_data.sh', 'metadrop_jax/__init__.py',
+            'metadrop_jax/data/__init__.py', 'metadrop_jax/data/cache.py',
+            'metadrop_jax/metrics.py'):
     (tree / f).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / f, tree / f)
   (tree / '.gitignore').write_text('/.gpu_data/\n')

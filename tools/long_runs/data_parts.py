@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 
+from metadrop_jax.data.cache import sha256_file
 from tools.long_runs.procs import write_atomic
 
 MANIFEST = 'parts.json'
@@ -41,14 +42,6 @@ def stash_dir() -> str:
 
 class PartsError(ValueError):
   """A part or manifest that cannot be used; the message says which and how to fix it."""
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(CHUNK), b''):
-      h.update(block)
-  return h.hexdigest()
 
 
 def part_name(i: int) -> str:
@@ -113,7 +106,7 @@ def check_part(path: str, part: dict) -> str:
     return f"cut ({size:,} of {part['bytes']:,} B)"
   if size > part['bytes']:
     return f"too long ({size:,} B, expected {part['bytes']:,})"
-  if _sha256(path) != part['sha256']:
+  if sha256_file(path) != part['sha256']:
     return 'corrupted (SHA-256 differs)'
   return 'ok'
 
