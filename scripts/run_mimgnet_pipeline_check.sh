@@ -8,8 +8,8 @@
 #
 #   scripts/run_mimgnet_pipeline_check.sh [METHOD ...]     # default: metadrop maml
 #
-# Environment: DATA (miniimagenet_84x84.zip or a folder holding it; default
-# $METADROP_DATA_DIR/miniimagenet), STEPS (default 300), META_LR (default 1e-3: ten times the
+# Environment: DATA (miniimagenet_84x84.zip or a folder holding it; default: where the loaders
+# look, $METADROP_DATA_DIR/miniimagenet or ./data/miniimagenet), STEPS (default 300), META_LR (default 1e-3: ten times the
 # authors' 1e-4, which hardly moves a model in a few hundred steps), EPISODES (meta-test episodes,
 # default 300), MC (meta-test MC samples, default 10), ROOT (default workdirs/mimgnet_pipeline),
 # PUBLISH (a folder: each finished run is copied to PUBLISH/<method> by metadrop_jax.cli.publish),
@@ -18,7 +18,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-DATA=${DATA:-${METADROP_DATA_DIR:-./data}/miniimagenet}
+DATA=${DATA:-}
 STEPS=${STEPS:-300}
 META_LR=${META_LR:-1e-3}
 EPISODES=${EPISODES:-300}
@@ -32,7 +32,7 @@ for m in "${METHODS[@]}"; do
   if [[ ! -f "$wd/results.json" ]]; then
     echo "$(date -u +%FT%TZ) $m -> $wd (log: $ROOT/$m.log)"
     "$PYTHON" launch.py --config=configs/mimgnet_5way1shot.py --config.method="$m" \
-        --config.data.path="$DATA" --config.num_steps="$STEPS" --config.meta_lr="$META_LR" \
+        ${DATA:+--config.data.path="$DATA"} --config.num_steps="$STEPS" --config.meta_lr="$META_LR" \
         --config.log_every=10 --config.val_every=50 --config.eval.val_episodes=100 \
         --config.checkpoint_every=50 --config.eval.num_episodes="$EPISODES" \
         --config.eval.mc_samples="$MC" --config.progress_bar=False --mode=train_eval \
