@@ -1,9 +1,25 @@
 """Test settings: hypothesis profiles and tiny configs."""
 
 import os
+import tempfile
 
 import hypothesis
 import pytest
+
+# One persistent XLA compilation cache for the whole suite and the processes its tests start
+# (launch.py, notebooks, the SLURM tasks inherit the environment): many tests build the same tiny
+# programs, and a cached executable computes exactly what a fresh compilation does. A test that
+# sets its own JAX_COMPILATION_CACHE_DIR keeps it; METADROP_TEST_JAX_CACHE=0 turns this off.
+if os.environ.get('METADROP_TEST_JAX_CACHE', '1') != '0':
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='metadrop_jax_cache_'))
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes',
+                    int(os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES']))
 
 hypothesis.settings.register_profile('ci', max_examples=8, deadline=None, derandomize=True,
                                      print_blob=True)

@@ -95,7 +95,14 @@ def _reference(method):
 # Interpret-mode Pallas kernels compile for about twice as long as the other paths: MAML's case
 # (the kernel's batch-norm statistics, its second derivatives, vmap over tasks) runs in CI,
 # Meta-dropout's (the fused theta|phi conv through the same kernels) with the slow tests.
-SLOW_CASES = {('pallas', 'metadrop')}
+# A path whose code does not depend on the method (the conv, pooling, batch-norm, task-map and
+# dot-algorithm choices) runs in CI for Meta-dropout, whose features carry the noise, and for MAML
+# with the slow tests; 'im2col_select_pool' is in 'defaults' (im2col, select pooling, fused) and
+# Meta-SGD's inner update in 'scan', so those two cases run with the slow tests too.
+METHOD_AGNOSTIC = ('im2col', 'select_pool', 'map', 'bn_one_pass', 'im2col_bf16_x3', 'defaults')
+SLOW_CASES = ({('pallas', 'metadrop'), ('all', 'metasgd_metadrop')}
+              | {(path, 'maml') for path in METHOD_AGNOSTIC}
+              | {('im2col_select_pool', m) for m in ('metadrop', 'maml')})
 
 
 @pytest.mark.parametrize('path,method', [
