@@ -1,5 +1,6 @@
 """Test settings: hypothesis profiles and tiny configs."""
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -11,11 +12,10 @@ import pytest
 # (launch.py, notebooks, the SLURM tasks inherit the environment): many tests build the same tiny
 # programs, and a cached executable computes exactly what a fresh compilation does. A test that
 # sets its own JAX_COMPILATION_CACHE_DIR keeps it; METADROP_TEST_JAX_CACHE=0 turns this off.
-_OWN_CACHE = None   # the folder made here, removed when the session ends
 if os.environ.get('METADROP_TEST_JAX_CACHE', '1') != '0':
-  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-    _OWN_CACHE = tempfile.mkdtemp(prefix='metadrop_jax_cache_')
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):   # a folder of this run's, removed at exit
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='metadrop_jax_cache_')
+    atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
   import jax  # pylint: disable=g-import-not-at-top
@@ -29,11 +29,6 @@ hypothesis.settings.register_profile('ci', max_examples=8, deadline=None, derand
                                      print_blob=True)
 hypothesis.settings.register_profile('dev', max_examples=40, deadline=None)
 hypothesis.settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
-
-
-def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
-  if _OWN_CACHE:
-    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def tiny(method='metadrop', **over):
