@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -248,8 +248,8 @@ def build_table(runs: Sequence[dict], detail: bool = True) -> str:
            'meta-tested on the same episodes.', '',
            '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for m in order:
-    for i, row in enumerate(cells[m]):
-      label = method_label(m) + (f' ({i + 1})' if i else '')
+    for row, name in zip(cells[m], _row_names(cells[m])):
+      label = method_label(m) + (f' ({name})' if name else '')
       lines.append('| ' + ' | '.join([label] + [_cell(row.get(col), m, col[0])
                                                 for col in settings]) + ' |')
   # gain row: Meta-dropout − MAML (first run of each)
@@ -325,6 +325,16 @@ def paired_gain(a: dict, b: dict) -> dict | None:
     return metrics.paired_difference(*accs)
   except (OSError, ValueError):
     return None
+
+
+def _row_names(rows: Sequence[Mapping]) -> list[str]:
+  """Names of one method's rows: 'seed S' for each where every row's runs share a training seed
+  and the rows' seeds differ; else none for the first and its number for the others."""
+  seeds = [{c.get('seed') for c in row.values()} for row in rows]
+  by_seed = [s.pop() if len(s) == 1 else None for s in seeds]
+  if len(rows) > 1 and None not in by_seed and len(set(by_seed)) == len(rows):
+    return [f'seed {s}' for s in by_seed]
+  return [''] + [str(i + 1) for i in range(1, len(rows))]
 
 
 def seeds_section(comps: Sequence[dict]) -> list[str]:

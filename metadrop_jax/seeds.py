@@ -359,8 +359,9 @@ def plot(comps: Sequence[Comparison], out: str, *, title: str | None = None,
   handles, labels = ax.get_legend_handles_labels()
   uniq = dict(zip(labels, handles))
   order = [f'seed {s} (episode CI)' for s in seeds] + ['mean over seeds ± t-interval']
+  # outside the axes, to the right: inside, it can hide a seed's interval
   ax.legend([uniq[l] for l in order if l in uniq], [l for l in order if l in uniq], fontsize=7,
-            loc='best')
+            loc='center left', bbox_to_anchor=(1.01, 0.5))
   ax.axvline(0.0, color='k', lw=0.9, ls='--')
   ax.set_yticks(y, ['\n'.join(textwrap.wrap(f'{c.title}: {c.where}', 55)) for c in comps],
                 fontsize=7)

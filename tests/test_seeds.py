@@ -221,6 +221,10 @@ def test_report_cli_section_and_seeds_figure(tmp_path, capsys):
   assert [h for h in out.read_text().splitlines() if h.startswith('| Comparison')][0].count(
       'seed ') == 3
   assert row[-1].startswith('does not hold')
+  # the Table-1 layout names a method's extra rows by their training seed
+  for seed in (0, 1, 2):
+    assert _row(out.read_text(), f'Meta-dropout (seed {seed})')[-1].startswith('**')
+  assert '| MAML (2) |' not in out.read_text()
   with Image.open(fig) as im:
     assert im.size == (1000, 215)
     assert len(im.convert('RGB').getcolors(maxcolors=1 << 16)) > 20
