@@ -96,7 +96,7 @@ def _reference(method):
 # (the kernel's batch-norm statistics, its second derivatives, vmap over tasks) runs in CI,
 # Meta-dropout's (the fused theta|phi conv through the same kernels) with the slow tests.
 # A path whose code does not depend on the method (the conv, pooling, batch-norm, task-map and
-# dot-algorithm choices) runs in CI for Meta-dropout, whose features carry the noise, and for MAML
+# dot-algorithm choices) runs in CI for Meta-dropout, whose features the noise perturbs, and for MAML
 # with the slow tests; 'im2col_select_pool' is in 'defaults' (im2col, select pooling, fused) and
 # Meta-SGD's inner update in 'scan', so those two cases run with the slow tests too.
 METHOD_AGNOSTIC = ('im2col', 'select_pool', 'map', 'bn_one_pass', 'im2col_bf16_x3', 'defaults')
